@@ -1,0 +1,85 @@
+"""Inference timing: prefill and decode throughput and latency, and peak memory.
+
+Every timed region is bracketed by a device synchronise; warm-up iterations run first
+and are not recorded. Prompts are random token ids: timing does not depend on content.
+"""
+
+from __future__ import annotations
+
+import inspect
+import resource
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports ru_maxrss in KiB: the peak resident set of this (fresh) worker process.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.inference_mode()
+def benchmark(model, bench: dict, device: torch.device, seed: int) -> tuple[dict, dict]:
+    """(metrics, latency samples in ms) for prefill and per-token decode."""
+    batch, prompt_len, new_tokens = bench["batch_size"], bench["prompt_len"], bench["decode_tokens"]
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    prefill_ms = []
+    for i in range(bench["warmup"] + bench["repeats"]):
+        dt = _timed(lambda: model(input_ids=prompt, use_cache=False), device)
+        if i >= bench["warmup"]:
+            prefill_ms.append(dt * 1e3)
+
+    # transformers renamed ``past_key_values`` to ``cache``; the cache object fills in place.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    decode_ms = []
+    for i in range(bench["warmup"] + bench["repeats"]):
+        cache = DynamicCache(config=model.config)
+        token = model(input_ids=prompt, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
+        steps = []
+        for _ in range(new_tokens):
+            def step():
+                nonlocal token
+                logits = model(input_ids=token, use_cache=True, **{cache_kw: cache}).logits
+                token = logits[:, -1:].argmax(-1)
+            steps.append(_timed(step, device) * 1e3)
+        if i >= bench["warmup"]:
+            decode_ms.extend(steps)
+
+    prefill_med, decode_med = statistics.median(prefill_ms), statistics.median(decode_ms)
+    metrics = {
+        "prefill_tokens_per_s": batch * prompt_len / (prefill_med / 1e3),
+        "prefill_latency_p50_ms": prefill_med,
+        "prefill_latency_p90_ms": _percentile(prefill_ms, 90),
+        "decode_tokens_per_s": batch / (decode_med / 1e3),
+        "decode_latency_p50_ms": decode_med,
+        "decode_latency_p90_ms": _percentile(decode_ms, 90),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    return metrics, {"prefill_ms": prefill_ms, "decode_ms": decode_ms}

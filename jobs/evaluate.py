@@ -1,0 +1,46 @@
+"""Accuracy on a text: perplexity, and KL divergence / top-1 agreement against reference logits.
+
+The text is tokenised once and cut into non-overlapping windows of ``eval.seq_len``
+tokens, at most ``eval.max_tokens`` in all. The reference is the unquantized model's
+log-probabilities on the same windows, kept on the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from jobs import data
+
+
+def eval_windows(tokenizer, eval_cfg: dict, max_positions: int) -> torch.Tensor:
+    seq_len = eval_cfg["seq_len"]
+    if seq_len > max_positions:
+        raise ValueError(f"eval.seq_len={seq_len} exceeds the model's {max_positions} positions")
+    ids = tokenizer(data.load_text(eval_cfg["text"], "eval"))["input_ids"][: eval_cfg["max_tokens"]]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"eval text {eval_cfg['text']!r} has {len(ids)} tokens, fewer than eval.seq_len={seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.inference_mode()
+def log_probs(model, windows: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """fp32 log-probabilities of every next token, [windows, seq_len - 1, vocab], on the CPU."""
+    out = []
+    for batch in windows.split(batch_size):
+        logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1]
+        out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def accuracy_metrics(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.Tensor) -> dict:
+    targets = windows[:, 1:]
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).mean().item()
+    # KL(reference || quantized) per token, averaged over tokens.
+    kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean().item()
+    top1 = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
+    return {"perplexity": math.exp(nll), "nll": nll, "kl_divergence": kl,
+            "top1_agreement": top1, "eval_tokens": float(targets.numel())}

@@ -1,0 +1,128 @@
+"""One trial: load -> quantize -> benchmark -> evaluate, as a pure function of its spec.
+
+``run(spec)`` never raises for a problem of the trial itself: the result says FAILED (with
+the traceback as an artifact) or UNSUPPORTED (with the reason). It needs no Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import time
+import traceback
+
+import torch
+
+from jobs import bench, environment, evaluate, models
+from jobs.quantize import apply_dtype, weight_bytes
+from jobs.spec import Status, TrialResult, TrialSpec
+
+log = logging.getLogger(__name__)
+BACKENDS = ("hf",)
+
+
+class Unsupported(Exception):
+    """This hardware or software cannot run this cell; not a bug."""
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        raise Unsupported("device=cuda but no CUDA GPU is visible to this trial (give it resources.num_gpus)")
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _captured_log():
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield buffer
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def _table_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _layer_summary(rows: list[dict]) -> dict[str, float]:
+    if not rows:
+        return {}
+    sqnr = [r["sqnr_db"] for r in rows]
+    elements = sum(8 * r["bytes"] / r["bits_per_element"] for r in rows)
+    return {"quantized_layers": float(len(rows)), "layer_sqnr_db_min": min(sqnr),
+            "layer_sqnr_db_mean": sum(sqnr) / len(sqnr),
+            "bits_per_element": 8 * sum(r["bytes"] for r in rows) / elements}
+
+
+def _execute(spec: TrialSpec, result: TrialResult) -> None:
+    cfg = spec.config
+    if cfg["backend"]["name"] not in BACKENDS:
+        raise Unsupported(f"backend {cfg['backend']['name']!r} is not available; available: {', '.join(BACKENDS)}")
+    device = select_device(cfg["device"])
+    result.env.update(environment.capture(device))
+    torch.manual_seed(cfg["seed"])
+
+    model, tokenizer = models.load_model(cfg["model"], device)
+    compute = cfg["dtype"]["compute_dtype"]
+    compute_dtype = model.dtype if compute == "auto" else models.TORCH_DTYPES[compute]
+    windows = evaluate.eval_windows(tokenizer, cfg["eval"], model.config.max_position_embeddings)
+    log.info("reference: %s at %s on %s, %d eval windows", cfg["model"]["name"], model.dtype, device, len(windows))
+    ref_logp = evaluate.log_probs(model, windows, cfg["eval"]["batch_size"], device)
+
+    layers = apply_dtype(model, cfg["dtype"], cfg["kernel"]["name"], compute_dtype)
+    result.metrics["weight_bytes"] = float(weight_bytes(model))
+    result.metrics.update(_layer_summary(layers))
+    if layers:
+        result.artifacts["layers.csv"] = _table_csv(layers)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    log.info("benchmark: %s", cfg["bench"])
+    timing, samples = bench.benchmark(model, cfg["bench"], device, cfg["seed"])
+    result.metrics.update(timing)
+    result.artifacts["latency_ms.json"] = json.dumps(samples)
+
+    log.info("evaluate: %s", cfg["eval"])
+    logp = evaluate.log_probs(model, windows, cfg["eval"]["batch_size"], device)
+    result.metrics.update(evaluate.accuracy_metrics(logp, windows, ref_logp))
+    log.info("metrics: %s", result.metrics)
+
+
+def run(spec: TrialSpec) -> TrialResult:
+    result = TrialResult(trial_key=spec.trial_key, status=Status.RUNNING)
+    started = time.perf_counter()
+    with _captured_log() as trial_log:
+        try:
+            _execute(spec, result)
+            result.status = Status.FINISHED
+        except Unsupported as e:
+            result.status, result.reason = Status.UNSUPPORTED, str(e)
+        except Exception as e:
+            result.status = Status.FAILED
+            kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+            result.reason = f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            result.artifacts["traceback.txt"] = traceback.format_exc()
+            log.error("trial failed: %s", result.reason)
+    result.duration_s = time.perf_counter() - started
+    result.artifacts["trial.log"] = trial_log.getvalue()
+    return result

@@ -1,0 +1,48 @@
+"""One-line errors for bad input, and their translation from Hydra's exceptions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad config or input: names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str, problem: str = "invalid value"):
+        self.key, self.value, self.allowed = key, value, allowed
+        shown = "null" if value is None else value
+        super().__init__(f"{key}={shown}: {problem}; {allowed}")
+
+
+def from_hydra(exc: BaseException) -> ConfigError | None:
+    """A :class:`ConfigError` for a Hydra/OmegaConf composition error, or None if not one."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    from orchestrator import schema
+
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        # base_<group> are the schemas registered for the YAML files to extend, not choices.
+        options = ", ".join(o for o in exc.options or () if not o.startswith("base_")) or "(none)"
+        return ConfigError(group, option, f"allowed: {options}", problem=f"no such {group} config")
+    cause = exc.__cause__ if isinstance(exc, ConfigCompositionException) else exc
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        parent, _, _ = cause.full_key.rpartition(".")
+        keys = schema.allowed_keys(parent)
+        where = f"under {parent}" if parent else "at the top level"
+        return ConfigError(cause.full_key, _override_value(exc, cause.full_key),
+                           f"allowed keys {where}: {', '.join(keys)}", problem="unknown key")
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return ConfigError(cause.full_key, getattr(cause, "value", "?"),
+                           f"allowed: {schema.type_name(cause.full_key)}", problem="wrong type")
+    return None
+
+
+def _override_value(exc: BaseException, key: str) -> str:
+    # Hydra's message quotes the override ("... use +foo=1"); recover its value for the line.
+    text = str(exc)
+    marker = f"+{key}="
+    return text.split(marker, 1)[1].split()[0] if marker in text else "?"

@@ -1,0 +1,206 @@
+"""The config schema: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Hydra type-checks every group against these while composing. Value rules that types
+cannot express (ranges, choices) sit in each field's metadata and are checked by
+:func:`validate`, so every bad value is refused before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from kernels.catalog import FORMATS, GRANULARITIES, KERNELS
+from orchestrator.errors import ConfigError
+
+TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def rule(default: Any = MISSING, *, choices: Optional[tuple] = None, ge: Optional[float] = None,
+         gt: Optional[float] = None, **kwargs) -> Any:
+    """A dataclass field with a value rule checked by :func:`validate`."""
+    metadata = {k: v for k, v in (("choices", choices), ("ge", ge), ("gt", gt)) if v is not None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class TinyModelBuild:
+    """How ``model.source=build`` builds and trains a small Llama."""
+    train_text: str = "stdlib-docs"
+    vocab_size: int = rule(2048, ge=256)
+    hidden_size: int = rule(256, ge=16)
+    intermediate_size: int = rule(768, ge=16)
+    num_layers: int = rule(2, ge=1)
+    num_heads: int = rule(4, ge=1)
+    max_seq_len: int = rule(512, ge=16)
+    train_steps: int = rule(400, ge=10)
+    train_batch_size: int = rule(16, ge=1)
+    train_seq_len: int = rule(128, ge=8)
+    lr: float = rule(3e-3, gt=0)
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = rule("hub", choices=("hub", "path", "build"))
+    path: Optional[str] = None  # HF hub id (source=hub) or a local directory (source=path)
+    dtype: str = rule("bfloat16", choices=TORCH_DTYPE_NAMES)  # the unquantized reference's dtype
+    trust_remote_code: bool = False
+    build: Optional[TinyModelBuild] = None
+
+
+@dataclass
+class DtypeConfig:
+    name: str = MISSING
+    compute_dtype: str = rule("auto", choices=("auto",) + TORCH_DTYPE_NAMES)  # auto: model.dtype
+    weight_format: Optional[str] = rule(None, choices=(None,) + tuple(FORMATS))
+    granularity: str = rule("per_channel", choices=GRANULARITIES)
+    group_size: int = rule(128, ge=1)
+    skip_layers: list[str] = rule(["lm_head"])  # names or fnmatch patterns kept unquantized
+
+
+@dataclass
+class KernelConfig:
+    name: str = rule("torch", choices=KERNELS)
+
+
+@dataclass
+class BackendConfig:
+    name: str = rule("hf", choices=("hf",))
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int = rule(1, ge=1)
+    prompt_len: int = rule(128, ge=1)
+    decode_tokens: int = rule(32, ge=1)
+    warmup: int = rule(2, ge=0)
+    repeats: int = rule(5, ge=1)
+
+
+@dataclass
+class EvalConfig:
+    text: str = "stdlib-docs"  # a shipped text's name or a path to a UTF-8 file
+    seq_len: int = rule(256, ge=2)
+    max_tokens: int = rule(16384, ge=2)
+    batch_size: int = rule(8, ge=1)
+
+
+@dataclass
+class ResourcesConfig:
+    """What one trial asks of the cluster (Ray resources)."""
+    num_cpus: float = rule(1.0, ge=0)
+    num_gpus: float = rule(0.0, ge=0)
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    address: Optional[str] = None      # None: start an embedded local Ray
+    num_cpus: Optional[int] = rule(None, ge=1)  # embedded Ray only; None: all cores
+
+
+@dataclass
+class TrackingConfig:
+    # None: MLflow's MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    uri: Optional[str] = None
+
+
+@dataclass
+class SweepConfig:
+    name: str = "default"  # the MLflow experiment that holds the sweep
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING
+    dtype: DtypeConfig = MISSING
+    kernel: KernelConfig = MISSING
+    backend: BackendConfig = MISSING
+    bench: BenchConfig = MISSING
+    eval: EvalConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    device: str = rule("auto", choices=("auto", "cpu", "cuda"))
+    seed: int = 0
+
+
+GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "kernel": KernelConfig,
+                 "backend": BackendConfig, "bench": BenchConfig, "eval": EvalConfig,
+                 "cluster": ClusterConfig, "tracking": TrackingConfig}
+
+
+def register() -> None:
+    """Register the root schema, one schema per group (``base_<group>``), and resolvers."""
+    if not OmegaConf.has_resolver("tmpdir"):
+        OmegaConf.register_new_resolver("tmpdir", tempfile.gettempdir)
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RootConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
+
+
+def _fmt_choices(choices: tuple) -> str:
+    return ", ".join("null" if c is None else str(c) for c in choices)
+
+
+def _nested_schema(tp: Any) -> Optional[type]:
+    for candidate in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def validate(cfg: DictConfig, schema: type = RootConfig, prefix: str = "") -> None:
+    """Check every field rule; raise :class:`ConfigError` naming the first bad key."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key, value = prefix + f.name, cfg[f.name]
+        nested = _nested_schema(hints[f.name])
+        if nested is not None and isinstance(value, DictConfig):
+            validate(value, nested, key + ".")
+            continue
+        if isinstance(value, ListConfig):
+            continue
+        choices, ge, gt = f.metadata.get("choices"), f.metadata.get("ge"), f.metadata.get("gt")
+        if choices is not None and value not in choices:
+            raise ConfigError(key, value, f"allowed: {_fmt_choices(choices)}")
+        if value is not None and ge is not None and value < ge:
+            raise ConfigError(key, value, f"allowed: >= {ge:g}")
+        if value is not None and gt is not None and value <= gt:
+            raise ConfigError(key, value, f"allowed: > {gt:g}")
+
+
+def _schema_at(path: str) -> Any:
+    """The dataclass (or field type) at a dotted ``path`` of the schema; None if not there."""
+    node: Any = RootConfig
+    for part in filter(None, path.split(".")):
+        schema = _nested_schema(node)
+        hints = typing.get_type_hints(schema) if schema else {}
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
+
+
+def allowed_keys(path: str) -> list[str]:
+    """The keys the schema allows under a dotted ``path`` ('' for the root)."""
+    schema = _nested_schema(_schema_at(path))
+    return [f.name for f in dataclasses.fields(schema)] if schema else []
+
+
+def type_name(path: str) -> str:
+    """How the schema types the key at ``path``, for error messages ("int", "Optional[str]")."""
+    tp = _schema_at(path)
+    return "unknown" if tp is None else getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
