@@ -70,7 +70,14 @@ def ensure_built(build: dict) -> Path:
         if not (out / "build.json").exists():
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            _build_tiny_llama(build, tmp)
+            # A trial may be limited to one thread (Ray sets OMP_NUM_THREADS to its CPUs), but
+            # every trial on this machine waits for this build: use all cores while it runs.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(os.cpu_count() or threads)
+            try:
+                _build_tiny_llama(build, tmp)
+            finally:
+                torch.set_num_threads(threads)
             tmp.rename(out)  # atomic: a reader sees a whole model or none
     return out
 

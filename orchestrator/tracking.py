@@ -46,14 +46,16 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def code_version() -> dict[str, str]:
     """The git sha of the project's code and whether its tree has uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
     try:
-        sha = git("rev-parse", "HEAD")
-        return {"git_sha": sha or "unknown", "git_dirty": str(bool(git("status", "--porcelain")))}
+        sha = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True,
+                               text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": "unknown", "git_dirty": "unknown"}
+    if sha.returncode:
+        return {"git_sha": "unknown", "git_dirty": "unknown"}
+    return {"git_sha": sha.stdout.strip(), "git_dirty": str(bool(dirty.stdout.strip()))}
 
 
 def run_name(spec: TrialSpec) -> str:

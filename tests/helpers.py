@@ -1,0 +1,28 @@
+"""Helpers shared by tests (not fixtures)."""
+
+from __future__ import annotations
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+from orchestrator import schema
+from orchestrator.cli import CONF_DIR
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The composed config of one cell, as `orchestrator run` would compose it."""
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def mlflow_runs(db_path) -> tuple[list, list]:
+    """(parent runs, child runs) in a sqlite MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db_path}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    return parents, children

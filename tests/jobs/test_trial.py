@@ -1,0 +1,67 @@
+"""jobs.trial.run without Ray, on the tiny model built from its config."""
+
+import pytest
+import torch
+
+from jobs import trial
+from jobs.spec import Status, TrialSpec
+from orchestrator.plan import trial_spec
+from tests.helpers import compose
+
+FAST = ("bench.warmup=0", "bench.repeats=1", "bench.decode_tokens=4", "eval.max_tokens=4096")
+
+
+def _run(*overrides):
+    return trial.run(trial_spec(compose(*overrides, *FAST), overrides))
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model_cfg):
+    return {d: _run(f"dtype={d}") for d in ("bf16", "int8", "int4")}
+
+
+def test_every_dtype_finishes_with_timing_and_accuracy(results):
+    for name, r in results.items():
+        assert r.status == Status.FINISHED, (name, r.reason, r.artifacts.get("traceback.txt"))
+        m = r.metrics
+        assert m["prefill_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0
+        assert m["prefill_latency_p90_ms"] >= m["prefill_latency_p50_ms"] > 0
+        assert m["peak_memory_mb"] > 0 and m["weight_bytes"] > 0
+        assert 1 < m["perplexity"] < 2048, "the trained tiny model must beat a uniform guess over its vocab"
+        assert 0 <= m["top1_agreement"] <= 1
+        assert "trial.log" in r.artifacts and "latency_ms.json" in r.artifacts
+
+
+def test_kl_divergence_grows_as_bits_shrink(results):
+    kl = {d: r.metrics["kl_divergence"] for d, r in results.items()}
+    assert kl["int4"] > kl["int8"] > 0
+    assert results["int4"].metrics["top1_agreement"] < results["int8"].metrics["top1_agreement"]
+
+
+def test_quantized_trials_report_layers_and_packed_bytes(results):
+    int4, int8 = results["int4"].metrics, results["int8"].metrics
+    assert int4["bits_per_element"] == pytest.approx(4 + 32 / 128)
+    assert int8["bits_per_element"] == pytest.approx(8 + 32 / 256, rel=0.02)
+    assert int4["quantized_layers"] == int8["quantized_layers"] == 14  # 7 linears x 2 layers; lm_head skipped
+    assert int4["layer_sqnr_db_min"] < int8["layer_sqnr_db_min"]
+    assert results["int4"].artifacts["layers.csv"].startswith("layer,shape,bytes,bits_per_element,sqnr_db")
+
+
+def test_a_trial_that_raises_is_failed_with_its_traceback(tiny_model_cfg):
+    r = _run("dtype=int4", "dtype.group_size=100")
+    assert r.status == Status.FAILED
+    assert "group_size=100 does not divide" in r.reason
+    assert "Traceback" in r.artifacts["traceback.txt"] and "trial.log" in r.artifacts
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_unsupported_not_a_crash(tiny_model_cfg):
+    r = _run("device=cuda")
+    assert r.status == Status.UNSUPPORTED and "no CUDA GPU" in r.reason
+
+
+def test_missing_local_model_path_fails_with_the_path():
+    r = trial.run(TrialSpec("k", {**trial_spec(compose(*FAST), ()).config,
+                                  "model": {"name": "m", "source": "path", "path": "/nonexistent/model",
+                                            "dtype": "float32", "trust_remote_code": False, "build": None}}))
+    assert r.status == Status.FAILED and "/nonexistent/model" in r.reason

@@ -1,0 +1,49 @@
+"""The command line as a user runs it: bad input is refused in one line, nothing is created."""
+
+import subprocess
+import sys
+
+import pytest
+
+BAD_INPUT = [
+    (["-m", "dtype=fp7"], "dtype=fp7: no such dtype config; allowed: bf16, fp16, int4, int8"),
+    (["-m", "bench.batch_size=-1"], "bench.batch_size=-1: invalid value; allowed: >= 1"),
+    (["-m", "model=nope"], "model=nope: no such model config; allowed: llama-3.1-8b, qwen2.5-7b, tiny-llama"),
+    (["-m", "foo=1"], "foo=1: unknown key; allowed keys at the top level: model, dtype, kernel, backend"),
+    (["-m", "bench.warmpu=1"], "bench.warmpu=1: unknown key; allowed keys under bench: batch_size, prompt_len"),
+    (["bench.batch_size=abc"], "bench.batch_size=abc: wrong type; allowed: int"),
+    (["-m", "dtype=bf16,int4,fp7"], "dtype=fp7: no such dtype config"),
+    (["-m", "dtype=int8,int4", "bench.repeats=0"], "bench.repeats=0: invalid value; allowed: >= 1"),
+    (["-m", "dtype=int8", "tracking.uri=sqlite:///a.db,sqlite:///b.db"], "tracking=uri: sqlite:///b.db: varies across the sweep"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line_and_creates_nothing(run_cli, tmp_path, args, message):
+    proc = run_cli("run", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("orchestrator: error: ") and message in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == [], "no MLflow store, no run, no output folder"
+
+
+def test_unknown_command_exits_2(run_cli):
+    proc = run_cli("launch")
+    assert proc.returncode == 2 and "command=launch: unknown command; allowed: run" in proc.stderr
+
+
+def test_hydra_flags_work(run_cli):
+    proc = run_cli("run", "dtype=int4", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "weight_format: int4" in proc.stdout and "group_size: 128" in proc.stdout
+    help_text = run_cli("run", "--help").stdout
+    assert help_text.startswith("orchestrator run is powered by Hydra") and "== Configuration groups ==" in help_text
+
+
+def test_importing_the_control_plane_loads_no_torch_triton_or_vllm():
+    code = ("import sys, orchestrator, orchestrator.cli, orchestrator.schema, orchestrator.plan, "
+            "orchestrator.launcher, orchestrator.errors, orchestrator.tracking, orchestrator.sweep, "
+            "hydra_plugins.quantsweep_launcher.launcher; "
+            "print([m for m in ('torch', 'triton', 'vllm', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

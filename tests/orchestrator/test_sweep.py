@@ -1,0 +1,64 @@
+"""End to end: `orchestrator run -m` on an embedded local Ray into a local MLflow store."""
+
+import re
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import mlflow_runs
+
+FAST = ("bench.warmup=1", "bench.repeats=2", "bench.decode_tokens=8", "eval.max_tokens=4096")
+SUMMARY = re.compile(r"^sweep (swp-[0-9a-f]{6}): (\d+) trials, (\d+) finished, (\d+) failed, (\d+) unsupported", re.M)
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_sweep_records_one_parent_and_three_finished_children(run_cli, tmp_path, tiny_model_cfg):
+    proc = run_cli("run", "-m", "model=tiny-llama", "dtype=bf16,int8,int4", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = SUMMARY.search(proc.stdout)
+    assert summary and summary.groups()[1:] == ("3", "3", "0", "0"), proc.stdout
+    sweep_id = summary.group(1)
+
+    parents, children = mlflow_runs(tmp_path / "mlflow.db")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep_id"] == sweep_id
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    kl = {}
+    for run in children:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert run.info.status == "FINISHED" and tags["status"] == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["sweep_id"] == sweep_id
+        assert tags["attempt"] == "1" and len(tags["trial_key"]) == 16 and tags["torch_version"]
+        assert params["model.name"] == "tiny-llama" and params["bench.batch_size"] == "1"
+        assert {"decode_tokens_per_s", "prefill_latency_p50_ms", "perplexity", "top1_agreement"} <= set(metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "trial.log"} <= artifacts
+        kl[params["dtype.name"]] = metrics["kl_divergence"]
+    assert kl["int4"] > kl["int8"] > 0
+
+
+def test_a_failing_trial_is_recorded_failed_with_its_traceback_while_the_others_finish(run_cli, tmp_path, tiny_model_cfg):
+    # group_size=100 divides none of the tiny model's layers: int4 (per-group) raises, int8 (per-channel) does not.
+    proc = run_cli("run", "-m", "dtype=int8,int4", "dtype.group_size=100", *FAST)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert SUMMARY.search(proc.stdout).groups()[1:] == ("2", "1", "1", "0"), proc.stdout
+
+    _, children = mlflow_runs(tmp_path / "mlflow.db")
+    by_dtype = {r.data.params["dtype.name"]: r for r in children}
+    assert by_dtype["int8"].info.status == "FINISHED"
+    failed = by_dtype["int4"]
+    assert failed.info.status == "FAILED" and failed.data.tags["status"] == "FAILED"
+    assert "group_size=100 does not divide" in failed.data.tags["reason"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    traceback_text = client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path))
+    assert "FormatError" in open(traceback_text).read()
+
+
+def test_a_single_run_is_a_sweep_of_one(run_cli, tmp_path, tiny_model_cfg):
+    proc = run_cli("run", "dtype=int8", "sweep.name=single", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert SUMMARY.search(proc.stdout).groups()[1:] == ("1", "1", "0", "0")
+    parents, children = mlflow_runs(tmp_path / "mlflow.db")
+    assert len(parents) == 1 and len(children) == 1
