@@ -132,8 +132,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
     tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id,
                                     tags={"command": " ".join(sys.argv), "trials": str(len(trials))})
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
-    run_ids = {t.spec.trial_key: tracker.add_trial(t.spec) for t in trials}
-    open_runs = dict(run_ids)  # trial key -> run id, until the run is terminated
+    open_runs: dict[str, str] = {}  # trial key -> run id, until the run is terminated
     specs = {t.spec.trial_key: t.spec for t in trials}
 
     def record(key: str, result: TrialResult) -> None:
@@ -143,6 +142,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
     we_started_ray = False
     pending: dict = {}
     try:
+        for t in trials:
+            open_runs[t.spec.trial_key] = tracker.add_trial(t.spec)
         we_started_ray = _init_ray(settings.cluster)
         board = ray.remote(num_cpus=0)(_Board).remote()
         remote_trial = ray.remote(max_calls=1)(_run_trial)

@@ -35,13 +35,19 @@ def tiny_model_cfg(model_cache) -> dict:
 
 
 @pytest.fixture
-def run_cli(tmp_path, model_cache):
-    """Run the real `orchestrator` console script in a fresh working directory."""
+def cli_env(model_cache) -> dict:
+    """Environment for the CLI under test: the session's model cache, Ray on 127.0.0.1."""
+    env = {**os.environ, "QUANTSWEEP_CACHE": str(model_cache), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the store must be the working directory's
+    return env
+
+
+@pytest.fixture
+def run_cli(tmp_path, cli_env):
+    """Run the real `orchestrator` command in a fresh working directory."""
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        env = {**os.environ, "QUANTSWEEP_CACHE": str(model_cache), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path, env=env,
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path, env=cli_env,
                               capture_output=True, text=True, timeout=timeout)
 
     return run

@@ -1,6 +1,10 @@
 """End to end: `orchestrator run -m` on an embedded local Ray into a local MLflow store."""
 
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -62,3 +66,32 @@ def test_a_single_run_is_a_sweep_of_one(run_cli, tmp_path, tiny_model_cfg):
     assert SUMMARY.search(proc.stdout).groups()[1:] == ("1", "1", "0", "0")
     parents, children = mlflow_runs(tmp_path / "mlflow.db")
     assert len(parents) == 1 and len(children) == 1
+
+
+def test_ctrl_c_leaves_no_run_running(cli_env, tmp_path, tiny_model_cfg):
+    """SIGINT to the driver mid-sweep: every open child run ends CANCELLED, the parent KILLED."""
+    # Long benchmarks, so the trials are still running when the interrupt comes.
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", "-m", "dtype=bf16,int8,int4",
+                               "bench.repeats=1000"], cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if (tmp_path / "mlflow.db").exists():
+                _, children = mlflow_runs(tmp_path / "mlflow.db")
+                if any(r.data.tags.get("status") == "RUNNING" for r in children):
+                    break
+            time.sleep(1)
+        else:
+            pytest.fail("no trial started within 180 s")
+        driver.send_signal(signal.SIGINT)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, err[-3000:]
+    assert "3 trials, 0 finished, 0 failed, 0 unsupported, 0 timeout, 3 cancelled" in out
+    parents, children = mlflow_runs(tmp_path / "mlflow.db")
+    assert parents[0].info.status == "KILLED"
+    assert len(children) == 3
+    assert all(r.info.status == "KILLED" and r.data.tags["status"] == "CANCELLED" for r in children)
