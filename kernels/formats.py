@@ -1,116 +1,330 @@
-"""Integer weight formats with absmax scales, and the tensors that hold them packed.
+"""Bit-exact emulation of number formats: casts, scaled quantization, packed storage.
 
-``quantize`` returns a :class:`QuantizedTensor` holding the real storage (int8 codes, or
-int4 codes packed two per byte) and fp32 scales; ``dequantize`` on it gives exactly what
-``fake_quant`` gives. Rounding is round-half-to-even (``torch.round``), the scale rule is
-absmax: ``scale = max|x| / qmax`` per scale block, so the largest magnitude maps to qmax.
+``quantize(x, fmt, **knobs)`` returns a :class:`QuantizedTensor` holding the real storage
+(codes packed to their width, and the scales) and ``dequantize()`` gives back exactly
+what ``fake_quant(x, fmt, **knobs)`` returns. Everything is vectorised over elements
+and blocks.
+
+Rounding ``nearest`` is round-half-to-even on the format's grid, subnormals included;
+``stochastic`` rounds up with probability equal to the distance from the lower grid point
+(seeded). ``overflow``: ``saturate`` clamps finite overflow and +-Inf to +-max; ``nan``
+makes overflow NaN, or +-Inf in formats that have Inf (fp8_e5m2), as IEEE casts do. NaN
+inputs stay NaN where the format can encode it.
+
+Scales, by format kind:
+- element formats (fp8/fp6/fp4, int8/int4): fp32 scales per tensor, channel (row) or
+  group of the last dimension. ``absmax``: scale = max|x| / max (an all-zero block gets
+  scale 1); ``mse``: absmax times the clipping ratio in [0.5, 1] with the least squared
+  error, per block; ``none``: scale 1, a plain cast. Ints may be asymmetric
+  (``symmetric=False``): scale = (hi - lo) / (2**bits - 1) over [min(x, 0), max(x, 0)]
+  and a uint8 zero point.
+- MX (OCP MX v1.0): blocks of 32 along the last dimension share an E8M0 power-of-two
+  scale. ``floor`` is the spec's rule, X = 2**(floor(log2 max|x|) - emax_elem); ``ceil``
+  rounds the exponent up when max|x| is not a power of two; ``even`` rounds max|x| to the
+  element's mantissa width first; ``rceil`` (cuBLAS/Blackwell) is 2**ceil(log2(max|x| /
+  max)). Elements beyond max saturate. These follow torchao's ``to_mx`` operation for
+  operation, so the results match it bit for bit.
+- NVFP4: blocks of 16 share an E4M3 scale, under an fp32 per-tensor scale
+  max|x| / (448 * 6), as torchao's ``nvfp4_quantize`` does (an all-zero tensor, where
+  that reference divides by zero, gets per-tensor scale 1).
+
+A last dimension that a group or block does not divide is refused, not padded: a padded
+block changes the scale of the real elements around it.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from kernels.catalog import FORMATS, GRANULARITIES, IntFormat
+from kernels import packing
+from kernels.catalog import (FORMATS, GRANULARITIES, BlockSpec, FloatSpec, Format, IntSpec, KnobError,
+                             check_knobs, default_scale_rules)
+
+__all__ = ["FORMATS", "GRANULARITIES", "FormatError", "KnobError", "QuantizedTensor", "cast", "fake_quant",
+           "quantize", "value_table"]
+
+F32_MIN_NORMAL = 2.0 ** -126
+MSE_RATIOS = 26  # clipping ratios tried by scale_rule=mse, evenly from 1.0 down to 0.5
 
 
 class FormatError(ValueError):
-    """A format, knob or input the numerics cannot handle."""
+    """An input the numerics cannot handle (dtype, shape, NaN where none can be encoded)."""
 
 
-def get_format(name: str) -> IntFormat:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise FormatError(f"unknown format {name!r}; allowed: {', '.join(FORMATS)}") from None
+# ----------------------------------------------------------------------------- element grids
+
+@functools.cache
+def value_table(spec: FloatSpec | IntSpec) -> torch.Tensor:
+    """fp32 value of every code of an element format, indexed by code (a few hundred at most)."""
+    codes = range(2 ** spec.bits)
+    if isinstance(spec, IntSpec):
+        signed = [c - 2 ** spec.bits if c >= 2 ** (spec.bits - 1) else c for c in codes]
+        return torch.tensor(signed, dtype=torch.float64).mul(spec.step).float()
+    top_exp, top_mant = 2 ** spec.ebits - 1, 2 ** spec.mbits - 1
+    values = []
+    for code in codes:
+        sign = -1.0 if code >> (spec.ebits + spec.mbits) else 1.0
+        exp, mant = (code >> spec.mbits) & top_exp, code & top_mant
+        if spec.has_inf and exp == top_exp:  # IEEE-style: Inf and NaNs in the top binade
+            value = float("inf") if mant == 0 else float("nan")
+        elif spec.has_nan and not spec.has_inf and exp == top_exp and mant == top_mant:  # E4M3FN: one NaN
+            value = float("nan")
+        elif exp == 0:
+            value = mant * 2.0 ** (spec.emin - spec.mbits)
+        else:
+            value = (1 + mant / 2 ** spec.mbits) * 2.0 ** (exp - spec.bias)
+        values.append(sign * value)
+    return torch.tensor(values, dtype=torch.float32)
 
 
-def _block_size(shape: torch.Size, granularity: str, group_size: int) -> int:
-    """Number of consecutive elements along the last dim that share one scale."""
-    if len(shape) != 2:
-        raise FormatError(f"expected a 2-D weight [out, in], got shape {tuple(shape)}")
-    cols = shape[1]
-    if granularity == "per_tensor":
-        return shape[0] * cols
-    if granularity == "per_channel":
-        return cols
-    if granularity == "per_group":
-        # Refuse rather than pad: a padded group changes the scale of real elements.
-        if group_size < 1 or cols % group_size:
-            raise FormatError(
-                f"group_size={group_size} does not divide the input dimension {cols} "
-                f"of a weight of shape {tuple(shape)}")
-        return group_size
-    raise FormatError(f"unknown granularity {granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+@functools.cache
+def _positive_values(spec: FloatSpec) -> torch.Tensor:
+    """The finite non-negative values, ascending; a value's index there is its code."""
+    table = value_table(spec)[: 2 ** (spec.bits - 1)]
+    return table[torch.isfinite(table)]
 
 
-def _check_float(x: torch.Tensor) -> None:
-    if not x.is_floating_point():
-        raise FormatError(f"expected a floating-point tensor, got {x.dtype}")
+def _nan_code(spec: FloatSpec) -> int:
+    return (2 ** (spec.bits - 1)) - 1  # S.111..1: NaN in both E4M3FN and E5M2
 
+
+def _uniform(shape, like: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=like.device, dtype=torch.float32)
+
+
+def _round(k: torch.Tensor, rounding: str, seed: int) -> torch.Tensor:
+    """Round to an integer: half to even, or up with probability frac(k) (sign-symmetric on |k|)."""
+    if rounding == "nearest":
+        return torch.round(k)
+    return torch.floor(k + _uniform(k.shape, k, seed))
+
+
+def _round_float(v: torch.Tensor, spec: FloatSpec, rounding: str, overflow: str, seed: int) -> torch.Tensor:
+    """fp32 ``v`` rounded onto the minifloat grid (still fp32, NaN/Inf per ``overflow``)."""
+    a = v.abs()
+    _, exp = torch.frexp(a)  # a = m * 2**exp, m in [0.5, 1)
+    quantum = torch.ldexp(torch.ones_like(a), torch.clamp(exp - 1, min=spec.emin) - spec.mbits)
+    r = _round(a / quantum, rounding, seed) * quantum  # exact: quantum is a power of two
+    over = r > spec.max  # False for NaN
+    if overflow == "saturate":
+        r = torch.where(over, torch.full_like(r, spec.max), r)
+    else:
+        r = torch.where(over, torch.full_like(r, float("inf") if spec.has_inf else float("nan")), r)
+    return torch.copysign(r, v)
+
+
+def _float_codes(r: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+    """Bit patterns of values already on the grid."""
+    a = r.abs()
+    finite = torch.isfinite(a)
+    code = torch.searchsorted(_positive_values(spec).to(a.device), torch.where(finite, a, 0.0))
+    if spec.has_inf:
+        code = torch.where(torch.isinf(a), 2 ** (spec.bits - 1) - 2 ** spec.mbits, code)
+    code = torch.where(torch.isnan(a), _nan_code(spec) if spec.has_nan else 0, code)
+    return (code | (torch.signbit(r).to(code.dtype) << (spec.bits - 1))).to(torch.uint8)
+
+
+def _round_element(v: torch.Tensor, spec: FloatSpec | IntSpec, rounding: str, overflow: str, seed: int,
+                   unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, values on the grid) of fp32 ``v`` in the element format."""
+    if isinstance(spec, FloatSpec):
+        r = _round_float(v, spec, rounding, overflow, seed)
+        return _float_codes(r, spec), r
+    if unsigned:
+        q = torch.clamp(_round(v, rounding, seed), 0, 2 ** spec.bits - 1)
+        return q.to(torch.uint8), q
+    q = torch.clamp(_round(v / spec.step, rounding, seed), -spec.qmax, spec.qmax)
+    return (q.to(torch.int16) & (2 ** spec.bits - 1)).to(torch.uint8), q * spec.step
+
+
+def cast(x: torch.Tensor, fmt: str, rounding: str = "nearest", overflow: str = "saturate",
+         seed: int = 0) -> torch.Tensor:
+    """An unscaled cast of ``x`` onto a minifloat's grid (fp32 result): like ``x.to(float8_e4m3fn)``."""
+    spec = check_knobs(fmt, granularity="per_tensor", rounding=rounding, overflow=overflow)
+    if not isinstance(spec, FloatSpec):
+        raise KnobError("format", fmt, tuple(n for n, s in FORMATS.items() if isinstance(s, FloatSpec)))
+    _check_input(x, spec)
+    return _round_float(x.float(), spec, rounding, overflow, seed)
+
+
+# ----------------------------------------------------------------------------- quantized tensors
 
 @dataclass
 class QuantizedTensor:
-    codes: torch.Tensor   # int8 [rows, cols] for int8; uint8 [rows, cols // 2] for int4
-    scales: torch.Tensor  # fp32, one per block, shape [rows * cols // block]
-    fmt: IntFormat
+    """Packed codes plus scales. ``scales`` is fp32 per block for element formats, the
+    E8M0 exponent bytes (MX) or the E4M3 bytes (NVFP4, under ``tensor_scale``)."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    spec: Format
     shape: torch.Size
-    block: int
+    block: int  # consecutive elements (row-major) that share one scale
+    zero_points: Optional[torch.Tensor] = None
+    tensor_scale: Optional[torch.Tensor] = None
+
+    @property
+    def element(self) -> FloatSpec | IntSpec:
+        return self.spec.element if isinstance(self.spec, BlockSpec) else self.spec
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+        parts = (self.codes, self.scales, self.zero_points, self.tensor_scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     @property
     def bits_per_element(self) -> float:
+        """Storage bits per element, scales and zero points included."""
         return 8 * self.nbytes / self.shape.numel()
 
-    def int_codes(self) -> torch.Tensor:
-        """Signed integer codes, unpacked, shape ``self.shape``."""
-        return unpack_int4(self.codes) if self.fmt.bits == 4 else self.codes
+    def element_codes(self) -> torch.Tensor:
+        """The unpacked codes (uint8 bit patterns), shape ``self.shape``."""
+        return packing.unpack(self.codes, self.element.bits, self.shape.numel()).view(self.shape)
+
+    def scale_values(self) -> torch.Tensor:
+        """The fp32 scale of every block."""
+        if not isinstance(self.spec, BlockSpec):
+            return self.scales
+        if self.spec.scale == "e8m0":
+            pow2 = torch.pow(torch.full_like(self.scales, 2.0, dtype=torch.float32), self.scales.float() - 127)
+            return torch.where(self.scales == 255, float("nan"), pow2)
+        return self.tensor_scale * value_table(FORMATS["fp8_e4m3"]).to(self.scales.device)[self.scales.long()]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        blocks = self.int_codes().reshape(-1, self.block).float() * self.scales[:, None]
-        return blocks.reshape(self.shape).to(dtype)
+        codes = self.element_codes().reshape(-1, self.block)
+        if self.zero_points is not None:
+            values = codes.float() - self.zero_points.float()[:, None]
+        else:
+            values = value_table(self.element).to(codes.device)[codes.long()]
+        return (values * self.scale_values()[:, None]).reshape(self.shape).to(dtype)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Two signed 4-bit codes per byte: element 2i in the low nibble, 2i+1 in the high."""
-    if codes.shape[-1] % 2:
-        raise FormatError(f"int4 packing needs an even last dimension, got {tuple(codes.shape)}")
-    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+def _check_input(x: torch.Tensor, element: FloatSpec | IntSpec) -> None:
+    if not x.is_floating_point():
+        raise FormatError(f"expected a floating-point tensor, got {x.dtype}")
+    nan_ok = isinstance(element, FloatSpec) and element.has_nan
+    if not nan_ok and torch.isnan(x).any():
+        raise FormatError(f"the input holds NaN, which {element.name} cannot encode")
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    nibbles = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).to(torch.int8)
-    return (nibbles ^ 8) - 8  # sign-extend the 4-bit two's complement
+def _blocks(x: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
+    """fp32 view [blocks, block] of ``x``: blocks run along the last dimension."""
+    if x.dim() == 0:
+        raise FormatError("expected a tensor with at least one dimension, got a scalar")
+    last = x.shape[-1]
+    block = {"per_tensor": x.numel(), "per_channel": last}.get(granularity, group_size)
+    if last % block and granularity in ("per_group", "per_block"):
+        raise FormatError(f"group_size={block} does not divide the last dimension {last} of shape "
+                          f"{tuple(x.shape)}; pad the tensor or choose a group size that divides it")
+    return x.float().reshape(-1, block)
 
 
-def quantize(x: torch.Tensor, fmt: str, granularity: str = "per_channel", group_size: int = 128) -> QuantizedTensor:
-    _check_float(x)
-    f = get_format(fmt)
-    block = _block_size(x.shape, granularity, group_size)
-    blocks = x.detach().float().reshape(-1, block)
-    amax = blocks.abs().amax(dim=1)
-    # An all-zero block gets scale 1 so its codes are 0 and dequantize to exact zeros.
-    scales = torch.where(amax > 0, amax / f.qmax, torch.ones_like(amax))
-    codes = torch.round(blocks / scales[:, None]).clamp_(-f.qmax, f.qmax).to(torch.int8).reshape(x.shape)
-    if f.bits == 4:
-        codes = pack_int4(codes)
-    return QuantizedTensor(codes=codes, scales=scales, fmt=f, shape=x.shape, block=block)
+def quantize(x: torch.Tensor, fmt: str, granularity: Optional[str] = None, group_size: int = 128,
+             rounding: str = "nearest", scale_rule: Optional[str] = None, overflow: str = "saturate",
+             symmetric: bool = True, seed: int = 0) -> QuantizedTensor:
+    """Quantize ``x`` to format ``fmt`` (a name in ``kernels.catalog.FORMATS``); knobs as in the module doc.
+
+    ``granularity`` defaults to ``per_block`` for block formats and ``per_channel`` otherwise;
+    ``scale_rule`` to the format's first allowed rule (absmax, or floor for MX).
+    """
+    spec = FORMATS.get(fmt)
+    if granularity is None:
+        granularity = "per_block" if isinstance(spec, BlockSpec) else "per_channel"
+    spec = check_knobs(fmt, granularity, group_size, rounding, scale_rule, overflow, symmetric)
+    scale_rule = scale_rule or default_scale_rules(spec)[0]
+    if isinstance(spec, BlockSpec):
+        _check_input(x, FORMATS["fp8_e4m3"])  # NaN is carried by the block scale
+        blocks = _blocks(x, "per_block", spec.block)
+        if spec.scale == "e8m0":
+            return _quantize_mx(blocks, spec, x.shape, scale_rule, rounding, overflow, seed)
+        return _quantize_nvfp4(blocks, spec, x.shape, rounding, seed)
+    _check_input(x, spec)
+    blocks = _blocks(x, granularity, group_size)
+    if not symmetric:
+        return _quantize_asymmetric(blocks, spec, x.shape, rounding, seed)
+    if scale_rule == "none":
+        scales = torch.ones(blocks.shape[0], device=x.device)
+    else:
+        amax = blocks.abs().amax(dim=1)
+        scales = torch.where(amax > 0, amax / spec.max, torch.ones_like(amax))
+        if scale_rule == "mse":
+            scales = scales * _mse_ratio(blocks, scales, spec)
+    codes, _ = _round_element(blocks / scales[:, None], spec, rounding, overflow, seed)
+    return QuantizedTensor(packing.pack(codes, spec.bits), scales, spec, x.shape, blocks.shape[1])
+
+
+def _mse_ratio(blocks: torch.Tensor, scales: torch.Tensor, spec: FloatSpec | IntSpec) -> torch.Tensor:
+    """Per block, the clipping ratio (of absmax) whose round-to-nearest has the least squared error."""
+    best_err = torch.full_like(scales, float("inf"))
+    best = torch.ones_like(scales)
+    for ratio in torch.linspace(1.0, 0.5, MSE_RATIOS).tolist():
+        s = scales * ratio
+        _, grid = _round_element(blocks / s[:, None], spec, "nearest", "saturate", 0)
+        err = (grid * s[:, None] - blocks).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, ratio, best)
+    return best
+
+
+def _quantize_asymmetric(blocks, spec: IntSpec, shape, rounding: str, seed: int) -> QuantizedTensor:
+    lo = torch.clamp(blocks.amin(dim=1), max=0)  # the range holds 0, so 0 is exact
+    hi = torch.clamp(blocks.amax(dim=1), min=0)
+    levels = 2 ** spec.bits - 1
+    scales = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
+    zero_points = torch.clamp(torch.round(-lo / scales), 0, levels)
+    codes, _ = _round_element(blocks / scales[:, None] + zero_points[:, None], spec, rounding, "saturate", seed,
+                              unsigned=True)
+    return QuantizedTensor(packing.pack(codes, spec.bits), scales, spec, shape, blocks.shape[1],
+                           zero_points=zero_points.to(torch.uint8))
+
+
+def _element_mbits(element: FloatSpec | IntSpec) -> int:
+    # MXINT8's elements are 1.xxxxxx: six fraction bits play the mantissa's part.
+    return element.mbits if isinstance(element, FloatSpec) else round(-torch.tensor(element.step).log2().item())
+
+
+def _quantize_mx(blocks, spec: BlockSpec, shape, rule: str, rounding: str, overflow: str,
+                 seed: int) -> QuantizedTensor:
+    element = spec.element
+    amax = blocks.abs().amax(dim=1)  # NaN if the block holds NaN
+    if rule == "rceil":
+        descale = amax / element.max
+        log2 = torch.clamp(torch.ceil(torch.log2(descale)), -127, 127) + 127
+        exponent = torch.where(torch.isnan(descale), 255, torch.where(torch.isinf(descale), 254, log2)).to(torch.uint8)
+        reciprocal = torch.where(exponent == 255, descale, torch.where(
+            exponent == 254, 2.0 ** -127, torch.where(exponent == 0, 1.0, torch.exp2(127 - exponent.float()))))
+        scaled = blocks * reciprocal[:, None]
+    else:
+        bits = amax.view(torch.int32)
+        if rule == "even":  # round max|x| to the element's mantissa width, keep its exponent
+            bits = (bits + (1 << (23 - _element_mbits(element) - 1))) & (0x1FF << 23)
+        pow2 = ((bits >> 23) & 0xFF) - 127
+        if rule == "ceil":
+            pow2 = pow2 + ((bits & 0x7FFFFF) > 0).to(pow2.dtype)
+        exponent = (torch.clamp(pow2 - element.emax, -127, 128) + 127).to(torch.uint8)
+        exponent = torch.where(torch.isnan(amax), 255, exponent).to(torch.uint8)
+        scale = torch.clamp((exponent.to(torch.int32) << 23).view(torch.float32), min=F32_MIN_NORMAL)
+        scaled = blocks / scale[:, None]
+    codes, _ = _round_element(scaled, element, rounding, overflow, seed)
+    return QuantizedTensor(packing.pack(codes, element.bits), exponent, spec, shape, spec.block)
+
+
+def _quantize_nvfp4(blocks, spec: BlockSpec, shape, rounding: str, seed: int) -> QuantizedTensor:
+    e4m3 = FORMATS["fp8_e4m3"]
+    amax = blocks.abs().amax()
+    tensor_scale = torch.where(amax > 0, amax / (e4m3.max * spec.element.max), torch.ones_like(amax))
+    block_scale = blocks.abs().amax(dim=1) / spec.element.max / tensor_scale
+    block_scale = _round_float(torch.clamp(block_scale, min=2.0 ** e4m3.emin, max=e4m3.max), e4m3,
+                               "nearest", "saturate", 0)
+    scaled = blocks * ((1.0 / tensor_scale) / block_scale)[:, None]
+    codes, _ = _round_element(scaled, spec.element, rounding, "saturate", seed)
+    return QuantizedTensor(packing.pack(codes, spec.element.bits), _float_codes(block_scale, e4m3), spec, shape,
+                           spec.block, tensor_scale=tensor_scale.reshape(1))
 
 
 def fake_quant(x: torch.Tensor, fmt: str, **knobs) -> torch.Tensor:
     """``x`` rounded onto the format's grid and dequantized: same shape and dtype as ``x``."""
     return quantize(x, fmt, **knobs).dequantize(x.dtype)
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
-    ref = reference.double()
-    noise = (ref - approx.double()).pow(2).sum()
-    if noise == 0:
-        return float("inf")
-    return float(10 * torch.log10(ref.pow(2).sum() / noise))
