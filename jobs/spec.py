@@ -23,7 +23,7 @@ class Status(str, enum.Enum):
 
 # The config sections a trial's result depends on: they make up the trial key. Where it
 # runs and where its results go (cluster, tracking, resources, sweep) do not.
-TRIAL_SECTIONS = ("model", "dtype", "kernel", "backend", "bench", "eval", "device", "seed")
+TRIAL_SECTIONS = ("model", "dtype", "quant", "kernel", "backend", "bench", "eval", "device", "seed")
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def _layer_summary(rows: list[dict]) -> dict[str, float]:
     elements = sum(8 * r["bytes"] / r["bits_per_element"] for r in rows)
     return {"quantized_layers": float(len(rows)), "layer_sqnr_db_min": min(sqnr),
             "layer_sqnr_db_mean": sum(sqnr) / len(sqnr),
+            "layer_relative_error_max": max(r["relative_error"] for r in rows),
             "bits_per_element": 8 * sum(r["bytes"] for r in rows) / elements}
 
 
@@ -89,7 +90,7 @@ def _execute(spec: TrialSpec, result: TrialResult) -> None:
     log.info("reference: %s at %s on %s, %d eval windows", cfg["model"]["name"], model.dtype, device, len(windows))
     ref_logp = evaluate.log_probs(model, windows, cfg["eval"]["batch_size"], device)
 
-    layers = apply_dtype(model, cfg["dtype"], cfg["kernel"]["name"], compute_dtype)
+    layers = apply_dtype(model, cfg["dtype"], cfg["quant"], cfg["kernel"]["name"], compute_dtype, cfg["seed"])
     result.metrics["weight_bytes"] = float(weight_bytes(model))
     result.metrics.update(_layer_summary(layers))
     if layers:

@@ -166,6 +166,11 @@ class QuantizedTensor:
     zero_points: Optional[torch.Tensor] = None
     tensor_scale: Optional[torch.Tensor] = None
 
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedTensor(move(self.codes), move(self.scales), self.spec, self.shape, self.block,
+                               move(self.zero_points), move(self.tensor_scale))
+
     @property
     def element(self) -> FloatSpec | IntSpec:
         return self.spec.element if isinstance(self.spec, BlockSpec) else self.spec

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from jobs.spec import TRIAL_SECTIONS, TrialSpec
+from kernels import catalog
 from orchestrator import schema
 from orchestrator.errors import ConfigError
 
@@ -34,8 +35,24 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
     model = cfg.model
     if model.source == "build" and model.build is None:
         raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
+    _check_dtype(cfg.dtype, cfg.quant)
     config = trial_config(cfg)
     return TrialSpec(trial_key=trial_key(config), config=config, overrides=tuple(overrides))
+
+
+def _check_dtype(dtype: DictConfig, quant: DictConfig) -> None:
+    """The format's knobs must exist and fit it (the same check the numerics make)."""
+    if dtype.format is None:
+        return
+    try:
+        catalog.check_knobs(dtype.format, dtype.granularity, dtype.group_size, dtype.rounding, dtype.scale_rule,
+                            dtype.overflow, dtype.symmetric)
+    except catalog.KnobError as e:
+        key = "dtype." + ("format" if e.key == "format" else e.key)
+        raise ConfigError(key, e.value, f"allowed for {dtype.format}: {', '.join(map(str, e.allowed))}") from None
+    if not (quant.weights or quant.activations or quant.kv_cache):
+        raise ConfigError("quant", quant.name, "at least one of quant.weights, quant.activations, quant.kv_cache",
+                          problem="quantizes nothing")
 
 
 def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:

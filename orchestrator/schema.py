@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from kernels.catalog import FORMATS, GRANULARITIES, KERNELS
+from kernels.catalog import FORMATS, GRANULARITIES, KERNELS, OVERFLOWS, ROUNDINGS, SCALE_RULES
 from orchestrator.errors import ConfigError
 
 TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -60,11 +60,25 @@ class ModelConfig:
 
 @dataclass
 class DtypeConfig:
+    """A number format and its knobs (see kernels/formats.py). format=null: a plain cast."""
     name: str = MISSING
     compute_dtype: str = rule("auto", choices=("auto",) + TORCH_DTYPE_NAMES)  # auto: model.dtype
-    weight_format: Optional[str] = rule(None, choices=(None,) + tuple(FORMATS))
+    format: Optional[str] = rule(None, choices=(None,) + tuple(FORMATS))
     granularity: str = rule("per_channel", choices=GRANULARITIES)
     group_size: int = rule(128, ge=1)
+    rounding: str = rule("nearest", choices=ROUNDINGS)
+    scale_rule: Optional[str] = rule(None, choices=(None,) + SCALE_RULES)  # None: the format's default
+    overflow: str = rule("saturate", choices=OVERFLOWS)
+    symmetric: bool = True
+
+
+@dataclass
+class QuantConfig:
+    """The scheme: what the dtype's format is applied to."""
+    name: str = MISSING
+    weights: bool = True
+    activations: bool = False  # dynamic, one scale per token
+    kv_cache: bool = False     # keys and values, per token and head
     skip_layers: list[str] = rule(["lm_head"])  # names or fnmatch patterns kept unquantized
 
 
@@ -124,6 +138,7 @@ class SweepConfig:
 class RootConfig:
     model: ModelConfig = MISSING
     dtype: DtypeConfig = MISSING
+    quant: QuantConfig = MISSING
     kernel: KernelConfig = MISSING
     backend: BackendConfig = MISSING
     bench: BenchConfig = MISSING
@@ -136,7 +151,7 @@ class RootConfig:
     seed: int = 0
 
 
-GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "kernel": KernelConfig,
+GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "quant": QuantConfig, "kernel": KernelConfig,
                  "backend": BackendConfig, "bench": BenchConfig, "eval": EvalConfig,
                  "cluster": ClusterConfig, "tracking": TrackingConfig}
 

@@ -9,7 +9,9 @@ not retried. Whatever happens to the driver, no child run is left RUNNING.
 from __future__ import annotations
 
 import secrets
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -112,6 +114,30 @@ def _ray_failure(spec: TrialSpec, error: Exception) -> TrialResult:
                        artifacts={"traceback.txt": str(error)})
 
 
+class _Interrupt(threading.Event):
+    previous_handler: object = signal.default_int_handler
+
+
+def _defer_interrupt() -> _Interrupt:
+    """Turn the first Ctrl-C into a flag the sweep loop checks between MLflow writes, so an
+    interrupt never lands inside one; a second Ctrl-C interrupts at once."""
+    flag = _Interrupt()
+    if threading.current_thread() is threading.main_thread():
+        flag.previous_handler = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            flag.set()
+            signal.signal(signal.SIGINT, flag.previous_handler)
+
+        signal.signal(signal.SIGINT, on_sigint)
+    return flag
+
+
+def _restore_interrupt(flag: _Interrupt) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, flag.previous_handler)
+
+
 def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -141,6 +167,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
 
     we_started_ray = False
     pending: dict = {}
+    interrupted = _defer_interrupt()
     try:
         for t in trials:
             open_runs[t.spec.trial_key] = tracker.add_trial(t.spec)
@@ -153,6 +180,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
         with _progress() as progress:
             bar = progress.add_task(f"sweep {sweep_id}", total=len(trials), running=0, failed=0)
             while pending:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
                 for key, node in ray.get(board.drain.remote()):
                     if key in open_runs and key not in running:
@@ -176,6 +205,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
         status, reason, final = "FAILED", f"driver error: {type(error).__name__}: {error}", Status.FAILED
         raise
     finally:
+        _restore_interrupt(interrupted)
         if status != "FINISHED":
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -44,13 +44,30 @@ def test_quantized_trials_report_layers_and_packed_bytes(results):
     assert int8["bits_per_element"] == pytest.approx(8 + 32 / 256, rel=0.02)
     assert int4["quantized_layers"] == int8["quantized_layers"] == 14  # 7 linears x 2 layers; lm_head skipped
     assert int4["layer_sqnr_db_min"] < int8["layer_sqnr_db_min"]
-    assert results["int4"].artifacts["layers.csv"].startswith("layer,shape,bytes,bits_per_element,sqnr_db")
+    assert results["int4"].artifacts["layers.csv"].startswith(
+        "layer,shape,format,bytes,bits_per_element,sqnr_db,relative_error,max_abs_error")
+
+
+@pytest.mark.parametrize("dtype,bits", [("fp8_e4m3", 8 + 32 / 256), ("fp6_e3m2", 6 + 32 / 256), ("mxfp4", 4.25),
+                                        ("nvfp4", 4.5), ("mxint8", 8.25)])
+def test_every_kind_of_format_runs_as_a_trial(tiny_model_cfg, results, dtype, bits):
+    r = _run(f"dtype={dtype}")
+    assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))
+    assert r.metrics["bits_per_element"] == pytest.approx(bits, rel=0.01)
+    assert 0 < r.metrics["kl_divergence"] < 1 and r.metrics["layer_sqnr_db_min"] > 10
+
+
+def test_quantizing_activations_and_kv_cache_adds_error(tiny_model_cfg):
+    kl = {q: _run("dtype=mxfp4", f"quant={q}").metrics["kl_divergence"]
+          for q in ("weight_only", "w_a_dynamic", "w_a_kv", "kv_cache")}
+    assert kl["w_a_kv"] > kl["w_a_dynamic"] > kl["weight_only"] > 0
+    assert kl["kv_cache"] > 0
 
 
 def test_a_trial_that_raises_is_failed_with_its_traceback(tiny_model_cfg):
-    r = _run("dtype=int4", "dtype.group_size=100")
+    r = _run("dtype=int4", "dtype.group_size=512")  # allowed, but divides none of the tiny model's layers
     assert r.status == Status.FAILED
-    assert "group_size=100 does not divide" in r.reason
+    assert "group_size=512 does not divide" in r.reason
     assert "Traceback" in r.artifacts["traceback.txt"] and "trial.log" in r.artifacts
 
 

@@ -6,10 +6,10 @@ import sys
 import pytest
 
 BAD_INPUT = [
-    (["-m", "dtype=fp7"], "dtype=fp7: no such dtype config; allowed: bf16, fp16, int4, int8"),
+    (["-m", "dtype=fp7"], "dtype=fp7: no such dtype config; allowed: bf16, fp16, fp4_e2m1, fp6_e2m3, fp6_e3m2, fp8_e4m3"),
     (["-m", "bench.batch_size=-1"], "bench.batch_size=-1: invalid value; allowed: >= 1"),
     (["-m", "model=nope"], "model=nope: no such model config; allowed: llama-3.1-8b, qwen2.5-7b, tiny-llama"),
-    (["-m", "foo=1"], "foo=1: unknown key; allowed keys at the top level: model, dtype, kernel, backend"),
+    (["-m", "foo=1"], "foo=1: unknown key; allowed keys at the top level: model, dtype, quant, kernel, backend"),
     (["-m", "bench.warmpu=1"], "bench.warmpu=1: unknown key; allowed keys under bench: batch_size, prompt_len"),
     (["bench.batch_size=abc"], "bench.batch_size=abc: wrong type; allowed: int"),
     (["-m", "dtype=bf16,int4,fp7"], "dtype=fp7: no such dtype config"),
@@ -35,7 +35,7 @@ def test_unknown_command_exits_2(run_cli):
 def test_hydra_flags_work(run_cli):
     proc = run_cli("run", "dtype=int4", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
-    assert "weight_format: int4" in proc.stdout and "group_size: 128" in proc.stdout
+    assert "format: int4" in proc.stdout and "group_size: 128" in proc.stdout
     help_text = run_cli("run", "--help").stdout
     assert help_text.startswith("orchestrator run is powered by Hydra") and "== Configuration groups ==" in help_text
 

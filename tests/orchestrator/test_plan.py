@@ -21,15 +21,40 @@ def test_where_results_go_does_not_change_the_trial_key():
 
 @pytest.mark.parametrize("override,message", [
     ("bench.batch_size=0", "bench.batch_size=0: invalid value; allowed: >= 1"),
-    ("dtype.granularity=per_row", "dtype.granularity=per_row: invalid value; allowed: per_tensor, per_channel, per_group"),
+    ("dtype.granularity=per_row", "dtype.granularity=per_row: invalid value; allowed: per_tensor, per_channel, per_group, per_block"),
     ("kernel.name=cutlass", "kernel.name=cutlass: invalid value; allowed: torch"),
     ("model.build.lr=0", "model.build.lr=0.0: invalid value; allowed: > 0"),
     ("device=tpu", "device=tpu: invalid value; allowed: auto, cpu, cuda"),
+    ("dtype.format=fp7", "dtype.format=fp7: invalid value; allowed: null, fp8_e4m3, fp8_e5m2"),
+    ("dtype.rounding=up", "dtype.rounding=up: invalid value; allowed: nearest, stochastic"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as info:
         trial_spec(compose(override), [override])
-    assert str(info.value) == message
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["dtype=mxfp4", "dtype.scale_rule=absmax"], "dtype.scale_rule=absmax: invalid value; allowed for mxfp4: floor, ceil, even, rceil"),
+    (["dtype=int4", "dtype.group_size=100"], "dtype.group_size=100: invalid value; allowed for int4: 16, 32, 64, 128, 256, 512"),
+    (["dtype=int8", "dtype.granularity=per_block"], "dtype.granularity=per_block: invalid value; allowed for int8: per_tensor, per_channel, per_group"),
+    (["dtype=nvfp4", "dtype.granularity=per_group"], "dtype.granularity=per_group: invalid value; allowed for nvfp4: per_block"),
+    (["dtype=fp4_e2m1", "dtype.overflow=nan"], "dtype.overflow=nan: invalid value; allowed for fp4_e2m1: saturate"),
+    (["dtype=fp8_e4m3", "dtype.symmetric=false"], "dtype.symmetric=False: invalid value; allowed for fp8_e4m3: True"),
+    (["dtype=int4", "quant.weights=false"], "quant=weight_only: quantizes nothing; at least one of quant.weights"),
+])
+def test_knobs_that_do_not_fit_the_format_are_refused_before_submission(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        trial_spec(compose(*overrides), overrides)
+    assert str(info.value).startswith(message)
+
+
+def test_every_shipped_dtype_and_quant_config_composes_and_validates():
+    from orchestrator.cli import CONF_DIR
+
+    for group in ("dtype", "quant"):
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            trial_spec(compose(f"{group}={path.stem}"), [])
 
 
 def test_sweep_level_settings_must_not_vary_across_cells():

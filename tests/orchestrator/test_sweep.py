@@ -44,8 +44,8 @@ def test_smoke_sweep_records_one_parent_and_three_finished_children(run_cli, tmp
 
 
 def test_a_failing_trial_is_recorded_failed_with_its_traceback_while_the_others_finish(run_cli, tmp_path, tiny_model_cfg):
-    # group_size=100 divides none of the tiny model's layers: int4 (per-group) raises, int8 (per-channel) does not.
-    proc = run_cli("run", "-m", "dtype=int8,int4", "dtype.group_size=100", *FAST)
+    # group_size=512 divides none of the tiny model's layers: int4 (per-group) raises, int8 (per-channel) does not.
+    proc = run_cli("run", "-m", "dtype=int8,int4", "dtype.group_size=512", *FAST)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert SUMMARY.search(proc.stdout).groups()[1:] == ("2", "1", "1", "0"), proc.stdout
 
@@ -54,7 +54,7 @@ def test_a_failing_trial_is_recorded_failed_with_its_traceback_while_the_others_
     assert by_dtype["int8"].info.status == "FINISHED"
     failed = by_dtype["int4"]
     assert failed.info.status == "FAILED" and failed.data.tags["status"] == "FAILED"
-    assert "group_size=100 does not divide" in failed.data.tags["reason"]
+    assert "group_size=512 does not divide" in failed.data.tags["reason"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     traceback_text = client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path))
     assert "FormatError" in open(traceback_text).read()
