@@ -81,17 +81,6 @@ def value_table(spec: FloatSpec | IntSpec) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-@functools.cache
-def _positive_values(spec: FloatSpec) -> torch.Tensor:
-    """The finite non-negative values, ascending; a value's index there is its code."""
-    table = value_table(spec)[: 2 ** (spec.bits - 1)]
-    return table[torch.isfinite(table)]
-
-
-def _nan_code(spec: FloatSpec) -> int:
-    return (2 ** (spec.bits - 1)) - 1  # S.111..1: NaN in both E4M3FN and E5M2
-
-
 def _uniform(shape, like: torch.Tensor, seed: int) -> torch.Tensor:
     gen = torch.Generator(device=like.device).manual_seed(seed)
     return torch.rand(shape, generator=gen, device=like.device, dtype=torch.float32)
@@ -104,37 +93,51 @@ def _round(k: torch.Tensor, rounding: str, seed: int) -> torch.Tensor:
     return torch.floor(k + _uniform(k.shape, k, seed))
 
 
-def _round_float(v: torch.Tensor, spec: FloatSpec, rounding: str, overflow: str, seed: int) -> torch.Tensor:
-    """fp32 ``v`` rounded onto the minifloat grid (still fp32, NaN/Inf per ``overflow``)."""
+def _max_code(spec: FloatSpec) -> int:
+    """Magnitude code of the largest finite value."""
+    if spec.has_inf:  # IEEE-style: the top binade holds Inf and NaNs
+        return 2 ** (spec.bits - 1) - 2 ** spec.mbits - 1
+    return 2 ** (spec.bits - 1) - (2 if spec.has_nan else 1)  # E4M3FN: only S.1111.111 is NaN
+
+
+def _nan_code(spec: FloatSpec) -> int:
+    return 2 ** (spec.bits - 1) - 1  # S.111..1: NaN in both E4M3FN and E5M2
+
+
+def _round_float(v: torch.Tensor, spec: FloatSpec, rounding: str, overflow: str,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, fp32 values) of fp32 ``v`` rounded onto the minifloat's grid.
+
+    With e = max(floor(log2|v|), emin), |v| * 2**(mbits - e) is exact (a power-of-two
+    scaling), and its integer rounding k is the significand: the value is k * 2**(e - mbits)
+    and the magnitude code is (e - emin) * 2**mbits + k, for subnormals too (e = emin,
+    k < 2**mbits), and when k rounds up into the next binade.
+    """
     a = v.abs()
-    _, exp = torch.frexp(a)  # a = m * 2**exp, m in [0.5, 1)
-    quantum = torch.ldexp(torch.ones_like(a), torch.clamp(exp - 1, min=spec.emin) - spec.mbits)
-    r = _round(a / quantum, rounding, seed) * quantum  # exact: quantum is a power of two
-    over = r > spec.max  # False for NaN
+    exp = torch.clamp((a.view(torch.int32) >> 23) - 127, spec.emin, 127)  # fp32 exponent field of a >= 0
+    up = ((127 + spec.mbits - exp) << 23).view(torch.float32)  # 2**(mbits - exp), built from its bits
+    k = _round(a * up, rounding, seed)
+    magnitude = (exp - spec.emin).float() * 2 ** spec.mbits + k
+    max_code = _max_code(spec)
+    over = magnitude > max_code  # False for NaN; True for Inf
+    values = k / up
     if overflow == "saturate":
-        r = torch.where(over, torch.full_like(r, spec.max), r)
+        magnitude = torch.where(over, max_code, magnitude)
+        values = torch.where(over, spec.max, values)
     else:
-        r = torch.where(over, torch.full_like(r, float("inf") if spec.has_inf else float("nan")), r)
-    return torch.copysign(r, v)
-
-
-def _float_codes(r: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
-    """Bit patterns of values already on the grid."""
-    a = r.abs()
-    finite = torch.isfinite(a)
-    code = torch.searchsorted(_positive_values(spec).to(a.device), torch.where(finite, a, 0.0))
-    if spec.has_inf:
-        code = torch.where(torch.isinf(a), 2 ** (spec.bits - 1) - 2 ** spec.mbits, code)
-    code = torch.where(torch.isnan(a), _nan_code(spec) if spec.has_nan else 0, code)
-    return (code | (torch.signbit(r).to(code.dtype) << (spec.bits - 1))).to(torch.uint8)
+        magnitude = torch.where(over, max_code + 1 if spec.has_inf else _nan_code(spec), magnitude)
+        values = torch.where(over, float("inf") if spec.has_inf else float("nan"), values)
+    nan = torch.isnan(a)
+    magnitude = torch.where(nan, _nan_code(spec) if spec.has_nan else 0, magnitude)
+    codes = magnitude.to(torch.int32) | (torch.signbit(v).to(torch.int32) << (spec.bits - 1))
+    return codes.to(torch.uint8), torch.copysign(values, v)
 
 
 def _round_element(v: torch.Tensor, spec: FloatSpec | IntSpec, rounding: str, overflow: str, seed: int,
                    unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, values on the grid) of fp32 ``v`` in the element format."""
     if isinstance(spec, FloatSpec):
-        r = _round_float(v, spec, rounding, overflow, seed)
-        return _float_codes(r, spec), r
+        return _round_float(v, spec, rounding, overflow, seed)
     if unsigned:
         q = torch.clamp(_round(v, rounding, seed), 0, 2 ** spec.bits - 1)
         return q.to(torch.uint8), q
@@ -149,7 +152,7 @@ def cast(x: torch.Tensor, fmt: str, rounding: str = "nearest", overflow: str = "
     if not isinstance(spec, FloatSpec):
         raise KnobError("format", fmt, tuple(n for n, s in FORMATS.items() if isinstance(s, FloatSpec)))
     _check_input(x, spec)
-    return _round_float(x.float(), spec, rounding, overflow, seed)
+    return _round_float(x.float(), spec, rounding, overflow, seed)[1]
 
 
 # ----------------------------------------------------------------------------- quantized tensors
@@ -322,11 +325,11 @@ def _quantize_nvfp4(blocks, spec: BlockSpec, shape, rounding: str, seed: int) ->
     amax = blocks.abs().amax()
     tensor_scale = torch.where(amax > 0, amax / (e4m3.max * spec.element.max), torch.ones_like(amax))
     block_scale = blocks.abs().amax(dim=1) / spec.element.max / tensor_scale
-    block_scale = _round_float(torch.clamp(block_scale, min=2.0 ** e4m3.emin, max=e4m3.max), e4m3,
-                               "nearest", "saturate", 0)
+    scale_codes, block_scale = _round_float(torch.clamp(block_scale, min=2.0 ** e4m3.emin, max=e4m3.max), e4m3,
+                                            "nearest", "saturate", 0)
     scaled = blocks * ((1.0 / tensor_scale) / block_scale)[:, None]
     codes, _ = _round_element(scaled, spec.element, rounding, "saturate", seed)
-    return QuantizedTensor(packing.pack(codes, spec.element.bits), _float_codes(block_scale, e4m3), spec, shape,
+    return QuantizedTensor(packing.pack(codes, spec.element.bits), scale_codes, spec, shape,
                            spec.block, tensor_scale=tensor_scale.reshape(1))
 
 
