@@ -260,7 +260,9 @@ def quantize(x: torch.Tensor, fmt: str, granularity: Optional[str] = None, group
         scales = torch.where(amax > 0, amax / spec.max, torch.ones_like(amax))
         if scale_rule == "mse":
             scales = scales * _mse_ratio(blocks, scales, spec)
-    codes, _ = _round_element(blocks / scales[:, None], spec, rounding, overflow, seed)
+    # No division for a plain cast: x / 1 loses the sign of a NaN on CUDA.
+    scaled = blocks if scale_rule == "none" else blocks / scales[:, None]
+    codes, _ = _round_element(scaled, spec, rounding, overflow, seed)
     return QuantizedTensor(packing.pack(codes, spec.bits), scales, spec, x.shape, blocks.shape[1])
 
 
