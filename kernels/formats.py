@@ -35,6 +35,7 @@ block changes the scale of the real elements around it.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -293,7 +294,7 @@ def _quantize_asymmetric(blocks, spec: IntSpec, shape, rounding: str, seed: int)
 
 def _element_mbits(element: FloatSpec | IntSpec) -> int:
     # MXINT8's elements are 1.xxxxxx: six fraction bits play the mantissa's part.
-    return element.mbits if isinstance(element, FloatSpec) else round(-torch.tensor(element.step).log2().item())
+    return element.mbits if isinstance(element, FloatSpec) else round(-math.log2(element.step))
 
 
 def _quantize_mx(blocks, spec: BlockSpec, shape, rule: str, rounding: str, overflow: str,
