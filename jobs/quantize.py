@@ -48,11 +48,11 @@ class QuantizedLinear(nn.Module):
         self.kernel, self.input_knobs = kernel, input_knobs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_q is not None:
+            return self.kernel(x, self.weight_q, self.bias, self.input_knobs)
         if self.input_knobs is not None:
             x = formats.fake_quant(x, **self.input_knobs)
-        if self.weight_q is None:
-            return F.linear(x, self.weight, self.bias)
-        return self.kernel(x, self.weight_q, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
         # Packed codes and scales follow the module's device but keep their own dtypes.
@@ -117,6 +117,28 @@ def apply_dtype(model: nn.Module, dtype_cfg: dict, quant_cfg: dict, kernel_name:
                          "max_abs_error": metrics.max_abs_error(w, deq)})
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, QuantizedLinear(linear, q, kernel, input_knobs))
+    return rows
+
+
+def check_kernel(model: nn.Module, kernel_name: str, dtype: torch.dtype, seed: int = 0) -> list[dict]:
+    """Run the chosen kernel on every distinct quantized layer shape against the torch
+    reference; one row per shape with its relative error and the tolerance for ``dtype``.
+
+    Raises :class:`~kernels.catalog.Unsupported` if the kernel cannot run a layer here.
+    """
+    from kernels.registry import TOLERANCE, check_kernel as relative_error
+
+    rows, seen = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear) or module.weight_q is None:
+            continue
+        shape = tuple(module.weight_q.shape)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        err = relative_error(kernel_name, module.weight_q, dtype, module.input_knobs, seed=seed)
+        rows.append({"layer": name, "shape": "x".join(map(str, shape)), "relative_error": err,
+                     "tolerance": TOLERANCE[dtype]})
     return rows
 
 

@@ -17,15 +17,12 @@ import traceback
 import torch
 
 from jobs import bench, environment, evaluate, models
-from jobs.quantize import apply_dtype, weight_bytes
+from jobs.quantize import apply_dtype, check_kernel, weight_bytes
 from jobs.spec import Status, TrialResult, TrialSpec
+from kernels.catalog import Unsupported
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hf",)
-
-
-class Unsupported(Exception):
-    """This hardware or software cannot run this cell; not a bug."""
 
 
 def select_device(requested: str) -> torch.device:
@@ -75,6 +72,28 @@ def _layer_summary(rows: list[dict]) -> dict[str, float]:
             "bits_per_element": 8 * sum(r["bytes"] for r in rows) / elements}
 
 
+class KernelMismatch(Exception):
+    """The kernel's numbers disagree with the reference: the trial must not be timed."""
+
+
+def _gate_kernel(model, cfg: dict, dtype: torch.dtype, result: TrialResult) -> None:
+    """Check the chosen kernel against the torch reference on the model's layer shapes."""
+    name = cfg["kernel"]["name"]
+    if name == "torch":
+        return
+    rows = check_kernel(model, name, dtype, cfg["seed"])
+    if not rows:
+        return
+    result.artifacts["kernel_check.csv"] = _table_csv(rows)
+    worst = max(rows, key=lambda r: r["relative_error"])
+    result.metrics["kernel_relative_error_max"] = worst["relative_error"]
+    log.info("kernel %s vs reference: %s", name, rows)
+    if not worst["relative_error"] <= worst["tolerance"]:  # NaN fails too
+        raise KernelMismatch(f"kernel {name} on layer {worst['layer']} ({worst['shape']}): relative error "
+                             f"{worst['relative_error']:.3g} against the torch reference exceeds the "
+                             f"tolerance {worst['tolerance']:g} for {dtype}")
+
+
 def _execute(spec: TrialSpec, result: TrialResult) -> None:
     cfg = spec.config
     if cfg["backend"]["name"] not in BACKENDS:
@@ -91,6 +110,7 @@ def _execute(spec: TrialSpec, result: TrialResult) -> None:
     ref_logp = evaluate.log_probs(model, windows, cfg["eval"]["batch_size"], device)
 
     layers = apply_dtype(model, cfg["dtype"], cfg["quant"], cfg["kernel"]["name"], compute_dtype, cfg["seed"])
+    _gate_kernel(model, cfg, compute_dtype, result)
     result.metrics["weight_bytes"] = float(weight_bytes(model))
     result.metrics.update(_layer_summary(layers))
     if layers:

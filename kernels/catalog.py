@@ -112,7 +112,7 @@ OVERFLOWS = ("saturate", "nan")
 ELEMENT_SCALE_RULES = ("absmax", "mse", "none")
 MX_SCALE_RULES = ("floor", "ceil", "even", "rceil")
 SCALE_RULES = ELEMENT_SCALE_RULES + MX_SCALE_RULES
-KERNELS = ("torch",)
+KERNELS = ("torch", "triton")
 
 
 class KnobError(ValueError):
@@ -162,3 +162,8 @@ def default_scale_rules(spec: Format) -> tuple[str, ...]:
     if isinstance(spec, IntSpec):
         return ("absmax", "mse")
     return ELEMENT_SCALE_RULES
+
+
+class Unsupported(Exception):
+    """This hardware or software cannot run this cell (no GPU, too old a GPU, a missing
+    package, a format a kernel does not take); reported as UNSUPPORTED, not as a crash."""

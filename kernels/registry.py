@@ -1,7 +1,10 @@
-"""Kernel names -> functions computing ``y = x @ W.T + b`` with a quantized weight.
+"""Kernel names -> functions computing ``y = q(x) @ dequant(W).T + b``.
 
-A kernel takes (activations, QuantizedTensor, bias) and returns activations of the
-input's dtype. ``torch`` is the reference every other kernel is checked against.
+A kernel takes (activations, QuantizedTensor, bias, input_knobs) and returns activations
+of the input's dtype; ``input_knobs`` (or None) are the ``fake_quant`` knobs of dynamic
+per-token activation quantization. ``torch`` is the reference every other kernel is
+checked against; ``triton`` dispatches on the weight's format and raises
+:class:`~kernels.catalog.Unsupported` for what it does not implement.
 """
 
 from __future__ import annotations
@@ -11,18 +14,48 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import catalog
+from kernels import formats
+from kernels.catalog import Unsupported
 from kernels.formats import QuantizedTensor
 
-Kernel = Callable[[torch.Tensor, QuantizedTensor, Optional[torch.Tensor]], torch.Tensor]
+Kernel = Callable[[torch.Tensor, QuantizedTensor, Optional[torch.Tensor], Optional[dict]], torch.Tensor]
+# Relative error (Frobenius) a kernel may show against the torch reference, by activation
+# dtype: a few roundings of the output dtype (fp32 allows for tf32 dots on GPUs).
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
-def torch_reference(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Dequantize the weight to the activations' dtype, then a plain matmul."""
+def torch_reference(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torch.Tensor],
+                    input_knobs: Optional[dict] = None) -> torch.Tensor:
+    """Fake-quantize the activations if asked, dequantize the weight, then a plain matmul."""
+    if input_knobs is not None:
+        x = formats.fake_quant(x, **input_knobs)
     return F.linear(x, weight.dequantize(x.dtype), bias)
 
 
-KERNELS: dict[str, Kernel] = {"torch": torch_reference}
+def _is_plain_fp8_per_token(knobs: dict) -> bool:
+    return (knobs["fmt"] == "fp8_e4m3" and knobs["granularity"] == "per_channel" and knobs["rounding"] == "nearest"
+            and knobs.get("scale_rule") in (None, "absmax") and knobs["overflow"] == "saturate")
+
+
+def triton_kernels(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torch.Tensor],
+                   input_knobs: Optional[dict] = None) -> torch.Tensor:
+    from kernels import fp8_matmul, mx_matmul, wint_matmul
+
+    name = weight.spec.name
+    if input_knobs is not None:
+        if name == "fp8_e4m3" and _is_plain_fp8_per_token(input_knobs):
+            return fp8_matmul.fp8_w8a8_linear(x, weight, bias)
+        raise Unsupported(f"the triton kernels quantize activations only for fp8_e4m3 W8A8 (per token, absmax, "
+                          f"nearest, saturate), not {input_knobs['fmt']} activations with {name} weights")
+    if name in ("int4", "int8"):
+        return wint_matmul.wint_linear(x, weight, bias)
+    if name in mx_matmul.ELEMENTS:
+        return mx_matmul.mx_linear(x, weight, bias)
+    raise Unsupported(f"no triton kernel for {name} weights (weight-only); triton has int4/int8 (W4A16, W8A16), "
+                      f"{', '.join(mx_matmul.ELEMENTS)}, and fp8_e4m3 with quant=w_a_dynamic (W8A8)")
+
+
+KERNELS: dict[str, Kernel] = {"torch": torch_reference, "triton": triton_kernels}
 
 
 def get_kernel(name: str) -> Kernel:
@@ -30,3 +63,15 @@ def get_kernel(name: str) -> Kernel:
         return KERNELS[name]
     except KeyError:
         raise ValueError(f"unknown kernel {name!r}; allowed: {', '.join(KERNELS)}") from None
+
+
+def check_kernel(name: str, weight: QuantizedTensor, dtype: torch.dtype, input_knobs: Optional[dict],
+                 rows: int = 17, seed: int = 0) -> float:
+    """Relative error of kernel ``name`` against the torch reference on random activations
+    (an odd number of rows, to exercise the masks)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, weight.shape[1], generator=gen).to(dtype).to(weight.codes.device)
+    x_ref = x if input_knobs is None else formats.fake_quant(x, **input_knobs)
+    ref = F.linear(x_ref.double(), weight.dequantize(torch.float64))
+    out = get_kernel(name)(x, weight, None, input_knobs)
+    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))

@@ -64,6 +64,41 @@ def test_quantizing_activations_and_kv_cache_adds_error(tiny_model_cfg):
     assert kl["kv_cache"] > 0
 
 
+# Triton's interpreter runs a kernel call in about a second: keep these trials to a few calls per layer.
+TRITON_FAST = ("kernel=triton", "bench.prompt_len=8", "bench.decode_tokens=1", "bench.warmup=0", "bench.repeats=1",
+               "eval.seq_len=16", "eval.max_tokens=32", "eval.batch_size=2")
+
+
+def _run_triton(*overrides):
+    return trial.run(trial_spec(compose(*overrides, *TRITON_FAST), overrides))
+
+
+def test_triton_kernel_trial_is_checked_against_the_reference_then_timed(tiny_model_cfg):
+    r = _run_triton("dtype=int4")
+    assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))
+    assert 0 < r.metrics["kernel_relative_error_max"] < 2e-3
+    assert r.artifacts["kernel_check.csv"].startswith("layer,shape,relative_error,tolerance")
+    assert r.metrics["decode_tokens_per_s"] > 0
+
+
+def test_a_kernel_that_computes_the_wrong_thing_fails_before_timing(tiny_model_cfg, monkeypatch):
+    from kernels import registry
+
+    def off_by_a_bit(x, weight, bias, input_knobs):
+        return registry.torch_reference(x, weight, bias, input_knobs) * 1.01
+
+    monkeypatch.setitem(registry.KERNELS, "triton", off_by_a_bit)
+    r = _run_triton("dtype=int8")
+    assert r.status == Status.FAILED and r.reason.startswith("KernelMismatch: kernel triton on layer")
+    assert "exceeds the tolerance" in r.reason
+    assert "prefill_tokens_per_s" not in r.metrics, "a wrong kernel must not be timed"
+
+
+def test_a_format_triton_does_not_implement_is_unsupported(tiny_model_cfg):
+    r = _run_triton("dtype=fp6_e2m3")
+    assert r.status == Status.UNSUPPORTED and "no triton kernel for fp6_e2m3" in r.reason
+
+
 def test_a_trial_that_raises_is_failed_with_its_traceback(tiny_model_cfg):
     r = _run("dtype=int4", "dtype.group_size=512")  # allowed, but divides none of the tiny model's layers
     assert r.status == Status.FAILED

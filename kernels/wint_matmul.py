@@ -1,0 +1,107 @@
+"""W4A16 / W8A16: ``y = x @ W.T`` with int4 (packed two per byte) or int8 weights and
+group-wise fp32 scales, dequantized in registers, fp32 accumulation.
+
+Each K tile lies inside one scale group, so the kernel multiplies raw integer codes
+(exact in fp16/bf16) and applies the group's scale once per tile to the fp32 partial
+sum. For int4, byte j of a row holds codes 2j (low nibble) and 2j+1 (high nibble): the
+kernel loads the even and odd columns of ``x`` separately instead of interleaving codes.
+``SPLIT_K`` programs share the K loop of one output tile and add into an fp32 buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.formats import QuantizedTensor
+from kernels.triton_util import Unsupported, as_2d, autotune, check_activations
+
+
+def _configs():
+    cfgs = []
+    for bm, bn, bk, split, warps, stages in [
+        (16, 64, 128, 8, 4, 4), (16, 128, 128, 4, 4, 4), (16, 64, 256, 4, 4, 3), (16, 32, 128, 16, 4, 4),
+        (16, 128, 64, 8, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3),
+        (64, 64, 32, 1, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=warps,
+                                  num_stages=stages))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    group, k = named_args["GROUP"], named_args["K"]
+    kept = [c for c in configs if group == k or group % c.kwargs["BK"] == 0]
+    return kept or [triton.Config({"BM": 16, "BN": 32, "BK": 32, "SPLIT_K": 1})]
+
+
+@autotune(configs=_configs, key=["M", "N", "K", "GROUP", "BITS"], prune=_prune,
+          interpreter_config={"BM": 16, "BN": 64, "BK": 32, "SPLIT_K": 2})
+@triton.jit
+def _wint_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                        stride_sn, stride_sg, stride_ym, stride_yn,
+                        GROUP: tl.constexpr, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
+        if BITS == 4:
+            half = k0 // 2 + tl.arange(0, BK // 2)
+            k_even = 2 * half
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + half[:, None] * stride_wk,
+                        mask=(rn[None, :] < N) & (k_even[:, None] < K), other=0)
+            lo = ((w & 0xF).to(tl.int8) ^ 8) - 8  # sign-extend the two's-complement nibbles
+            hi = ((w >> 4).to(tl.int8) ^ 8) - 8
+            xe = tl.load(x_ptr + rm[:, None] * stride_xm + k_even[None, :] * stride_xk,
+                         mask=(rm[:, None] < M) & (k_even[None, :] < K), other=0.0)
+            xo = tl.load(x_ptr + rm[:, None] * stride_xm + (k_even + 1)[None, :] * stride_xk,
+                         mask=(rm[:, None] < M) & (k_even[None, :] + 1 < K), other=0.0)
+            part = tl.dot(xe, lo.to(xe.dtype)) + tl.dot(xo, hi.to(xo.dtype))
+        else:
+            rk = k0 + tl.arange(0, BK)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+                        mask=(rn[None, :] < N) & (rk[:, None] < K), other=0)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            part = tl.dot(x, w.to(tl.int8).to(x.dtype))
+        scale = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=rn < N, other=0.0)
+        acc += part * scale[None, :]
+    y = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y, acc, mask=mask)
+
+
+def wint_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` for symmetric int4/int8 weights with per-channel or group scales."""
+    spec = weight.spec
+    if spec.name not in ("int4", "int8") or weight.zero_points is not None:
+        raise Unsupported(f"the W4A16/W8A16 kernel takes symmetric int4/int8 weights, not {spec.name}"
+                          + (" with zero points" if weight.zero_points is not None else ""))
+    n, k = weight.shape
+    group = k if weight.block in (k, n * k) else weight.block
+    if group != k and group % 32:
+        raise Unsupported(f"group size {group} is below the kernel's 32-wide K tile")
+    check_activations(x, k)
+    x2 = as_2d(x)
+    m = x2.shape[0]
+    scales = weight.scales.expand(n) if weight.block == n * k else weight.scales
+    scales = scales.reshape(n, k // group)
+    codes = weight.codes.view(n, k // 2 if spec.bits == 4 else k)
+    y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), meta["SPLIT_K"]
+
+    _wint_matmul_kernel[grid](x2, codes, scales, y, m, n, k, x2.stride(0), x2.stride(1), codes.stride(0),
+                              codes.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
+                              GROUP=group, BITS=spec.bits)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], n)

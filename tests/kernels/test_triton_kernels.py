@@ -1,0 +1,98 @@
+"""The Triton kernels against an fp64 reference: in Triton's interpreter on CPU (fp16/fp32
+activations, per DESIGN.md's interpreter limits), and on a GPU with bf16 as well."""
+
+import pytest
+import torch
+
+from kernels import formats, metrics, registry
+from kernels.catalog import Unsupported
+from kernels.fp8_matmul import quantize_fp8_per_token
+
+ON_GPU = torch.cuda.is_available()
+ACT_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+DEVICE = "cuda" if ON_GPU else "cpu"
+# odd M, N not a multiple of the tile, K a multiple of every group size below
+SHAPES = [(1, 48, 256), (7, 40, 256), (17, 72, 512)]
+
+
+def _reference(x, q, input_knobs=None):
+    x_ref = x if input_knobs is None else formats.fake_quant(x, **input_knobs)
+    return x_ref.double() @ q.dequantize(torch.float64).T
+
+
+def _check(x, q, input_knobs=None):
+    y = registry.get_kernel("triton")(x, q, None, input_knobs)
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], q.shape[0])
+    err = metrics.relative_error(_reference(x, q, input_knobs), y)
+    assert err < registry.TOLERANCE[x.dtype], err
+    return err
+
+
+def _inputs(m, n, k, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=gen).to(dtype).to(DEVICE), torch.randn(n, k, generator=gen).to(DEVICE))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 64), ("int8", None),
+                                       ("int4", None)])
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_w4a16_and_w8a16(m, n, k, fmt, group, dtype):
+    x, w = _inputs(m, n, k, dtype)
+    knobs = {"granularity": "per_group", "group_size": group} if group else {"granularity": "per_channel"}
+    _check(x, formats.quantize(w, fmt, **knobs))
+
+
+@pytest.mark.parametrize("k", [100, 66])
+def test_per_channel_int_weights_with_k_not_a_multiple_of_the_tile(k):
+    x, w = _inputs(5, 24, k, torch.float16)
+    _check(x, formats.quantize(w, "int8", granularity="per_channel"))
+    _check(x, formats.quantize(w, "int4", granularity="per_channel"))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES + [(3, 20, 100)])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_fp8_w8a8(m, n, k, granularity, dtype):
+    x, w = _inputs(m, n, k, dtype)
+    knobs = {"fmt": "fp8_e4m3", "granularity": "per_channel", "group_size": 128, "rounding": "nearest",
+             "scale_rule": None, "overflow": "saturate", "symmetric": True, "seed": 0}
+    _check(x, formats.quantize(w, "fp8_e4m3", granularity=granularity), knobs)
+
+
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_fp8_per_token_activation_quantization_is_bit_exact(dtype):
+    x, _ = _inputs(9, 1, 300, dtype)
+    x[3] = 0.0  # an all-zero row gets scale 1
+    codes, scales = quantize_fp8_per_token(x)
+    ref = formats.quantize(x, "fp8_e4m3", granularity="per_channel")
+    assert torch.equal(scales, ref.scales)
+    assert torch.equal(codes.view(torch.uint8), ref.element_codes())
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8_e4m3", "mxfp8_e5m2", "nvfp4"])
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_block_scaled_weights(m, n, k, fmt, dtype):
+    x, w = _inputs(m, n, k, dtype)
+    _check(x, formats.quantize(w, fmt))
+
+
+@pytest.mark.parametrize("fmt,knobs,input_knobs,reason", [
+    ("fp6_e2m3", {}, None, "no triton kernel for fp6_e2m3"),
+    ("int4", {"granularity": "per_group", "group_size": 16}, None, "group size 16 is below"),
+    ("int4", {"symmetric": False}, None, "with zero points"),
+    ("mxfp4", {}, {"fmt": "mxfp4", "granularity": "per_block", "group_size": 128, "rounding": "nearest",
+                   "scale_rule": None, "overflow": "saturate", "symmetric": True, "seed": 0}, "activations only"),
+])
+def test_what_triton_does_not_implement_is_unsupported_with_the_reason(fmt, knobs, input_knobs, reason):
+    x, w = _inputs(3, 32, 64, torch.float16)
+    with pytest.raises(Unsupported, match=reason):
+        registry.get_kernel("triton")(x, formats.quantize(w, fmt, **knobs), None, input_knobs)
+
+
+def test_check_kernel_reports_the_error_against_the_reference():
+    _, w = _inputs(1, 40, 256, torch.float16)
+    q = formats.quantize(w, "int4", granularity="per_group", group_size=64)
+    assert registry.check_kernel("torch", q, torch.float32, None) < 1e-6
+    assert registry.check_kernel("triton", q, torch.float16, None) < registry.TOLERANCE[torch.float16]
