@@ -31,7 +31,8 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    group, k = named_args["GROUP"], named_args["K"]
+    args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
+    group, k = args["GROUP"], args["K"]
     kept = [c for c in configs if group == k or group % c.kwargs["BK"] == 0]
     return kept or [triton.Config({"BM": 16, "BN": 32, "BK": 32, "SPLIT_K": 1})]
 
