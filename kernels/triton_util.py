@@ -15,14 +15,16 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 __all__ = ["INTERPRETED", "Unsupported", "as_2d", "autotune", "check_activations", "check_device"]
 
 
-def autotune(configs, key: list[str], interpreter_config: dict, prune=None):
+def autotune(configs, key: list[str], interpreter_config: dict, prune=None, reset_to_zero=None):
     """``triton.autotune`` over ``configs()`` on a GPU; one small fixed config in the interpreter,
-    where timing configs would only measure the interpreter."""
+    where timing configs would only measure the interpreter. ``reset_to_zero`` names outputs a
+    kernel accumulates into (split-K): zeroed before every timed run, or the tuning runs add up."""
     def wrap(fn):
         if INTERPRETED:
             return triton.autotune(configs=[triton.Config(interpreter_config)], key=key)(fn)
         pruning = {"early_config_prune": prune} if prune else None
-        return triton.autotune(configs=configs(), key=key, prune_configs_by=pruning)(fn)
+        return triton.autotune(configs=configs(), key=key, prune_configs_by=pruning,
+                               reset_to_zero=reset_to_zero)(fn)
     return wrap
 
 

@@ -23,7 +23,7 @@ def _configs():
     for bm, bn, bk, split, warps, stages in [
         (16, 64, 128, 8, 4, 4), (16, 128, 128, 4, 4, 4), (16, 64, 256, 4, 4, 3), (16, 32, 128, 16, 4, 4),
         (16, 128, 64, 8, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3),
-        (64, 64, 32, 1, 4, 4),
+        (64, 64, 32, 1, 4, 4), (16, 64, 32, 8, 4, 4),
     ]:
         cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=warps,
                                   num_stages=stages))
@@ -31,13 +31,13 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
+    """Keep the configs whose K tile lies inside one scale group."""
     args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
     group, k = args["GROUP"], args["K"]
-    kept = [c for c in configs if group == k or group % c.kwargs["BK"] == 0]
-    return kept or [triton.Config({"BM": 16, "BN": 32, "BK": 32, "SPLIT_K": 1})]
+    return [c for c in configs if group == k or group % c.kwargs["BK"] == 0]
 
 
-@autotune(configs=_configs, key=["M", "N", "K", "GROUP", "BITS"], prune=_prune,
+@autotune(configs=_configs, key=["M", "N", "K", "GROUP", "BITS"], prune=_prune, reset_to_zero=["y_ptr"],
           interpreter_config={"BM": 16, "BN": 64, "BK": 32, "SPLIT_K": 2})
 @triton.jit
 def _wint_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
@@ -78,6 +78,55 @@ def _wint_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_x
         tl.atomic_add(y, acc, mask=mask)
 
 
+def _gemv_configs():
+    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=w, num_stages=st)
+            for bn, bk, split, w, st in [(32, 256, 4, 4, 3), (64, 256, 4, 4, 3), (32, 512, 2, 4, 3), (64, 128, 8, 4, 4),
+                                         (16, 512, 4, 4, 3), (128, 128, 4, 8, 3), (32, 256, 8, 4, 4),
+                                         (64, 512, 1, 8, 3), (16, 256, 8, 2, 4), (64, 32, 8, 4, 4),
+                                         (64, 64, 8, 4, 4), (128, 64, 4, 4, 4)]]
+
+
+@autotune(configs=_gemv_configs, key=["M", "N", "K", "GROUP", "BITS"], prune=_prune, reset_to_zero=["y_ptr"],
+          interpreter_config={"BN": 16, "BK": 32, "SPLIT_K": 2})
+@triton.jit
+def _wint_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                      stride_sn, stride_sg, stride_ym, stride_yn,
+                      GROUP: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      SPLIT_K: tl.constexpr):
+    """Decode (a few rows): no tensor cores, each program reduces a [BN, BK] weight tile
+    against one row of x with elementwise products; the weights dominate the traffic."""
+    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
+        if BITS == 4:
+            half = k0 // 2 + tl.arange(0, BK // 2)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + half[None, :] * stride_wk,
+                        mask=(rn[:, None] < N) & (2 * half[None, :] < K), other=0)
+            lo = (((w & 0xF).to(tl.int8) ^ 8) - 8).to(tl.float32)
+            hi = ((((w >> 4).to(tl.int8)) ^ 8) - 8).to(tl.float32)
+            xe = tl.load(x_ptr + row * stride_xm + 2 * half * stride_xk, mask=2 * half < K, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + row * stride_xm + (2 * half + 1) * stride_xk, mask=2 * half + 1 < K,
+                         other=0.0).to(tl.float32)
+            part = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
+        else:
+            rk = k0 + tl.arange(0, BK)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0).to(tl.int8).to(tl.float32)
+            x = tl.load(x_ptr + row * stride_xm + rk * stride_xk, mask=rk < K, other=0.0).to(tl.float32)
+            part = tl.sum(w * x[None, :], axis=1)
+        scale = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=rn < N, other=0.0)
+        acc += part * scale
+    y = y_ptr + row * stride_ym + rn * stride_yn
+    if SPLIT_K == 1:
+        tl.store(y, acc, mask=rn < N)
+    else:
+        tl.atomic_add(y, acc, mask=rn < N)
+
+
+GEMV_MAX_ROWS = 4  # up to this many rows, re-reading the weights per row beats a 16-row MMA tile
+
+
 def wint_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` for symmetric int4/int8 weights with per-channel or group scales."""
     spec = weight.spec
@@ -96,12 +145,14 @@ def wint_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | N
     codes = weight.codes.view(n, k // 2 if spec.bits == 4 else k)
     y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
 
-    def grid(meta):
-        return triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), meta["SPLIT_K"]
-
-    _wint_matmul_kernel[grid](x2, codes, scales, y, m, n, k, x2.stride(0), x2.stride(1), codes.stride(0),
-                              codes.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-                              GROUP=group, BITS=spec.bits)
+    args = (x2, codes, scales, y, m, n, k, x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1),
+            scales.stride(0), scales.stride(1), y.stride(0), y.stride(1))
+    if m <= GEMV_MAX_ROWS:
+        _wint_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT_K"], m)](
+            *args, GROUP=group, BITS=spec.bits)
+    else:
+        _wint_matmul_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])](
+            *args, GROUP=group, BITS=spec.bits)
     y = y.to(x.dtype)
     if bias is not None:
         y += bias
