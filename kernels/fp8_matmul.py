@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.formats import QuantizedTensor
-from kernels.triton_util import INTERPRETED, Unsupported, as_2d, autotune, check_activations
+from kernels.triton_util import INTERPRETED, Unsupported, as_2d, autotune, check_activations, load_tile
 
 E4M3_MAX = 448.0
 
@@ -68,10 +68,8 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
-                    mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
+        x = load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        w = load_tile(w_ptr, rk, rn, K, N, stride_wk, stride_wn)
         acc = tl.dot(x, w, acc)
     sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0) if SW_PER_CHANNEL else tl.load(sw_ptr)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.formats import QuantizedTensor
-from kernels.triton_util import Unsupported, as_2d, autotune, check_activations
+from kernels.triton_util import Unsupported, as_2d, autotune, check_activations, load_tile
 
 ELEMENTS = {"mxfp4": 0, "nvfp4": 0, "mxfp8_e4m3": 1, "mxfp8_e5m2": 2}
 
@@ -61,8 +61,7 @@ def _mx_matmul_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, M, N, K, stride_xm, st
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        x = load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
         w = _elements(w_ptr, rn, rk, N, K, stride_wn, stride_wk, ELEM)
         if E8M0:  # one block per tile: the power-of-two scale goes on the partial sum
             e = tl.load(s_ptr + rn * stride_sn + (k0 // BLOCK) * stride_sb, mask=rn < N, other=127)

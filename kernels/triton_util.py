@@ -6,13 +6,21 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from kernels.catalog import Unsupported
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-__all__ = ["INTERPRETED", "Unsupported", "as_2d", "autotune", "check_activations", "check_device"]
+__all__ = ["INTERPRETED", "Unsupported", "as_2d", "autotune", "check_activations", "check_device", "load_tile"]
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, n_rows, n_cols, stride_r, stride_c):
+    """The [len(rows), len(cols)] tile of a matrix, zero outside it (masks for ragged edges)."""
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
 
 
 def autotune(configs, key: list[str], interpreter_config: dict, prune=None, reset_to_zero=None):

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.formats import QuantizedTensor
-from kernels.triton_util import Unsupported, as_2d, autotune, check_activations
+from kernels.triton_util import Unsupported, as_2d, autotune, check_activations, load_tile
 
 
 def _configs():
@@ -63,10 +63,8 @@ def _wint_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_x
             part = tl.dot(xe, lo.to(xe.dtype)) + tl.dot(xo, hi.to(xo.dtype))
         else:
             rk = k0 + tl.arange(0, BK)
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
-                        mask=(rn[None, :] < N) & (rk[:, None] < K), other=0)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            w = load_tile(w_ptr, rk, rn, K, N, stride_wk, stride_wn)
+            x = load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
             part = tl.dot(x, w.to(tl.int8).to(x.dtype))
         scale = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=rn < N, other=0.0)
         acc += part * scale[None, :]
