@@ -97,16 +97,15 @@ def _wint_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_xk,
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BN,), dtype=tl.float32)
     for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        if BITS == 4:
-            half = k0 // 2 + tl.arange(0, BK // 2)
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + half[None, :] * stride_wk,
-                        mask=(rn[:, None] < N) & (2 * half[None, :] < K), other=0)
-            lo = (((w & 0xF).to(tl.int8) ^ 8) - 8).to(tl.float32)
-            hi = ((((w >> 4).to(tl.int8)) ^ 8) - 8).to(tl.float32)
-            xe = tl.load(x_ptr + row * stride_xm + 2 * half * stride_xk, mask=2 * half < K, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + row * stride_xm + (2 * half + 1) * stride_xk, mask=2 * half + 1 < K,
-                         other=0.0).to(tl.float32)
-            part = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
+        if BITS == 4:  # codes as int32 words: nibble j of word i is element 8i + j
+            words = k0 // 8 + tl.arange(0, BK // 8)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + words[None, :] * stride_wk,
+                        mask=(rn[:, None] < N) & (8 * words[None, :] < K), other=0)
+            nibbles = (w[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF
+            codes = ((nibbles ^ 8) - 8).to(tl.float32)  # sign-extend the two's-complement nibbles
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + row * stride_xm + rk * stride_xk, mask=rk < K, other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(codes * tl.reshape(x, (BK // 8, 8))[None, :, :], axis=2), axis=1)
         else:
             rk = k0 + tl.arange(0, BK)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
@@ -141,11 +140,13 @@ def wint_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | N
     scales = weight.scales.expand(n) if weight.block == n * k else weight.scales
     scales = scales.reshape(n, k // group)
     codes = weight.codes.view(n, k // 2 if spec.bits == 4 else k)
+    gemv = m <= GEMV_MAX_ROWS and (spec.bits == 8 or k % 8 == 0)
+    if gemv and spec.bits == 4:
+        codes = codes.view(torch.int32)  # one 4-byte load carries 8 int4 codes
     y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-
     args = (x2, codes, scales, y, m, n, k, x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1),
             scales.stride(0), scales.stride(1), y.stride(0), y.stride(1))
-    if m <= GEMV_MAX_ROWS:
+    if gemv:
         _wint_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT_K"], m)](
             *args, GROUP=group, BITS=spec.bits)
     else:
