@@ -50,7 +50,7 @@ def test_quantized_trials_report_layers_and_packed_bytes(results):
 
 @pytest.mark.parametrize("dtype,bits", [("fp8_e4m3", 8 + 32 / 256), ("fp6_e3m2", 6 + 32 / 256), ("mxfp4", 4.25),
                                         ("nvfp4", 4.5), ("mxint8", 8.25)])
-def test_every_kind_of_format_runs_as_a_trial(tiny_model_cfg, results, dtype, bits):
+def test_every_kind_of_format_runs_as_a_trial(tiny_model_cfg, dtype, bits):
     r = _run(f"dtype={dtype}")
     assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))
     assert r.metrics["bits_per_element"] == pytest.approx(bits, rel=0.01)
