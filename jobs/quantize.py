@@ -126,7 +126,7 @@ def check_kernel(model: nn.Module, kernel_name: str, dtype: torch.dtype, seed: i
 
     Raises :class:`~kernels.catalog.Unsupported` if the kernel cannot run a layer here.
     """
-    from kernels.registry import TOLERANCE, check_kernel as relative_error
+    from kernels.registry import TOLERANCE, kernel_relative_error
 
     rows, seen = [], set()
     for name, module in model.named_modules():
@@ -136,7 +136,7 @@ def check_kernel(model: nn.Module, kernel_name: str, dtype: torch.dtype, seed: i
         if shape in seen:
             continue
         seen.add(shape)
-        err = relative_error(kernel_name, module.weight_q, dtype, module.input_knobs, seed=seed)
+        err = kernel_relative_error(kernel_name, module.weight_q, dtype, module.input_knobs, seed=seed)
         rows.append({"layer": name, "shape": "x".join(map(str, shape)), "relative_error": err,
                      "tolerance": TOLERANCE[dtype]})
     return rows

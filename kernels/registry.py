@@ -65,13 +65,19 @@ def get_kernel(name: str) -> Kernel:
         raise ValueError(f"unknown kernel {name!r}; allowed: {', '.join(KERNELS)}") from None
 
 
-def check_kernel(name: str, weight: QuantizedTensor, dtype: torch.dtype, input_knobs: Optional[dict],
-                 rows: int = 17, seed: int = 0) -> float:
-    """Relative error of kernel ``name`` against the torch reference on random activations
+def reference_fp64(x: torch.Tensor, weight: QuantizedTensor, input_knobs: Optional[dict] = None) -> torch.Tensor:
+    """What every kernel should compute, in fp64: the activations quantized as the kernel
+    quantizes them (in their own dtype), times the exactly dequantized weight."""
+    x_ref = x if input_knobs is None else formats.fake_quant(x, **input_knobs)
+    return F.linear(x_ref.double(), weight.dequantize(torch.float64))
+
+
+def kernel_relative_error(name: str, weight: QuantizedTensor, dtype: torch.dtype, input_knobs: Optional[dict],
+                          rows: int = 17, seed: int = 0) -> float:
+    """Relative error of kernel ``name`` against :func:`reference_fp64` on random activations
     (an odd number of rows, to exercise the masks)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, weight.shape[1], generator=gen).to(dtype).to(weight.codes.device)
-    x_ref = x if input_knobs is None else formats.fake_quant(x, **input_knobs)
-    ref = F.linear(x_ref.double(), weight.dequantize(torch.float64))
+    ref = reference_fp64(x, weight, input_knobs)
     out = get_kernel(name)(x, weight, None, input_knobs)
     return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))

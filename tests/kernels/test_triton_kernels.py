@@ -15,15 +15,10 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 SHAPES = [(1, 48, 256), (7, 40, 256), (17, 72, 512)]
 
 
-def _reference(x, q, input_knobs=None):
-    x_ref = x if input_knobs is None else formats.fake_quant(x, **input_knobs)
-    return x_ref.double() @ q.dequantize(torch.float64).T
-
-
 def _check(x, q, input_knobs=None):
     y = registry.get_kernel("triton")(x, q, None, input_knobs)
     assert y.dtype == x.dtype and y.shape == (x.shape[0], q.shape[0])
-    err = metrics.relative_error(_reference(x, q, input_knobs), y)
+    err = metrics.relative_error(registry.reference_fp64(x, q, input_knobs), y)
     assert err < registry.TOLERANCE[x.dtype], err
     return err
 
@@ -91,8 +86,8 @@ def test_what_triton_does_not_implement_is_unsupported_with_the_reason(fmt, knob
         registry.get_kernel("triton")(x, formats.quantize(w, fmt, **knobs), None, input_knobs)
 
 
-def test_check_kernel_reports_the_error_against_the_reference():
+def test_kernel_relative_error_reports_the_error_against_the_reference():
     _, w = _inputs(1, 40, 256, torch.float16)
     q = formats.quantize(w, "int4", granularity="per_group", group_size=64)
-    assert registry.check_kernel("torch", q, torch.float32, None) < 1e-6
-    assert registry.check_kernel("triton", q, torch.float16, None) < registry.TOLERANCE[torch.float16]
+    assert registry.kernel_relative_error("torch", q, torch.float32, None) < 1e-6
+    assert registry.kernel_relative_error("triton", q, torch.float16, None) < registry.TOLERANCE[torch.float16]
