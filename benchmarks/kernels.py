@@ -7,6 +7,8 @@ max(bytes / bandwidth, flops / peak) with the fewest bytes the op must move (wei
 scales, activations, output once each); ``roofline`` is floor / measured. Times are
 medians from ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run).
 Each kernel's output is checked against an fp64 reference with bf16 activations first.
+Beside each Triton kernel runs torchao's kernel on the same codes and scales where torchao
+has the scheme (``kernel=torchao``); ``vs torchao`` is torchao's time over ours.
 
     python benchmarks/kernels.py --json kernels.json
 """
@@ -24,6 +26,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from kernels import formats, metrics, registry  # noqa: E402
+from kernels.catalog import Unsupported  # noqa: E402
 from kernels.fp8_matmul import fp8_scaled_mm, quantize_fp8_per_token  # noqa: E402
 
 SHAPES = [(1, 8192, 8192), (16, 8192, 8192), (2048, 8192, 8192), (1, 4096, 4096), (16, 4096, 4096),
@@ -77,13 +80,22 @@ def main() -> None:
         for label, (fmt, knobs) in WEIGHTS.items():
             q = formats.quantize(w, fmt, **knobs)
             input_knobs = FP8_KNOBS if fmt == "fp8_e4m3" else None
-            kernel = registry.get_kernel("triton")
-            y = kernel(x, q, None, input_knobs)
-            err = metrics.relative_error(registry.reference_fp64(x, q, input_knobs), y)
-            ms = bench_ms(lambda: kernel(x, q, None, input_knobs))
             peak = roof["fp8_tflops"] if fmt == "fp8_e4m3" else roof["bf16_tflops"]
-            rows.append({"kernel": f"triton {label}", "m": m, "n": n, "k": k, "ms": ms, "bytes": q.nbytes + act_out_bytes,
-                         "peak": peak, "rel_error": err, "speedup_vs_bf16": base_ms / ms})
+            timed, errors = {}, {}
+            for name in ("triton", "torchao"):
+                kernel = registry.get_kernel(name)
+                try:
+                    y = kernel(x, q, None, input_knobs)
+                except Unsupported as e:
+                    print(f"{name} {label}: unsupported: {e}", file=sys.stderr)
+                    continue
+                errors[name] = metrics.relative_error(registry.reference_fp64(x, q, input_knobs), y)
+                timed[name] = bench_ms(lambda: kernel(x, q, None, input_knobs))
+                rows.append({"kernel": f"{name} {label}", "m": m, "n": n, "k": k, "ms": timed[name],
+                             "bytes": q.nbytes + act_out_bytes, "peak": peak, "rel_error": errors[name],
+                             "speedup_vs_bf16": base_ms / timed[name]})
+            if "triton" in timed and "torchao" in timed:
+                rows[-2]["vs_torchao"] = timed["torchao"] / timed["triton"]
             if fmt == "fp8_e4m3":
                 xq, sx = quantize_fp8_per_token(x)
                 gemm_ms = bench_ms(lambda: fp8_scaled_mm(xq, sx, q, torch.bfloat16))
@@ -92,7 +104,7 @@ def main() -> None:
                 ref_ms = bench_ms(lambda: torch._scaled_mm(xq, wt, scale_a=sx.view(m, 1), scale_b=sw,
                                                            out_dtype=torch.bfloat16))
                 rows.append({"kernel": "triton fp8 GEMM only", "m": m, "n": n, "k": k, "ms": gemm_ms,
-                             "bytes": n * k + m * k + 2 * m * n, "peak": roof["fp8_tflops"], "rel_error": err,
+                             "bytes": n * k + m * k + 2 * m * n, "peak": roof["fp8_tflops"], "rel_error": errors["triton"],
                              "vs_scaled_mm": ref_ms / gemm_ms})
                 rows.append({"kernel": "torch._scaled_mm (rowwise)", "m": m, "n": n, "k": k, "ms": ref_ms,
                              "bytes": n * k + m * k + 2 * m * n, "peak": roof["fp8_tflops"], "rel_error": float("nan")})
@@ -104,11 +116,14 @@ def main() -> None:
                 r["roofline"] = floor_ms / r["ms"]
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, **roof}
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print("| kernel | M | N | K | ms | TFLOP/s | GB/s | roofline | vs bf16 | vs _scaled_mm | rel err (bf16 acts) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | M | N | K | ms | TFLOP/s | GB/s | roofline | vs bf16 | vs torchao | vs _scaled_mm "
+          "| rel err (bf16 acts) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in rows:
         print(f"| {r['kernel']} | {r['m']} | {r['n']} | {r['k']} | {r['ms']:.4f} | {r['tflops']:.1f} | {r['gbps']:.0f} | "
-              f"{r['roofline']:.0%} | {r.get('speedup_vs_bf16', float('nan')):.2f} | {r.get('vs_scaled_mm', float('nan')):.2f} | "
+              f"{r['roofline']:.0%} | {r.get('speedup_vs_bf16', nan):.2f} | {r.get('vs_torchao', nan):.2f} | "
+              f"{r.get('vs_scaled_mm', nan):.2f} | "
               f"{r['rel_error']:.1e} |")
 
 

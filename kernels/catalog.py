@@ -112,7 +112,7 @@ OVERFLOWS = ("saturate", "nan")
 ELEMENT_SCALE_RULES = ("absmax", "mse", "none")
 MX_SCALE_RULES = ("floor", "ceil", "even", "rceil")
 SCALE_RULES = ELEMENT_SCALE_RULES + MX_SCALE_RULES
-KERNELS = ("torch", "triton")
+KERNELS = ("torch", "triton", "torchao")
 
 
 class KnobError(ValueError):

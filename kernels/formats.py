@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -169,6 +169,8 @@ class QuantizedTensor:
     block: int  # consecutive elements (row-major) that share one scale
     zero_points: Optional[torch.Tensor] = None
     tensor_scale: Optional[torch.Tensor] = None
+    # Kernel-specific layouts of this weight, made on first use (e.g. torchao's tensors).
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

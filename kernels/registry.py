@@ -4,7 +4,8 @@ A kernel takes (activations, QuantizedTensor, bias, input_knobs) and returns act
 of the input's dtype; ``input_knobs`` (or None) are the ``fake_quant`` knobs of dynamic
 per-token activation quantization. ``torch`` is the reference every other kernel is
 checked against; ``triton`` dispatches on the weight's format and raises
-:class:`~kernels.catalog.Unsupported` for what it does not implement.
+:class:`~kernels.catalog.Unsupported` for what it does not implement; ``torchao`` runs
+torchao's kernels on the same codes and scales (``kernels/torchao_kernels.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from kernels import formats
 from kernels.catalog import Unsupported
 from kernels.formats import QuantizedTensor
+from kernels.torchao_kernels import torchao_linear
 
 Kernel = Callable[[torch.Tensor, QuantizedTensor, Optional[torch.Tensor], Optional[dict]], torch.Tensor]
 # Relative error (Frobenius) a kernel may show against the torch reference, by activation
@@ -32,7 +34,7 @@ def torch_reference(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[tor
     return F.linear(x, weight.dequantize(x.dtype), bias)
 
 
-def _is_plain_fp8_per_token(knobs: dict) -> bool:
+def is_plain_fp8_per_token(knobs: dict) -> bool:
     return (knobs["fmt"] == "fp8_e4m3" and knobs["granularity"] == "per_channel" and knobs["rounding"] == "nearest"
             and knobs.get("scale_rule") in (None, "absmax") and knobs["overflow"] == "saturate")
 
@@ -43,7 +45,7 @@ def triton_kernels(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torc
 
     name = weight.spec.name
     if input_knobs is not None:
-        if name == "fp8_e4m3" and _is_plain_fp8_per_token(input_knobs):
+        if name == "fp8_e4m3" and is_plain_fp8_per_token(input_knobs):
             return fp8_matmul.fp8_w8a8_linear(x, weight, bias)
         raise Unsupported(f"the triton kernels quantize activations only for fp8_e4m3 W8A8 (per token, absmax, "
                           f"nearest, saturate), not {input_knobs['fmt']} activations with {name} weights")
@@ -55,7 +57,7 @@ def triton_kernels(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torc
                       f"{', '.join(mx_matmul.ELEMENTS)}, and fp8_e4m3 with quant=w_a_dynamic (W8A8)")
 
 
-KERNELS: dict[str, Kernel] = {"torch": torch_reference, "triton": triton_kernels}
+KERNELS: dict[str, Kernel] = {"torch": torch_reference, "triton": triton_kernels, "torchao": torchao_linear}
 
 
 def get_kernel(name: str) -> Kernel:

@@ -99,6 +99,13 @@ def test_a_format_triton_does_not_implement_is_unsupported(tiny_model_cfg):
     assert r.status == Status.UNSUPPORTED and "no triton kernel for fp6_e2m3" in r.reason
 
 
+def test_torchao_kernel_trial_is_gated_and_timed(tiny_model_cfg):
+    r = _run("dtype=int8", "kernel=torchao")
+    assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))
+    assert r.metrics["kernel_relative_error_max"] < 1e-5  # fp32 model: the same codes and scales
+    assert r.metrics["decode_tokens_per_s"] > 0
+
+
 def test_a_trial_that_raises_is_failed_with_its_traceback(tiny_model_cfg):
     r = _run("dtype=int4", "dtype.group_size=512")  # allowed, but divides none of the tiny model's layers
     assert r.status == Status.FAILED
