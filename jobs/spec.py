@@ -21,9 +21,11 @@ class Status(str, enum.Enum):
         return self not in (Status.PENDING, Status.RUNNING)
 
 
-# The config sections a trial's result depends on: they make up the trial key. Where it
-# runs and where its results go (cluster, tracking, resources, sweep) do not.
+# The config a trial's result depends on: it makes up the trial key. Where it runs and
+# where its results go (cluster, tracking, resources, sweep) do not, except the GPU model
+# it asks for (resources.accelerator_type): an H100 and an A100 time differently.
 TRIAL_SECTIONS = ("model", "dtype", "quant", "kernel", "backend", "bench", "eval", "device", "seed")
+TRIAL_RESOURCES = ("accelerator_type",)
 
 
 @dataclass(frozen=True)
@@ -44,3 +46,18 @@ class TrialResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     reason: Optional[str] = None     # one line: why FAILED / UNSUPPORTED / ...
     duration_s: float = 0.0
+
+
+OUT_OF_MEMORY = "out of memory"
+# How allocators say they ran out: CUDA's caching allocator, torch's CPU allocator, Python.
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for a trial's exception, ``<kind>: <first line>``; any out-of-memory error has
+    the kind ``out of memory``, so OOMs can be found and resubmitted with a smaller batch."""
+    text = str(error).strip()
+    names = {c.__name__ for c in type(error).__mro__}
+    is_oom = bool({"MemoryError", "OutOfMemoryError"} & names) or any(t in text.lower() for t in _OOM_TEXT)
+    kind = OUT_OF_MEMORY if is_oom else type(error).__name__
+    return f"{kind}: {text.splitlines()[0] if text else type(error).__name__}"[:500]

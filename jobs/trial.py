@@ -16,9 +16,9 @@ import traceback
 
 import torch
 
-from jobs import bench, environment, evaluate, models
+from jobs import bench, capability, environment, evaluate, models
 from jobs.quantize import apply_dtype, check_kernel, weight_bytes
-from jobs.spec import Status, TrialResult, TrialSpec
+from jobs.spec import Status, TrialResult, TrialSpec, failure_reason
 from kernels.catalog import Unsupported
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def _execute(spec: TrialSpec, result: TrialResult) -> None:
         raise Unsupported(f"backend {cfg['backend']['name']!r} is not available; available: {', '.join(BACKENDS)}")
     device = select_device(cfg["device"])
     result.env.update(environment.capture(device))
+    capability.check(cfg, device)
     torch.manual_seed(cfg["seed"])
 
     model, tokenizer = models.load_model(cfg["model"], device)
@@ -139,9 +140,7 @@ def run(spec: TrialSpec) -> TrialResult:
         except Unsupported as e:
             result.status, result.reason = Status.UNSUPPORTED, str(e)
         except Exception as e:
-            result.status = Status.FAILED
-            kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
-            result.reason = f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            result.status, result.reason = Status.FAILED, failure_reason(e)
             result.artifacts["traceback.txt"] = traceback.format_exc()
             log.error("trial failed: %s", result.reason)
     result.duration_s = time.perf_counter() - started

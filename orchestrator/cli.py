@@ -8,12 +8,14 @@ is allowed, and exits 2 before anything is submitted.
 
 from __future__ import annotations
 
+import json
 import os
-from collections import Counter
 import sys
+from collections import Counter
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
 EXIT_BAD_INPUT = 2
 USAGE = """usage: orchestrator <command> [args]
 
@@ -22,9 +24,17 @@ commands:
   run -m [overrides]    run a sweep, e.g.  orchestrator run -m model=tiny-llama dtype=bf16,int8,int4
                         or a preset grid:  orchestrator run -m sweep=smoke
   run --help            the config groups, their options and Hydra's flags
+  submit --address URL -- run -m [overrides]
+                        run the sweep's driver on a Ray cluster (Ray Jobs API); prints the sweep id
+  status ID [--json]    counts per status and one row per trial
+  cancel ID             stop a running sweep; its open trials end CANCELLED
 
-Exit status: 0 all trials finished (or were unsupported here), 1 some failed or timed
-out, 2 bad input (nothing submitted), 130 interrupted."""
+status and cancel find the store as run does: tracking.uri=URI, else $MLFLOW_TRACKING_URI,
+else ./mlflow.db.
+
+Exit status: 0 all trials finished (or were unsupported here), 1 some failed, timed out
+or were cancelled (or their results could not be recorded), 2 bad input (nothing
+submitted), 130 interrupted."""
 
 
 def _error(message: str) -> int:
@@ -38,8 +48,7 @@ def _single_trial(cfg) -> None:
 
     from orchestrator import plan, sweep
 
-    spec = plan.trial_spec(cfg, HydraConfig.get().overrides.task)
-    sweep.execute(plan.sweep_settings([cfg]), [sweep.PlannedTrial(spec, plan.resources(cfg))])
+    sweep.execute(plan.sweep_settings([cfg]), [plan.planned_trial(cfg, HydraConfig.get().overrides.task)])
 
 
 def run(args: list[str]) -> int:
@@ -62,11 +71,124 @@ def run(args: list[str]) -> int:
         if config_error is None:
             raise
         return _error(str(config_error))
-    counts = sum((s.counts for s in sweep.COMPLETED[before:]), Counter())
-    return 1 if counts["FAILED"] or counts["TIMEOUT"] else 0
+    done = sweep.COMPLETED[before:]
+    counts = sum((s.counts for s in done), Counter())
+    unrecorded = sum(s.unrecorded for s in done)
+    return 1 if counts["FAILED"] or counts["TIMEOUT"] or counts["CANCELLED"] or unrecorded else 0
 
 
-COMMANDS = {"run": run}
+def _tracking_uri(args: list[str]) -> tuple[str, list[str]]:
+    """Every command finds the store as `run` does: a tracking.uri=... argument, else
+    $MLFLOW_TRACKING_URI, else mlflow.db in the working directory."""
+    from orchestrator import tracking
+
+    given = [a.split("=", 1)[1] for a in args if a.startswith("tracking.uri=")]
+    return tracking.resolve_uri(given[-1] if given else None), [a for a in args if not a.startswith("tracking.uri=")]
+
+
+def _parser(command: str, description: str):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"orchestrator {command}", description=description,
+                                     epilog="The store: tracking.uri=URI, else $MLFLOW_TRACKING_URI, else "
+                                            "./mlflow.db.")
+    parser.add_argument("sweep_id", help="the sweep's id (swp-xxxxxx), from its summary line or `submit`")
+    return parser
+
+
+def status(args: list[str]) -> int:
+    from orchestrator import remote
+    from orchestrator import status as sweep_status
+    from orchestrator.errors import ConfigError
+
+    uri, args = _tracking_uri(args)
+    parser = _parser("status", "Counts per status and one row per trial of a sweep.")
+    parser.add_argument("--json", action="store_true", help="print the state as JSON")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="Ray dashboard URL, to show a submitted sweep's job before its driver has started")
+    opts = parser.parse_args(args)
+    try:
+        state = sweep_status.load(uri, opts.sweep_id)
+    except ConfigError as e:
+        job = remote.job_info(opts.address, remote.submission_id(opts.sweep_id))
+        if job is None:
+            return _error(str(e))
+        print(json.dumps({"sweep_id": opts.sweep_id, "ray_job": job}) if opts.json else
+              f"sweep {opts.sweep_id}: not in {uri} yet; ray job {job['submission_id']}: {job['status']} "
+              f"{job['message']}")
+        return 0
+    address = opts.address or state.tags.get("ray_dashboard")
+    job = remote.job_info(address, state.tags["ray_job_submission_id"]) if "ray_job_submission_id" in state.tags else None
+    if opts.json:
+        print(state.to_json())
+    else:
+        sweep_status.print_table(state, job)
+    return 0
+
+
+def cancel(args: list[str]) -> int:
+    from orchestrator import remote
+    from orchestrator.errors import ConfigError
+
+    uri, args = _tracking_uri(args)
+    parser = _parser("cancel", "Stop a running sweep: its open trials end CANCELLED.")
+    parser.add_argument("--wait", type=float, default=60.0,
+                        help="seconds to wait for the driver to stop before stopping its Ray Job (default 60)")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray dashboard URL of a submitted sweep")
+    opts = parser.parse_args(args)
+    try:
+        state = remote.cancel(uri, opts.sweep_id, opts.address, opts.wait)
+    except ConfigError as e:
+        return _error(str(e))
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(state.counts.items()))
+    print(f"sweep {state.sweep_id}: {state.sweep_status.lower()} ({counts})")
+    return 0 if state.sweep_status != "RUNNING" else 1
+
+
+def submit(args: list[str]) -> int:
+    import argparse
+
+    from orchestrator import remote, sweep
+
+    parser = argparse.ArgumentParser(
+        prog="orchestrator submit", description="Run a sweep's driver on a Ray cluster as a Ray Job.",
+        usage="orchestrator submit --address URL -- run [-m] [overrides]")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="the Ray dashboard URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    if "--" not in args:
+        parser.print_usage(sys.stderr)
+        return _error("submit: expected `-- run [overrides]` after the options")
+    split = args.index("--")
+    opts, run_args = parser.parse_args(args[:split]), args[split + 1:]
+    if not opts.address:
+        return _error("--address=None: missing; allowed: the Ray dashboard URL (http://HOST:8265) or $RAY_ADDRESS")
+    if not run_args or run_args[0] != "run":
+        return _error(f"submit command={' '.join(run_args[:1]) or None}: only `run` can be submitted; allowed: run")
+    given_uri = [a.split("=", 1)[1] for a in run_args if a.startswith("tracking.uri=")]
+    uri, run_args = _tracking_uri(run_args[1:])
+    if not given_uri and uri.startswith("sqlite:") and not _is_local(opts.address):
+        print(f"warning: the sweep will write to {uri}, a file on the cluster's head node, not on this machine; "
+              f"give tracking.uri=http://<mlflow server> to follow it from here", file=sys.stderr)
+    # Validate every cell here, so a bad value is refused before anything is submitted.
+    planned = run([*run_args, *([] if {"-m", "--multirun"} & set(run_args) else ["-m"]),
+                   "hydra.launcher.plan_only=true"])
+    if planned != 0:
+        return planned
+    sweep_id = sweep.new_sweep_id()
+    job_id = remote.submit(opts.address, run_args, sweep_id, uri)
+    print(f"submitted sweep {sweep_id} as ray job {job_id} to {opts.address}")
+    print(f"  orchestrator status {sweep_id} tracking.uri={uri}")
+    print(sweep_id)
+    return 0
+
+
+def _is_local(address: str) -> bool:
+    from urllib.parse import urlparse
+
+    return urlparse(address if "://" in address else f"http://{address}").hostname in ("127.0.0.1", "localhost")
+
+
+COMMANDS = {"run": run, "submit": submit, "status": status, "cancel": cancel}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 
 class RayTrialsLauncher(Launcher):
-    def __init__(self) -> None:
+    def __init__(self, plan_only: bool = False) -> None:
+        self.plan_only = plan_only
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
 
@@ -30,9 +31,12 @@ class RayTrialsLauncher(Launcher):
 
         assert self.hydra_context is not None and self.config is not None
         cells = [self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides]
-        trials = [sweep.PlannedTrial(plan.trial_spec(cell, overrides), plan.resources(cell))
-                  for cell, overrides in zip(cells, job_overrides)]
-        summary = sweep.execute(plan.sweep_settings(cells), trials)
+        trials = [plan.planned_trial(cell, overrides) for cell, overrides in zip(cells, job_overrides)]
+        settings = plan.sweep_settings(cells)
+        if self.plan_only:
+            plan.print_plan(trials)
+            return []
+        summary = sweep.execute(settings, trials)
         returns = []
         for cell, overrides in zip(cells, job_overrides):
             ret = JobReturn(overrides=list(overrides), cfg=cell, hydra_cfg=self.config,

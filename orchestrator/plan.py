@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.spec import TRIAL_SECTIONS, TrialSpec
+from jobs.spec import TRIAL_RESOURCES, TRIAL_SECTIONS, TrialSpec
 from kernels import catalog
 from orchestrator import schema
 from orchestrator.errors import ConfigError
@@ -18,9 +18,11 @@ SWEEP_SECTIONS = ("cluster", "tracking", "sweep")
 
 
 def trial_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved, plain TRIAL_SECTIONS of a composed config."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-            for k in TRIAL_SECTIONS}
+    """The resolved, plain TRIAL_SECTIONS of a composed config, and its TRIAL_RESOURCES."""
+    config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+              for k in TRIAL_SECTIONS}
+    config["resources"] = {k: cfg.resources[k] for k in TRIAL_RESOURCES}
+    return config
 
 
 def trial_key(config: dict[str, Any]) -> str:
@@ -67,5 +69,34 @@ def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
     return OmegaConf.masked_copy(first, list(SWEEP_SECTIONS))
 
 
-def resources(cfg: DictConfig) -> dict[str, float]:
-    return {"num_cpus": float(cfg.resources.num_cpus), "num_gpus": float(cfg.resources.num_gpus)}
+def is_baseline(cfg: DictConfig) -> bool:
+    """An unquantized cell (a plain cast to the model's dtype) through the reference kernel."""
+    return cfg.dtype.format is None and cfg.kernel.name == "torch" and cfg.backend.name == "hf"
+
+
+def ray_options(cfg: DictConfig) -> dict[str, Any]:
+    """The Ray task options that place one trial: CPUs, GPUs, memory, accelerator type."""
+    res = cfg.resources
+    options: dict[str, Any] = {"num_cpus": float(res.num_cpus), "num_gpus": float(res.num_gpus)}
+    if res.memory_gb is not None:
+        options["memory"] = int(res.memory_gb * 2 ** 30)
+    if res.accelerator_type is not None:
+        options["accelerator_type"] = res.accelerator_type
+    return options
+
+
+def planned_trial(cfg: DictConfig, overrides: Sequence[str]):
+    """One validated cell, ready for :func:`orchestrator.sweep.execute`."""
+    from orchestrator.sweep import PlannedTrial
+
+    return PlannedTrial(trial_spec(cfg, overrides), ray_options(cfg), cfg.resources.timeout_s, is_baseline(cfg))
+
+
+def print_plan(trials: Sequence) -> None:
+    """One line per planned trial: key, overrides, what it asks of the cluster."""
+    keys = {t.spec.trial_key for t in trials}
+    print(f"{len(trials)} cells, {len(keys)} distinct trials, all valid:")
+    for t in trials:
+        asks = ", ".join(f"{k}={v}" for k, v in t.ray_options.items())
+        print(f"  {t.spec.trial_key}  {' '.join(t.spec.overrides) or '(defaults)'}  [{asks}]"
+              f"{'  baseline' if t.baseline else ''}")

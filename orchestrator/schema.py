@@ -89,7 +89,11 @@ class KernelConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = rule("hf", choices=("hf",))
+    # hf: transformers + torch. noop: no model work at all, for measuring the orchestrator's
+    # own overhead and for exercising scheduling and faults (sleep_s, allocate_gb).
+    name: str = rule("hf", choices=("hf", "noop"))
+    sleep_s: float = rule(0.0, ge=0)      # noop: how long the trial sleeps
+    allocate_gb: float = rule(0.0, ge=0)  # noop: host memory the trial allocates (out-of-memory tests)
 
 
 @dataclass
@@ -111,9 +115,16 @@ class EvalConfig:
 
 @dataclass
 class ResourcesConfig:
-    """What one trial asks of the cluster (Ray resources)."""
+    """What one trial asks of the cluster (Ray resources), and how long it may run.
+
+    A trial is one Ray task, so its GPUs are always on one node (what a tensor-parallel
+    trial needs); Ray sets CUDA_VISIBLE_DEVICES to exactly those GPUs.
+    """
     num_cpus: float = rule(1.0, ge=0)
     num_gpus: float = rule(0.0, ge=0)
+    memory_gb: Optional[float] = rule(None, gt=0)  # Ray's logical `memory` resource
+    accelerator_type: Optional[str] = None         # e.g. H100, A100 (Ray's accelerator_type:<name>)
+    timeout_s: Optional[float] = rule(None, gt=0)  # from the trial's start; then TIMEOUT, its worker killed
 
 
 @dataclass
@@ -121,17 +132,27 @@ class ClusterConfig:
     name: str = "local"
     address: Optional[str] = None      # None: start an embedded local Ray
     num_cpus: Optional[int] = rule(None, ge=1)  # embedded Ray only; None: all cores
+    max_retries: int = rule(3, ge=0)   # re-runs of a trial whose worker or node died (not of its own errors)
+    max_concurrent_trials: Optional[int] = rule(None, ge=1)  # None: as many as the cluster fits
+    # A trial that no node could ever hold is UNSUPPORTED at once, unless an autoscaler may add one.
+    autoscaling: bool = False
+    # One worker process per trial: its memory (and CUDA context) is freed when it ends.
+    fresh_worker_per_trial: bool = True
 
 
 @dataclass
 class TrackingConfig:
     # None: MLflow's MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
     uri: Optional[str] = None
+    # Writes that fail (server unreachable) are retried; at the sweep's end the driver waits
+    # this long for them to land before giving up.
+    flush_timeout_s: float = rule(600.0, gt=0)
 
 
 @dataclass
 class SweepConfig:
     name: str = "default"  # the MLflow experiment that holds the sweep
+    id: Optional[str] = None  # None: a fresh swp-xxxxxx (`orchestrator submit` picks it up front)
 
 
 @dataclass

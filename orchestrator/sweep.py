@@ -1,9 +1,16 @@
 """Run planned trials on Ray and record them in MLflow: the driver's side of a sweep.
 
-Every trial is one Ray task in a fresh worker process (``max_calls=1``: its memory is
-its own and freed after), with the CPUs/GPUs its config asks for. Ray retries a task
-whose worker or node dies; a trial's own errors come back as FAILED results and are
-not retried. Whatever happens to the driver, no child run is left RUNNING.
+Every trial is one Ray task with the CPUs, GPUs, memory and accelerator type its config
+asks for (one task: its GPUs are on one node), by default in a fresh worker process
+(``max_calls=1``: its memory is freed when it ends). Baselines are submitted first; with
+``cluster.max_concurrent_trials`` at most that many trials are in flight.
+
+Faults: Ray re-runs a task whose worker or node died (``cluster.max_retries``), so a
+retried trial stays one MLflow run that counts its executions; a trial's own errors come
+back as FAILED results and are not retried. A trial past ``resources.timeout_s`` is
+TIMEOUT and its worker is killed, freeing its GPU. Ctrl-C, SIGTERM (``ray job stop``) and
+``orchestrator cancel`` end the open trials CANCELLED. Whatever happens to the driver,
+short of SIGKILL, no child run is left RUNNING.
 """
 
 from __future__ import annotations
@@ -14,22 +21,26 @@ import sys
 import threading
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from omegaconf import DictConfig
 
 from jobs.spec import Status, TrialResult, TrialSpec
-from orchestrator import tracking
+from orchestrator import remote, tracking
 
 POLL_S = 0.5
+CANCEL_POLL_S = 2.0
 COMPLETED: list["SweepSummary"] = []  # every sweep this process ran, for the CLI's exit code
 
 
 @dataclass(frozen=True)
 class PlannedTrial:
     spec: TrialSpec
-    resources: dict[str, float]
+    ray_options: dict[str, Any]  # num_cpus, num_gpus, memory, accelerator_type
+    timeout_s: Optional[float] = None
+    baseline: bool = False
 
 
 @dataclass
@@ -40,6 +51,7 @@ class SweepSummary:
     parent_run_id: str
     counts: Counter = field(default_factory=Counter)
     elapsed_s: float = 0.0
+    unrecorded: int = 0  # MLflow writes that never landed
 
     @property
     def total(self) -> int:
@@ -61,14 +73,14 @@ def _run_trial(spec: TrialSpec, board) -> TrialResult:
     """The Ray task: tell the driver it started, then run the trial (no Ray inside)."""
     import ray
 
-    from jobs import trial
+    import jobs
 
     board.start.remote(spec.trial_key, ray.get_runtime_context().get_node_id())
-    return trial.run(spec)
+    return jobs.run_trial(spec)
 
 
 class _Board:
-    """Collects 'trial started' notes from workers; the driver drains them."""
+    """Collects 'trial started' notes from workers (one per execution); the driver drains them."""
 
     def __init__(self) -> None:
         self.started: list[tuple[str, str]] = []
@@ -104,6 +116,32 @@ def _init_ray(cluster: DictConfig) -> bool:
     return True
 
 
+def _demand(options: dict[str, Any]) -> dict[str, float]:
+    """Ray resource names and amounts a task with these options needs on one node."""
+    need = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": options.get("memory", 0)}
+    if options.get("accelerator_type"):
+        need[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+    return {name: amount for name, amount in need.items() if amount}
+
+
+def _describe(resources: dict[str, float]) -> str:
+    parts = [f"{resources.get('CPU', 0):g} CPU", f"{resources.get('GPU', 0):g} GPU"]
+    if resources.get("memory"):
+        parts.append(f"{resources['memory'] / 2 ** 30:.1f} GiB memory")
+    parts += [name for name in sorted(resources) if name.startswith("accelerator_type:")]
+    return ", ".join(parts)
+
+
+def unfit_reason(options: dict[str, Any], nodes: list[dict[str, float]]) -> Optional[str]:
+    """Why no node of the cluster could ever run a task with these options (None if one could)."""
+    need = _demand(options)
+    if any(all(node.get(name, 0) >= amount for name, amount in need.items()) for node in nodes):
+        return None
+    offers = "; ".join(sorted({_describe(node) for node in nodes})) or "no nodes"
+    return (f"no node of the cluster can hold this trial: it asks {_describe(need)}; the nodes offer: {offers} "
+            f"(with an autoscaler that adds such nodes, set cluster.autoscaling=true)")
+
+
 def _ray_failure(spec: TrialSpec, error: Exception) -> TrialResult:
     """A trial whose task died (worker/node lost, killed for memory) rather than returned."""
     import ray
@@ -115,27 +153,28 @@ def _ray_failure(spec: TrialSpec, error: Exception) -> TrialResult:
 
 
 class _Interrupt(threading.Event):
-    previous_handler: object = signal.default_int_handler
+    previous: dict = {}
 
 
 def _defer_interrupt() -> _Interrupt:
-    """Turn the first Ctrl-C into a flag the sweep loop checks between MLflow writes, so an
-    interrupt never lands inside one; a second Ctrl-C interrupts at once."""
+    """Turn the first Ctrl-C or SIGTERM into a flag the sweep loop checks, so an interrupt
+    never lands inside a bookkeeping step; a second Ctrl-C interrupts at once."""
     flag = _Interrupt()
+    flag.previous = {}
     if threading.current_thread() is threading.main_thread():
-        flag.previous_handler = signal.getsignal(signal.SIGINT)
-
-        def on_sigint(signum, frame):
+        def on_signal(signum, frame):
             flag.set()
-            signal.signal(signal.SIGINT, flag.previous_handler)
+            signal.signal(signal.SIGINT, flag.previous[signal.SIGINT])
 
-        signal.signal(signal.SIGINT, on_sigint)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            flag.previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, on_signal)
     return flag
 
 
 def _restore_interrupt(flag: _Interrupt) -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, flag.previous_handler)
+    for sig, handler in flag.previous.items():
+        signal.signal(sig, handler)
 
 
 def _progress():
@@ -147,75 +186,201 @@ def _progress():
                     TimeElapsedColumn(), console=Console(stderr=True))
 
 
+class _Cancelled(Exception):
+    """`orchestrator cancel` asked the sweep to stop."""
+
+
+class _SweepLoop:
+    """The state of one sweep while it runs: what is queued, in flight, running, done."""
+
+    def __init__(self, settings: DictConfig, trials: list[PlannedTrial], tracker: tracking.SweepTracker,
+                 summary: SweepSummary):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.settings, self.tracker, self.summary = settings, tracker, summary
+        self.trials = {t.spec.trial_key: t for t in trials}
+        self.queue = deque(t.spec.trial_key for t in trials)
+        self.open: set[str] = set(self.trials)      # keys whose run is not terminated yet
+        self.in_flight: dict[Any, str] = {}         # object ref -> key
+        self.started_at: dict[str, float] = {}      # key -> when its current execution started
+        self.executions: Counter = Counter()        # key -> executions seen (Ray re-runs a lost one)
+        self.nodes: dict[str, list[str]] = {}
+        driver_node = ray.get_runtime_context().get_node_id()
+        pin = NodeAffinitySchedulingStrategy(driver_node, soft=True)
+        self.board = ray.remote(num_cpus=0)(_Board).options(scheduling_strategy=pin).remote()
+        cluster = settings.cluster
+        self.remote_trial = ray.remote(max_calls=1 if cluster.fresh_worker_per_trial else 0,
+                                       max_retries=cluster.max_retries, retry_exceptions=False)(_run_trial)
+
+    def record(self, key: str, result: TrialResult) -> None:
+        tags = {"ray_executions": str(self.executions[key])}
+        if self.nodes.get(key):
+            tags["ray_nodes"] = ",".join(self.nodes[key])
+        self.tracker.finish_trial(self.trials[key].spec, result, tags)
+        self.open.discard(key)
+        self.started_at.pop(key, None)
+        self.summary.counts[result.status.value] += 1
+
+    def reject_unfit(self) -> None:
+        """Trials no node could ever hold are UNSUPPORTED now, not left pending forever."""
+        import ray
+
+        if self.settings.cluster.autoscaling:
+            return
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        for key in list(self.queue):
+            reason = unfit_reason(self.trials[key].ray_options, nodes)
+            if reason:
+                self.queue.remove(key)
+                self.record(key, TrialResult(trial_key=key, status=Status.UNSUPPORTED, reason=reason))
+
+    def submit_ready(self) -> None:
+        cap = self.settings.cluster.max_concurrent_trials or len(self.trials)
+        while self.queue and len(self.in_flight) < cap:
+            key = self.queue.popleft()
+            trial = self.trials[key]
+            ref = self.remote_trial.options(name=f"trial-{key}", **trial.ray_options).remote(trial.spec, self.board)
+            self.in_flight[ref] = key
+
+    def note_starts(self) -> None:
+        import ray
+
+        for key, node in ray.get(self.board.drain.remote()):
+            if key not in self.open:
+                continue
+            self.executions[key] += 1
+            self.nodes.setdefault(key, []).append(node)
+            self.started_at[key] = time.monotonic()
+            self.tracker.mark_running(key, node, self.executions[key])
+
+    def end_timed_out(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        for ref, key in list(self.in_flight.items()):
+            limit = self.trials[key].timeout_s
+            if limit is not None and key in self.started_at and now - self.started_at[key] > limit:
+                ray.cancel(ref, force=True)  # kills the worker: its GPU and memory are freed
+                del self.in_flight[ref]
+                self.record(key, TrialResult(trial_key=key, status=Status.TIMEOUT, duration_s=now - self.started_at[key],
+                                             reason=f"timeout: still running after resources.timeout_s={limit:g} s; "
+                                                    f"its worker was killed"))
+
+    def collect(self, ready: list) -> None:
+        import ray
+
+        for ref in ready:
+            key = self.in_flight.pop(ref, None)
+            if key is None:
+                continue
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as error:
+                result = _ray_failure(self.trials[key].spec, error)
+            self.record(key, result)
+
+    def running(self) -> int:
+        return sum(1 for key in self.in_flight.values() if key in self.started_at)
+
+    def close_open(self, status: Status, reason: str) -> None:
+        import ray
+
+        for ref in self.in_flight:
+            ray.cancel(ref, force=True)
+        details = traceback.format_exc() if sys.exc_info()[0] else reason
+        for key in sorted(self.open):
+            self.record(key, TrialResult(trial_key=key, status=status, reason=reason[:500],
+                                         artifacts={"traceback.txt": details}))
+
+
 def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
     """Run ``trials`` as one sweep; prints and returns its summary."""
     import ray
 
-    trials = _dedupe(trials)
+    # Baselines first: the comparisons need them, and a capped sweep should not end without them.
+    trials = sorted(_dedupe(trials), key=lambda t: not t.baseline)
     started_at = time.perf_counter()
     uri = tracking.resolve_uri(settings.tracking.uri)
-    sweep_id = new_sweep_id()
-    tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id,
-                                    tags={"command": " ".join(sys.argv), "trials": str(len(trials))})
+    sweep_id = settings.sweep.id or new_sweep_id()
+    tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags={
+        "command": " ".join(sys.argv), "trials": str(len(trials)), **remote.job_tags()})
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
-    open_runs: dict[str, str] = {}  # trial key -> run id, until the run is terminated
-    specs = {t.spec.trial_key: t.spec for t in trials}
+    for t in trials:
+        tracker.add_trial(t.spec)
 
-    def record(key: str, result: TrialResult) -> None:
-        tracker.finish_trial(open_runs.pop(key), specs[key], result)
-        summary.counts[result.status.value] += 1
-
-    we_started_ray = False
-    pending: dict = {}
-    interrupted = _defer_interrupt()
+    we_started_ray, loop, interrupted = False, None, None
     try:
-        for t in trials:
-            open_runs[t.spec.trial_key] = tracker.add_trial(t.spec)
         we_started_ray = _init_ray(settings.cluster)
-        board = ray.remote(num_cpus=0)(_Board).remote()
-        remote_trial = ray.remote(max_calls=1)(_run_trial)
-        pending = {remote_trial.options(name=f"trial-{key}", **t.resources)
-                   .remote(t.spec, board): key for t in trials for key in [t.spec.trial_key]}
-        running: set[str] = set()
+        interrupted = _defer_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
+        loop = _SweepLoop(settings, trials, tracker, summary)
+        loop.reject_unfit()
+        next_cancel_check = time.monotonic() + CANCEL_POLL_S
         with _progress() as progress:
             bar = progress.add_task(f"sweep {sweep_id}", total=len(trials), running=0, failed=0)
-            while pending:
+            while loop.open:
                 if interrupted.is_set():
                     raise KeyboardInterrupt
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-                for key, node in ray.get(board.drain.remote()):
-                    if key in open_runs and key not in running:
-                        running.add(key)
-                        tracker.mark_running(open_runs[key], node)
-                for ref in ready:
-                    key = pending.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except ray.exceptions.RayError as error:
-                        result = _ray_failure(specs[key], error)
-                    running.discard(key)
-                    record(key, result)
-                progress.update(bar, completed=summary.total, running=len(running),
+                if time.monotonic() > next_cancel_check:
+                    next_cancel_check = time.monotonic() + CANCEL_POLL_S
+                    if _cancel_requested(tracker):
+                        raise _Cancelled
+                loop.submit_ready()
+                ready, _ = ray.wait(list(loop.in_flight), num_returns=1, timeout=POLL_S) if loop.in_flight else ([], [])
+                loop.note_starts()
+                loop.end_timed_out()
+                loop.collect(ready)
+                progress.update(bar, completed=summary.total, running=loop.running(),
                                 failed=summary.counts["FAILED"] + summary.counts["TIMEOUT"])
         status = "FINISHED"
+    except _Cancelled:
+        status = "KILLED"
+        loop.close_open(Status.CANCELLED, "cancelled: orchestrator cancel")
     except KeyboardInterrupt:
-        status, reason, final = "KILLED", "cancelled: the driver was interrupted", Status.CANCELLED
+        status = "KILLED"
+        if loop is not None:
+            loop.close_open(Status.CANCELLED, "cancelled: the driver was interrupted")
         raise
     except BaseException as error:
-        status, reason, final = "FAILED", f"driver error: {type(error).__name__}: {error}", Status.FAILED
+        status = "FAILED"
+        if loop is not None:
+            loop.close_open(Status.FAILED, f"driver error: {type(error).__name__}: {error}")
         raise
     finally:
-        _restore_interrupt(interrupted)
-        if status != "FINISHED":
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            for key in list(open_runs):
-                record(key, TrialResult(trial_key=key, status=final, reason=reason[:500],
-                                        artifacts={"traceback.txt": traceback.format_exc()}))
+        if interrupted is not None:
+            _restore_interrupt(interrupted)
+        if loop is None:  # Ray never came up: no trial ran
+            for t in trials:
+                tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FAILED,
+                                                         reason="driver error before any trial started"))
+                summary.counts[Status.FAILED.value] += 1
         summary.elapsed_s = time.perf_counter() - started_at
         tracker.finish_sweep(dict(summary.counts), status)
         if we_started_ray:
             ray.shutdown()
+        _flush(tracker, settings.tracking.flush_timeout_s, summary)
         print(summary.line(), flush=True)
         COMPLETED.append(summary)
     return summary
+
+
+def _cancel_requested(tracker: tracking.SweepTracker) -> bool:
+    try:
+        return tracker.cancel_requested()
+    except Exception:  # store unreachable for now: ask again later
+        return False
+
+
+def _flush(tracker: tracking.SweepTracker, timeout_s: float, summary: SweepSummary) -> None:
+    """Wait for the results to land in MLflow; say so if the store is slow or out of reach."""
+    writer = tracker.writer
+    if not writer.flush(1.0):
+        print(f"waiting for {writer.pending} MLflow writes to {tracker.uri} (up to {timeout_s:g} s)",
+              file=sys.stderr, flush=True)
+        writer.flush(timeout_s)
+    summary.unrecorded = writer.pending + len(writer.errors)
+    for error in writer.errors:
+        print(f"mlflow: not recorded: {error}", file=sys.stderr)
+    if writer.pending:
+        print(f"mlflow: {writer.pending} writes to {tracker.uri} still pending after {timeout_s:g} s; "
+              f"the sweep's runs there are incomplete", file=sys.stderr)

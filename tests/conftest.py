@@ -14,6 +14,8 @@ import torch
 # before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every Ray node the tests start binds to 127.0.0.1; Ray reads this when it is imported.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +45,7 @@ def tiny_model_cfg(model_cache) -> dict:
 @pytest.fixture
 def cli_env(model_cache) -> dict:
     """Environment for the CLI under test: the session's model cache, Ray on 127.0.0.1."""
-    env = {**os.environ, "QUANTSWEEP_CACHE": str(model_cache), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "QUANTSWEEP_CACHE": str(model_cache)}
     env.pop("MLFLOW_TRACKING_URI", None)  # the store must be the working directory's
     return env
 
@@ -57,3 +59,76 @@ def run_cli(tmp_path, cli_env):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+    """A real multi-node Ray cluster on 127.0.0.1 (ray.cluster_utils.Cluster); the head holds
+    no CPUs, so trials land on the worker nodes the test adds with ``add_node``."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    assert cluster.address.startswith("127.0.0.1:"), cluster.address
+    yield cluster
+    cluster.shutdown()
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store; stop() and start() again on
+    the same port and store, to play an outage."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db = root / "server.db"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", str(self.root / "artifacts"),
+             "--workers", "1"],
+            cwd=self.root, stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not come up")
+
+    def stop(self) -> None:
+        """Stop the server and the workers it started: its own process group, by id."""
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()

@@ -9,12 +9,14 @@ from orchestrator.launcher import RayTrialsLauncher as _RayTrialsLauncher
 
 
 class RayTrialsLauncher(_RayTrialsLauncher):
-    pass
+    def __init__(self, plan_only: bool = False) -> None:
+        super().__init__(plan_only)
 
 
 @dataclass
 class RayTrialsLauncherConf:
     _target_: str = "hydra_plugins.quantsweep_launcher.launcher.RayTrialsLauncher"
+    plan_only: bool = False  # compose and validate every cell, print the plan, run nothing
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="ray_trials", node=RayTrialsLauncherConf,

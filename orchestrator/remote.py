@@ -1,0 +1,119 @@
+"""Sweeps whose driver runs on the cluster (Ray Jobs API), and cancelling any sweep.
+
+``submit`` validates every cell here first, then submits ``orchestrator run`` as a Ray
+Job with the project as its working_dir; the sweep id is chosen here, so it is known at
+once. The job's driver tags the sweep's parent run with its submission id and the
+dashboard address, so ``status`` and ``cancel`` find the job from the sweep id alone.
+
+``cancel`` asks the driver to stop through a tag on the parent run (it checks every few
+seconds and ends the open trials CANCELLED). If the sweep is a Ray Job that does not
+stop in time, the job is stopped and the runs it left open are closed CANCELLED here.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from typing import Any, Optional
+
+from jobs.spec import Status
+from orchestrator import status as sweep_status
+from orchestrator import tracking
+
+JOB_ENV = "QUANTSWEEP_RAY_JOB"  # "<dashboard address> <submission id>", set on a submitted driver
+WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", ".scratch", ".whl", ".device", "mlruns", "mlartifacts", "mlflow.db",
+                        "*.egg-info", "__pycache__", ".pytest_cache", "outputs", "multirun"]
+
+
+def submission_id(sweep_id: str) -> str:
+    return f"quantsweep-{sweep_id}"
+
+
+def job_tags() -> dict[str, str]:
+    """Tags for the parent run when this driver runs as a submitted Ray Job."""
+    if not os.environ.get(JOB_ENV):
+        return {}
+    address, job_id = os.environ[JOB_ENV].split(" ", 1)
+    return {"ray_dashboard": address, "ray_job_submission_id": job_id}
+
+
+def _job_client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def submit(address: str, run_args: list[str], sweep_id: str, tracking_uri: str) -> str:
+    """Submit ``orchestrator run <run_args>`` as a Ray Job writing to ``tracking_uri``; its submission id."""
+    from orchestrator.cli import PROJECT_ROOT
+
+    job_id = submission_id(sweep_id)
+    args = [*run_args, f"sweep.id={sweep_id}", f"tracking.uri={tracking_uri}"]
+    if not any(a.startswith("cluster.address=") for a in run_args):
+        args.append("cluster.address=auto")  # the cluster the job runs on
+    _job_client(address).submit_job(
+        entrypoint=f"python -m orchestrator run {shlex.join(args)}", submission_id=job_id,
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
+                     "env_vars": {JOB_ENV: f"{address} {job_id}"}},
+        metadata={"sweep_id": sweep_id, "tracking_uri": tracking_uri})
+    return job_id
+
+
+def job_info(address: Optional[str], job_id: str) -> Optional[dict[str, Any]]:
+    """The Ray Job's status, or None if there is no such job or no dashboard to ask."""
+    if not address:
+        return None
+    try:
+        info = _job_client(address).get_job_info(job_id)
+    except Exception:  # no such job, or the dashboard is unreachable
+        return None
+    return {"submission_id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+            "message": info.message or ""}
+
+
+def _job_of(state: Optional[sweep_status.SweepState], sweep_id: str, address: Optional[str]) -> tuple:
+    tags = state.tags if state else {}
+    return address or tags.get("ray_dashboard"), tags.get("ray_job_submission_id", submission_id(sweep_id))
+
+
+def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sweep_status.SweepState:
+    """Stop a running sweep; returns its state afterwards. Raises ConfigError if there is no such sweep."""
+    client = tracking.client(uri)
+    state = sweep_status.load(uri, sweep_id)
+    if state.sweep_status != "RUNNING":
+        print(f"sweep {sweep_id} is not running (its run is {state.sweep_status})", file=sys.stderr)
+        return state
+    client.set_tag(state.parent_run_id, tracking.CANCEL_TAG, "true")
+    print(f"asked the driver of sweep {sweep_id} to stop", file=sys.stderr)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if client.get_run(state.parent_run_id).info.status != "RUNNING":
+            return sweep_status.load(uri, sweep_id)
+        time.sleep(1)
+    job_address, job_id = _job_of(state, sweep_id, address)
+    job = job_info(job_address, job_id)
+    if job is None:
+        print(f"the driver of sweep {sweep_id} did not stop within {wait_s:g} s and it is not a Ray Job this "
+              f"command can stop; its runs stay open", file=sys.stderr)
+        return sweep_status.load(uri, sweep_id)
+    _job_client(job_address).stop_job(job_id)
+    while job_info(job_address, job_id)["status"] not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        time.sleep(1)
+    _close_left_open(client, uri, sweep_id)
+    return sweep_status.load(uri, sweep_id)
+
+
+def _close_left_open(client, uri: str, sweep_id: str) -> None:
+    """After the driver was stopped by force: end its open runs CANCELLED, the parent KILLED."""
+    from mlflow.entities import RunTag
+
+    state = sweep_status.load(uri, sweep_id)
+    for run in sweep_status.trial_runs(client, state.experiment_id, sweep_id):
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            client.log_batch(run.info.run_id, tags=[RunTag("status", Status.CANCELLED.value),
+                                                    RunTag("reason", "cancelled: orchestrator cancel stopped the job")])
+            client.set_terminated(run.info.run_id, "KILLED")
+    if client.get_run(state.parent_run_id).info.status == "RUNNING":
+        client.set_terminated(state.parent_run_id, "KILLED")

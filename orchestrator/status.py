@@ -1,0 +1,118 @@
+"""A sweep's state, read back from MLflow: the parent run, and one row per trial key.
+
+Trials are found by their tags (``sweep_id``, ``kind``), a page of 1000 runs at a time,
+so a large sweep answers in a few queries. A trial key may have several runs, one per
+attempt (resubmissions); its row shows the latest attempt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from orchestrator import tracking
+from orchestrator.errors import ConfigError
+
+PAGE = 1000
+
+
+@dataclass
+class TrialRow:
+    trial_key: str
+    overrides: str
+    status: str
+    attempts: int
+    reason: str
+    run_id: str
+    executions: int  # Ray executions of the latest attempt (more than 1: retried after a node/worker died)
+
+
+@dataclass
+class SweepState:
+    sweep_id: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_status: str  # MLflow status of the parent run: RUNNING while the driver works
+    tags: dict[str, str]
+    trials: list[TrialRow] = field(default_factory=list)
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(t.status for t in self.trials)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["counts"] = dict(self.counts)
+        data.pop("tags")
+        data["ray_job"] = self.tags.get("ray_job_submission_id")
+        return json.dumps(data, indent=2)
+
+
+def find_parent(client, sweep_id: str):
+    """The parent run of ``sweep_id`` in any experiment, or None."""
+    experiments, token = [], None
+    while True:
+        page = client.search_experiments(max_results=PAGE, page_token=token)
+        experiments += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            break
+    found = client.search_runs(experiments, filter_string=f"tags.sweep_id = '{sweep_id}' AND tags.kind = 'sweep'",
+                               max_results=1) if experiments else []
+    return found[0] if found else None
+
+
+def trial_runs(client, experiment_id: str, sweep_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=PAGE, page_token=token,
+                                  filter_string=f"tags.sweep_id = '{sweep_id}' AND tags.kind = 'trial'")
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _attempt(run) -> int:
+    return int(run.data.tags.get("attempt", "1"))
+
+
+def load(uri: str, sweep_id: str) -> SweepState:
+    """Raises ConfigError if the store holds no sweep ``sweep_id``."""
+    client = tracking.client(uri)
+    parent = tracking.retrying(lambda: find_parent(client, sweep_id), 30, "find the sweep")
+    if parent is None:
+        raise ConfigError("sweep", sweep_id, f"a sweep id recorded in {uri} (see the sweep's summary line)",
+                          problem="no such sweep")
+    by_key: dict[str, list] = {}
+    for run in trial_runs(client, parent.info.experiment_id, sweep_id):
+        by_key.setdefault(run.data.tags.get("trial_key", run.info.run_id), []).append(run)
+    rows = []
+    for key, runs in by_key.items():
+        latest = max(runs, key=_attempt)
+        tags = latest.data.tags
+        rows.append(TrialRow(trial_key=key, overrides=tags.get("overrides", ""), status=tags.get("status", "?"),
+                             attempts=len(runs), reason=tags.get("reason", ""), run_id=latest.info.run_id,
+                             executions=int(tags.get("ray_executions", "0"))))
+    rows.sort(key=lambda r: r.overrides)
+    return SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,
+                      dict(parent.data.tags), rows)
+
+
+def print_table(state: SweepState, job: Optional[dict[str, Any]] = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(state.counts.items()))
+    console.print(f"sweep {state.sweep_id}: {state.sweep_status.lower()}, {len(state.trials)} trials ({counts}); "
+                  f"mlflow {state.tracking_uri}, run {state.parent_run_id}", highlight=False)
+    if job:
+        console.print(f"ray job {job['submission_id']}: {job['status']}", highlight=False)
+    table = Table("trial key", "overrides", "status", "attempts", "reason", "run id")
+    for t in state.trials:
+        table.add_row(t.trial_key, t.overrides, t.status, str(t.attempts), t.reason[:80], t.run_id)
+    console.print(table)
