@@ -1,0 +1,132 @@
+"""A real `mlflow server` and a real `ray start --head` on 127.0.0.1: results cross a server
+(and survive its outage), and a sweep submitted as a Ray Job is followed and cancelled."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import free_port
+from tests.orchestrator.test_scheduling import SUMMARY, _tag_values, _wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _sweep_runs(uri: str):
+    client = MlflowClient(uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return client, [r for r in runs if r.data.tags.get("kind") == "sweep"], [r for r in runs
+                                                                              if r.data.tags.get("kind") == "trial"]
+
+
+def test_results_cross_a_remote_server_and_wait_out_its_outage(ray_cluster, mlflow_server, cli_env, tmp_path):
+    for _ in range(3):
+        ray_cluster.add_node(num_cpus=1)
+    ray_cluster.wait_for_nodes()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-m", "backend=noop", "backend.sleep_s=3", "seed=1,2,3,4,5,6",
+         "cluster.max_concurrent_trials=2", f"cluster.address={ray_cluster.address}",
+         f"tracking.uri={mlflow_server.uri}"],
+        cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: "FINISHED" in _tag_values(mlflow_server.db, "status"), 120, "a first result landing")
+        mlflow_server.stop()
+        time.sleep(30)  # the other trials run and finish while the server is down
+        assert driver.poll() is None, "the driver waits for the server"
+        mlflow_server.start()
+        out, err = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    assert SUMMARY.search(out).groups()[1:] == ("6", "6", "0", "0", "0", "0"), out
+    assert "store unreachable, retrying" in err
+
+    client, parents, children = _sweep_runs(mlflow_server.uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["trials_finished"] == 6
+    assert len(children) == 6 and len({r.data.tags["trial_key"] for r in children}) == 6
+    nodes = set()
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "FINISHED"
+        assert run.data.params["backend.sleep_s"] == "3.0" and run.data.metrics["slept_s"] == 3.0
+        assert {"config.yaml", "trial.log"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        nodes.add(run.data.tags["ray_nodes"])
+    assert len(nodes) >= 2, "trials ran on other nodes than the driver's, with no shared filesystem in between"
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory, monkeypatch):
+    """`ray start --head --block` on 127.0.0.1 in its own process group, stopped by that group's id.
+    Ray's token authentication is on, as on a real cluster: clients send the token (RAY_AUTH_MODE=token)."""
+    root = tmp_path_factory.mktemp("ray-head")
+    dashboard = free_port()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+        cwd=root, env=env, stdout=open(root / "ray.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray head did not come up: {(root / 'ray.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_server, run_cli, cli_env):
+    from ray.job_submission import JobSubmissionClient
+
+    cli_env["RAY_AUTH_MODE"] = "token"
+    store = f"tracking.uri={mlflow_server.uri}"
+    bad = run_cli("submit", "--address", ray_head, "--", "run", "-m", "dtype=int5", store)
+    assert bad.returncode == 2 and "dtype=int5: no such dtype config" in bad.stderr
+    assert JobSubmissionClient(ray_head).list_jobs() == [], "a bad config submits nothing"
+
+    submitted = run_cli("submit", "--address", ray_head, "--", "run", "-m", "backend=noop", "backend.sleep_s=600",
+                        "seed=1,2", store)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    sweep_id = submitted.stdout.strip().splitlines()[-1]
+    assert sweep_id.startswith("swp-")
+
+    def running() -> bool:
+        state = json.loads(run_cli("status", sweep_id, "--json", store).stdout or "{}")
+        return state.get("counts", {}).get("RUNNING") == 2
+    _wait_for(running, 180, "both trials running on the cluster")
+    table = run_cli("status", sweep_id, store)
+    assert f"ray job quantsweep-{sweep_id}: RUNNING" in table.stdout, table.stdout + table.stderr
+
+    cancelled = run_cli("cancel", sweep_id, store)
+    assert cancelled.returncode == 0, cancelled.stderr[-3000:]
+    assert f"sweep {sweep_id}: killed (2 cancelled)" in cancelled.stdout
+    _, parents, children = _sweep_runs(mlflow_server.uri)
+    assert parents[0].info.status == "KILLED" and parents[0].data.tags["ray_job_submission_id"] == f"quantsweep-{sweep_id}"
+    assert all(r.info.status == "KILLED" and r.data.tags["status"] == "CANCELLED" for r in children)
+    job = JobSubmissionClient(ray_head).get_job_info(f"quantsweep-{sweep_id}")
+    _wait_for(lambda: JobSubmissionClient(ray_head).get_job_info(job.submission_id).status.is_terminal(), 60,
+              "the job ending")
