@@ -33,7 +33,8 @@ class TrialSpec:
     trial_key: str
     config: dict[str, Any]          # the resolved TRIAL_SECTIONS of the config, plain data
     overrides: tuple[str, ...] = ()  # the Hydra overrides that made this cell
-    attempt: int = 1
+    attempt: int = 1                 # resubmissions are later attempts of the same trial key
+    resubmit_overrides: tuple[str, ...] = ()  # overrides given to the resubmission that made this attempt
 
 
 @dataclass

@@ -28,6 +28,10 @@ commands:
                         run the sweep's driver on a Ray cluster (Ray Jobs API); prints the sweep id
   status ID [--json]    counts per status and one row per trial
   cancel ID             stop a running sweep; its open trials end CANCELLED
+  resubmit ID --failed [overrides]
+                        re-run the FAILED/TIMEOUT trials as their next attempt, in the same sweep
+  resubmit ID --unfinished, resume ID
+                        re-run every trial with no FINISHED attempt (after the driver died)
 
 status and cancel find the store as run does: tracking.uri=URI, else $MLFLOW_TRACKING_URI,
 else ./mlflow.db.
@@ -182,13 +186,66 @@ def submit(args: list[str]) -> int:
     return 0
 
 
+def resubmit(args: list[str], mode: str | None = None) -> int:
+    """`resubmit ID --failed|--unfinished [overrides]`; `resume ID` is `--unfinished`."""
+    from orchestrator import errors
+    from orchestrator import resubmit as resubmission
+    from orchestrator import status as sweep_status
+    from orchestrator import sweep, tracking
+
+    uri, args = _tracking_uri(args)
+    command = "resume" if mode else "resubmit"
+    parser = _parser(command, "Re-run a sweep's failed or unfinished trials as their next attempt, into the "
+                              "same sweep.")
+    if mode is None:
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("--failed", action="store_const", const="failed", dest="mode",
+                           help="trials whose latest attempt is FAILED or TIMEOUT")
+        which.add_argument("--unfinished", action="store_const", const="unfinished", dest="mode",
+                           help="every trial with no FINISHED attempt (after a driver died)")
+    parser.add_argument("--force", action="store_true", help="re-run FINISHED trials too")
+    parser.add_argument("overrides", nargs="*", help="overrides for the re-run trials (bench.batch_size=8), "
+                                                     "or cluster.* for where they run")
+    opts = parser.parse_intermixed_args(args)
+    mode = mode or opts.mode
+    try:
+        client = tracking.client(uri)
+        state = sweep_status.load(uri, opts.sweep_id)
+        if state.sweep_status == "RUNNING":
+            alive = resubmission.driver_alive(state.tags)
+            if alive:
+                return _error(f"sweep={opts.sweep_id}: still running ({alive}); allowed: a sweep whose driver "
+                              f"has ended (orchestrator cancel {opts.sweep_id})")
+            closed = resubmission.close_lost_runs(client, state)
+            print(f"sweep {opts.sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
+            state = sweep_status.load(uri, opts.sweep_id)
+        settings, trials, skipped = resubmission.plan_trials(client, state, mode, opts.overrides, opts.force)
+    except Exception as exc:
+        config_error = errors.from_hydra(exc)
+        if config_error is None:
+            raise
+        return _error(str(config_error))
+    if skipped:
+        print(f"{len(skipped)} trials already have a FINISHED attempt: not re-run (--force to re-run them)")
+    if not trials:
+        print(f"sweep {opts.sweep_id}: nothing to re-run")
+        return 0
+    summary = sweep.execute(settings, trials, reopen=state.parent_run_id)
+    whole = sweep_status.load(uri, opts.sweep_id)
+    tracking.SweepTracker.record_counts(client, whole.parent_run_id, whole.counts)
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
+    print(f"sweep {opts.sweep_id} now: {len(whole.trials)} trials ({counts})")
+    return 1 if summary.counts["FAILED"] or summary.counts["TIMEOUT"] or summary.counts["CANCELLED"] else 0
+
+
 def _is_local(address: str) -> bool:
     from urllib.parse import urlparse
 
     return urlparse(address if "://" in address else f"http://{address}").hostname in ("127.0.0.1", "localhost")
 
 
-COMMANDS = {"run": run, "submit": submit, "status": status, "cancel": cancel}
+COMMANDS = {"run": run, "submit": submit, "status": status, "cancel": cancel, "resubmit": resubmit,
+            "resume": lambda args: resubmit(args, mode="unfinished")}
 
 
 def main(argv: list[str] | None = None) -> int:

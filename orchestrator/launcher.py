@@ -4,6 +4,11 @@ Hydra only instantiates launchers from the ``hydra_plugins`` namespace, so
 ``hydra_plugins/quantsweep_launcher`` holds a thin subclass of this one. The launcher
 composes and validates *every* cell before submitting any, so a bad value anywhere in
 the grid stops the sweep with nothing created.
+
+Composing a cell from scratch costs Hydra ~150 ms here, which on a 2,000-cell sweep is
+minutes. Cells that pick the same config-group options share one composition; their
+value overrides (``seed=3``, ``bench.batch_size=8``) are then applied to a copy exactly
+as Hydra applies them after composing the defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Optional, Sequence
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 
 class RayTrialsLauncher(Launcher):
@@ -26,11 +31,36 @@ class RayTrialsLauncher(Launcher):
         # task_function is not used: a cell runs as jobs.trial.run on a worker, not in here.
         self.hydra_context, self.config = hydra_context, config
 
+    def _compose(self, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        assert self.hydra_context is not None and self.config is not None
+        loader = self.hydra_context.config_loader
+        parser = OverridesParser.create()
+        composed: dict[tuple[str, ...], DictConfig] = {}
+        cells = []
+        for overrides in job_overrides:
+            parsed = parser.parse_overrides(list(overrides))
+            is_group = [o.package is not None or loader.repository.group_exists(o.key_or_group) for o in parsed]
+            groups = tuple(o.input_line for o, g in zip(parsed, is_group) if g)
+            if groups not in composed:
+                base = loader.load_sweep_config(self.config, list(groups))
+                with open_dict(base):
+                    del base["hydra"]  # the launcher's own config, the same for every cell: not copied per cell
+                composed[groups] = base
+            cell = copy.deepcopy(composed[groups])
+            ConfigLoaderImpl._apply_overrides_to_config([o for o, g in zip(parsed, is_group) if not g], cell)
+            cells.append(cell)
+        return cells
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from orchestrator import plan, sweep
 
         assert self.hydra_context is not None and self.config is not None
-        cells = [self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides]
+        cells = self._compose(job_overrides)
         trials = [plan.planned_trial(cell, overrides) for cell, overrides in zip(cells, job_overrides)]
         settings = plan.sweep_settings(cells)
         if self.plan_only:

@@ -17,12 +17,20 @@ from orchestrator.errors import ConfigError
 SWEEP_SECTIONS = ("cluster", "tracking", "sweep")
 
 
-def trial_config(cfg: DictConfig) -> dict[str, Any]:
+def trial_config(cfg: DictConfig | dict) -> dict[str, Any]:
     """The resolved, plain TRIAL_SECTIONS of a composed config, and its TRIAL_RESOURCES."""
-    config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-              for k in TRIAL_SECTIONS}
-    config["resources"] = {k: cfg.resources[k] for k in TRIAL_RESOURCES}
+    plain = _plain(cfg)
+    config = {k: plain[k] for k in TRIAL_SECTIONS}
+    config["resources"] = {k: plain["resources"][k] for k in TRIAL_RESOURCES}
     return config
+
+
+def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The config as resolved plain data (Hydra's own ``hydra`` node left out)."""
+    if isinstance(cfg, dict):
+        return cfg
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg
+                                  else cfg, resolve=True)
 
 
 def trial_key(config: dict[str, Any]) -> str:
@@ -33,12 +41,13 @@ def trial_key(config: dict[str, Any]) -> str:
 
 def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
     """Validate one composed cell and make its TrialSpec; raises ConfigError."""
-    schema.validate(cfg)
-    model = cfg.model
-    if model.source == "build" and model.build is None:
+    plain = _plain(cfg)
+    schema.validate(plain)
+    model = plain["model"]
+    if model["source"] == "build" and model["build"] is None:
         raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
     _check_dtype(cfg.dtype, cfg.quant)
-    config = trial_config(cfg)
+    config = trial_config(plain)
     return TrialSpec(trial_key=trial_key(config), config=config, overrides=tuple(overrides))
 
 
@@ -63,8 +72,9 @@ def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
     for cell in cells[1:]:
         for section in SWEEP_SECTIONS:
             if cell[section] != first[section]:
-                a, b = OmegaConf.to_yaml(first[section]).strip(), OmegaConf.to_yaml(cell[section]).strip()
-                raise ConfigError(section, b.replace("\n", " "), f"one value for the whole sweep (first cell: {a})",
+                a, b = (OmegaConf.to_container(c[section], resolve=True) for c in (first, cell))
+                key = next(k for k in a if a[k] != b.get(k))
+                raise ConfigError(f"{section}.{key}", b[key], f"one value for the whole sweep (first cell: {a[key]})",
                                   problem="varies across the sweep")
     return OmegaConf.masked_copy(first, list(SWEEP_SECTIONS))
 

@@ -8,13 +8,14 @@ cannot express (ranges, choices) sit in each field's metadata and are checked by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kernels.catalog import FORMATS, GRANULARITIES, KERNELS, OVERFLOWS, ROUNDINGS, SCALE_RULES
 from orchestrator.errors import ConfigError
@@ -198,16 +199,23 @@ def _nested_schema(tp: Any) -> Optional[type]:
     return None
 
 
-def validate(cfg: DictConfig, schema: type = RootConfig, prefix: str = "") -> None:
+@functools.cache
+def _type_hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)  # evaluates the string annotations: slow, so once per schema
+
+
+def validate(cfg: DictConfig | dict, schema: type = RootConfig, prefix: str = "") -> None:
     """Check every field rule; raise :class:`ConfigError` naming the first bad key."""
-    hints = typing.get_type_hints(schema)
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    hints = _type_hints(schema)
     for f in dataclasses.fields(schema):
         key, value = prefix + f.name, cfg[f.name]
         nested = _nested_schema(hints[f.name])
-        if nested is not None and isinstance(value, DictConfig):
+        if nested is not None and isinstance(value, dict):
             validate(value, nested, key + ".")
             continue
-        if isinstance(value, ListConfig):
+        if isinstance(value, list):
             continue
         choices, ge, gt = f.metadata.get("choices"), f.metadata.get("ge"), f.metadata.get("gt")
         if choices is not None and value not in choices:
@@ -223,7 +231,7 @@ def _schema_at(path: str) -> Any:
     node: Any = RootConfig
     for part in filter(None, path.split(".")):
         schema = _nested_schema(node)
-        hints = typing.get_type_hints(schema) if schema else {}
+        hints = _type_hints(schema) if schema else {}
         if part not in hints:
             return None
         node = hints[part]

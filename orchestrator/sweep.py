@@ -15,8 +15,10 @@ short of SIGKILL, no child run is left RUNNING.
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,6 +34,7 @@ from orchestrator import remote, tracking
 
 POLL_S = 0.5
 CANCEL_POLL_S = 2.0
+HEARTBEAT_S = 30.0
 COMPLETED: list["SweepSummary"] = []  # every sweep this process ran, for the CLI's exit code
 
 
@@ -110,8 +113,9 @@ def _init_ray(cluster: DictConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    # address "local": always a new embedded Ray, never a cluster that `ray start` left behind.
     kwargs = {"num_cpus": cluster.num_cpus} if cluster.address is None else {}
-    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,
+    ray.init(address=cluster.address or "local", include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", **kwargs)
     return True
 
@@ -294,8 +298,9 @@ class _SweepLoop:
                                          artifacts={"traceback.txt": details}))
 
 
-def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
-    """Run ``trials`` as one sweep; prints and returns its summary."""
+def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[str] = None) -> SweepSummary:
+    """Run ``trials`` as one sweep; prints and returns its summary. ``reopen``: the parent run
+    of an earlier sweep (``settings.sweep.id``) that these trials are new attempts of."""
     import ray
 
     # Baselines first: the comparisons need them, and a capped sweep should not end without them.
@@ -303,8 +308,11 @@ def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
     started_at = time.perf_counter()
     uri = tracking.resolve_uri(settings.tracking.uri)
     sweep_id = settings.sweep.id or new_sweep_id()
-    tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags={
-        "command": " ".join(sys.argv), "trials": str(len(trials)), **remote.job_tags()})
+    tags = {"command": " ".join(sys.argv), **remote.job_tags(), "driver_host": socket.gethostname(),
+            "driver_pid": str(os.getpid())}
+    if reopen is None:
+        tags["trials"] = str(len(trials))
+    tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen)
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
     for t in trials:
         tracker.add_trial(t.spec)
@@ -316,11 +324,15 @@ def execute(settings: DictConfig, trials: list[PlannedTrial]) -> SweepSummary:
         loop = _SweepLoop(settings, trials, tracker, summary)
         loop.reject_unfit()
         next_cancel_check = time.monotonic() + CANCEL_POLL_S
+        next_heartbeat = time.monotonic() + HEARTBEAT_S
         with _progress() as progress:
             bar = progress.add_task(f"sweep {sweep_id}", total=len(trials), running=0, failed=0)
             while loop.open:
                 if interrupted.is_set():
                     raise KeyboardInterrupt
+                if time.monotonic() > next_heartbeat:
+                    next_heartbeat = time.monotonic() + HEARTBEAT_S
+                    tracker.heartbeat()
                 if time.monotonic() > next_cancel_check:
                     next_cancel_check = time.monotonic() + CANCEL_POLL_S
                     if _cancel_requested(tracker):

@@ -12,6 +12,7 @@ restarting) is retried, in order, until it lands.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -145,7 +146,20 @@ def client(uri: str):
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if uri.startswith("sqlite:///"):
+        _use_wal(Path(uri[len("sqlite:///"):]))
     return MlflowClient(tracking_uri=uri)
+
+
+def _use_wal(db: Path) -> None:
+    """Put a local sqlite store in write-ahead-log mode (a setting the file keeps): a commit
+    costs one fsync instead of several, and readers (`orchestrator status`, the MLflow UI)
+    never block the sweep's writer, nor it them."""
+    import sqlite3
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
 
 
 START_DEADLINE_S = 120.0  # how long the start of a sweep waits for an unreachable store
@@ -154,17 +168,32 @@ START_DEADLINE_S = 120.0  # how long the start of a sweep waits for an unreachab
 class SweepTracker:
     """The sweep's parent run, created at once; child runs and results written by a :class:`Writer`."""
 
-    def __init__(self, uri: str, experiment: str, sweep_id: str, tags: dict[str, str]):
+    def __init__(self, uri: str, experiment: str, sweep_id: str, tags: dict[str, str],
+                 parent_id: Optional[str] = None):
+        """A new sweep, or with ``parent_id`` an earlier one reopened (resubmission) for more attempts."""
+        from mlflow.entities import RunTag
+
         self.uri, self.sweep_id = uri, sweep_id
         self.client = client(uri)
-        found = retrying(lambda: self.client.get_experiment_by_name(experiment), START_DEADLINE_S, "open experiment")
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.common_tags = {"sweep_id": sweep_id, **code_version()}
-        parent = self.client.create_run(self.experiment_id, run_name=sweep_id,
-                                        tags={**self.common_tags, **tags, "kind": "sweep"})
-        self.parent_id = parent.info.run_id
+        tags = {**tags, "heartbeat": str(time.time())}
+        if parent_id is None:
+            found = retrying(lambda: self.client.get_experiment_by_name(experiment), START_DEADLINE_S,
+                             "open experiment")
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            parent = self.client.create_run(self.experiment_id, run_name=sweep_id,
+                                            tags={**self.common_tags, **tags, "kind": "sweep"})
+            self.parent_id = parent.info.run_id
+        else:
+            self.parent_id = parent_id
+            self.experiment_id = retrying(lambda: self.client.get_run(parent_id), START_DEADLINE_S,
+                                          "open the sweep").info.experiment_id
+            self.client.update_run(parent_id, status="RUNNING")
+            self.client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.run_ids: dict[str, str] = {}  # trial key -> child run id, once created
         self._tried: set[str] = set()      # trial keys whose run creation was attempted
+        self._finished: set[str] = set()   # trial keys whose result has been handed to the writer
+        self._artifact_uris: dict[str, str] = {}
         self.writer = Writer()
 
     def add_trial(self, spec: TrialSpec) -> None:
@@ -175,49 +204,77 @@ class SweepTracker:
 
         tags = [RunTag("status", Status.RUNNING.value), RunTag("ray_node", node),
                 RunTag("ray_executions", str(execution))]
-        self.writer.submit(f"mark trial {key} running", lambda: self.client.log_batch(self.run_ids[key], tags=tags))
+
+        def mark() -> None:
+            if key not in self._finished:  # by the time the writer gets here a fast trial may be done
+                self.client.log_batch(self.run_ids[key], tags=tags)
+        self.writer.submit(f"mark trial {key} running", mark)
 
     def finish_trial(self, spec: TrialSpec, result: TrialResult, extra_tags: Optional[dict[str, str]] = None) -> None:
+        self._finished.add(spec.trial_key)
         self.writer.submit(f"record trial {spec.trial_key} ({result.status.value})", self._finish_trial, spec,
                            result, extra_tags or {})
 
-    def finish_sweep(self, counts: dict[str, int], status: str = "FINISHED") -> None:
+    @staticmethod
+    def count_metrics(counts: dict[str, int]) -> list:
         from mlflow.entities import Metric
 
-        metrics = [Metric(f"trials_{k.lower()}", v, _now_ms(), 0) for k, v in counts.items()]
-        self.writer.submit("record the sweep's counts", self.client.log_batch, self.parent_id, metrics)
+        return [Metric(f"trials_{s.value.lower()}", counts.get(s.value, 0), _now_ms(), 0) for s in Status if s.is_final]
+
+    @staticmethod
+    def record_counts(mlflow_client, parent_id: str, counts: dict[str, int]) -> None:
+        """The sweep's trial counts (latest attempt of each key) on its parent run."""
+        mlflow_client.log_batch(parent_id, metrics=SweepTracker.count_metrics(counts))
+
+    def finish_sweep(self, counts: dict[str, int], status: str = "FINISHED") -> None:
+        self.writer.submit("record the sweep's counts", self.record_counts, self.client, self.parent_id, counts)
         self.writer.submit("end the sweep's run", self.client.set_terminated, self.parent_id, status)
+
+    def heartbeat(self) -> None:
+        """Say the driver is alive (resubmission tells a dead driver from a running one by it)."""
+        self.writer.submit("heartbeat", self.client.set_tag, self.parent_id, "heartbeat", str(time.time()))
 
     def cancel_requested(self) -> bool:
         """Whether `orchestrator cancel` asked this sweep to stop (a tag on the parent run)."""
         return self.client.get_run(self.parent_id).data.tags.get(CANCEL_TAG) == "true"
 
     def _create_trial(self, spec: TrialSpec) -> None:
-        from mlflow.entities import Param, RunTag
+        import yaml
 
         key = spec.trial_key
-        if key in self.run_ids:  # an earlier try got as far as creating it
-            run_id = self.run_ids[key]
-        else:
+        if key not in self.run_ids:
             # A retried create_run whose first try reached the server must not make a second run.
             found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
                 f"tags.sweep_id = '{self.sweep_id}' AND tags.trial_key = '{key}'")) if key in self._tried else []
             self._tried.add(key)
-            run_id = found[0].info.run_id if found else self.client.create_run(
+            run = found[0] if found else self.client.create_run(
                 self.experiment_id, run_name=run_name(spec), tags={
                     **self.common_tags, "mlflow.parentRunId": self.parent_id, "kind": "trial", "trial_key": key,
                     "attempt": str(spec.attempt), "status": Status.PENDING.value,
-                    "overrides": " ".join(spec.overrides)}).info.run_id
-            self.run_ids[key] = run_id
-        params = [Param(k, v) for k, v in flatten(spec.config).items()]
-        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
-            self.client.log_batch(run_id, params=params[i:i + 100])
+                    "overrides": " ".join(spec.overrides),
+                    **({"resubmit_overrides": " ".join(spec.resubmit_overrides)} if spec.attempt > 1 else {})})
+            self.run_ids[key], self._artifact_uris[key] = run.info.run_id, run.info.artifact_uri
+        # The resolved config is stored from the start (resubmission reads it back); the
+        # params, its flattened form for the UI, go with the results in one batch.
+        self._upload(key, {"config.yaml": yaml.safe_dump(spec.config, sort_keys=False)})
+
+    def _upload(self, key: str, files: dict[str, str]) -> None:
+        """Write text artifacts straight to the run's artifact store: one upload, no tracking calls."""
+        import tempfile
+
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in files.items():
+                path = Path(tmp, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            get_artifact_repository(self._artifact_uris[key], tracking_uri=self.uri).log_artifacts(tmp)
 
     def _finish_trial(self, spec: TrialSpec, result: TrialResult, extra_tags: dict[str, str]) -> None:
-        import yaml
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
-        run_id = self.run_ids[spec.trial_key]
+        key = spec.trial_key
         now = _now_ms()
         metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items()]
         metrics.append(Metric("duration_s", result.duration_s, now, 0))
@@ -225,12 +282,24 @@ class SweepTracker:
                                                           {**result.env, **extra_tags}.items()]
         if result.reason:
             tags.append(RunTag("reason", result.reason[:5000]))
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
-        self.client.log_text(run_id, yaml.safe_dump(spec.config, sort_keys=False), "config.yaml")
-        for name, text in result.artifacts.items():
-            self.client.log_text(run_id, text, name)
-        self.client.set_terminated(run_id, MLFLOW_STATUS[result.status])
+        params = [Param(k, v) for k, v in flatten(spec.config).items()]
+        for batch in _batches(params, metrics, tags):
+            self.client.log_batch(self.run_ids[key], **batch)
+        if result.artifacts:
+            self._upload(key, result.artifacts)
+        self.client.set_terminated(self.run_ids[key], MLFLOW_STATUS[result.status])
+
+
+def _batches(params: list, metrics: list, tags: list) -> list[dict]:
+    """Split into log_batch calls within MLflow's limits (100 params, 100 tags, 1000 entities);
+    usually one call."""
+    batches = []
+    while params or metrics or tags or not batches:
+        p, t = params[:100], tags[:100]
+        m = metrics[:1000 - len(p) - len(t)]
+        batches.append({"params": p, "metrics": m, "tags": t})
+        params, tags, metrics = params[len(p):], tags[len(t):], metrics[len(m):]
+    return batches
 
 
 def _now_ms() -> int:

@@ -3,6 +3,7 @@
 
 from dataclasses import dataclass
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
 from orchestrator.launcher import RayTrialsLauncher as _RayTrialsLauncher
@@ -21,3 +22,20 @@ class RayTrialsLauncherConf:
 
 ConfigStore.instance().store(group="hydra/launcher", name="ray_trials", node=RayTrialsLauncherConf,
                              provider="quantsweep")
+
+
+class TrialsSweeper(BasicSweeper):
+    """Hydra's basic sweeper (the same grid syntax and ``hydra.sweeper.params``), minus its
+    check that composes every cell once more before launching: our launcher composes and
+    validates every cell itself, and a second full composition doubles a sweep's start."""
+
+    def validate_batch_is_legal(self, batch) -> None:
+        pass
+
+
+@dataclass
+class TrialsSweeperConf(BasicSweeperConf):
+    _target_: str = "hydra_plugins.quantsweep_launcher.launcher.TrialsSweeper"
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="trials", node=TrialsSweeperConf, provider="quantsweep")

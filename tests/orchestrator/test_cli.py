@@ -14,7 +14,7 @@ BAD_INPUT = [
     (["bench.batch_size=abc"], "bench.batch_size=abc: wrong type; allowed: int"),
     (["-m", "dtype=bf16,int4,fp7"], "dtype=fp7: no such dtype config"),
     (["-m", "dtype=int8,int4", "bench.repeats=0"], "bench.repeats=0: invalid value; allowed: >= 1"),
-    (["-m", "dtype=int8", "tracking.uri=sqlite:///a.db,sqlite:///b.db"], "tracking=uri: sqlite:///b.db: varies across the sweep"),
+    (["-m", "dtype=int8", "tracking.uri=sqlite:///a.db,sqlite:///b.db"], "tracking.uri=sqlite:///b.db: varies across the sweep; one value for the whole sweep (first cell: sqlite:///a.db)"),
 ]
 
 

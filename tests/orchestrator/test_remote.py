@@ -74,7 +74,7 @@ def ray_head(tmp_path_factory, monkeypatch):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={root / 'ray'}"],
         cwd=root, env=env, stdout=open(root / "ray.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -99,14 +99,21 @@ def ray_head(tmp_path_factory, monkeypatch):
             proc.wait()
 
 
-def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_server, run_cli, cli_env):
-    from ray.job_submission import JobSubmissionClient
+def _jobs(address: str, env: dict) -> dict[str, str]:
+    """submission id -> status, asked in a fresh process: Ray reads RAY_AUTH_MODE once per process."""
+    code = ("import json, sys; from ray.job_submission import JobSubmissionClient as C; "
+            "print(json.dumps({j.submission_id: str(j.status.value) for j in C(sys.argv[1]).list_jobs()}))")
+    proc = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
+
+def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_server, run_cli, cli_env):
     cli_env["RAY_AUTH_MODE"] = "token"
     store = f"tracking.uri={mlflow_server.uri}"
     bad = run_cli("submit", "--address", ray_head, "--", "run", "-m", "dtype=int5", store)
     assert bad.returncode == 2 and "dtype=int5: no such dtype config" in bad.stderr
-    assert JobSubmissionClient(ray_head).list_jobs() == [], "a bad config submits nothing"
+    assert _jobs(ray_head, cli_env) == {}, "a bad config submits nothing"
 
     submitted = run_cli("submit", "--address", ray_head, "--", "run", "-m", "backend=noop", "backend.sleep_s=600",
                         "seed=1,2", store)
@@ -127,6 +134,5 @@ def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_
     _, parents, children = _sweep_runs(mlflow_server.uri)
     assert parents[0].info.status == "KILLED" and parents[0].data.tags["ray_job_submission_id"] == f"quantsweep-{sweep_id}"
     assert all(r.info.status == "KILLED" and r.data.tags["status"] == "CANCELLED" for r in children)
-    job = JobSubmissionClient(ray_head).get_job_info(f"quantsweep-{sweep_id}")
-    _wait_for(lambda: JobSubmissionClient(ray_head).get_job_info(job.submission_id).status.is_terminal(), 60,
+    _wait_for(lambda: _jobs(ray_head, cli_env)[f"quantsweep-{sweep_id}"] in ("STOPPED", "SUCCEEDED", "FAILED"), 60,
               "the job ending")

@@ -1,0 +1,136 @@
+"""Re-run trials of an earlier sweep, into the same sweep: the next attempt of each trial key.
+
+What is re-run is read back from MLflow (each trial's stored ``config.yaml``), so before
+anything is submitted every stored config is checked as a user's input would be: merged
+into the typed schema (unknown keys and wrong types refused), no ``_target_`` outside
+this project, every value rule. Extra overrides (``bench.batch_size=8``) apply to the
+resubmitted trials only and are recorded on them (tag ``resubmit_overrides``).
+
+A sweep whose driver died (even by SIGKILL) leaves runs RUNNING; they are closed FAILED
+with the reason "driver lost" first. A driver that is still alive is never overridden:
+resubmission refuses until it ends or is cancelled.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from jobs.spec import TRIAL_SECTIONS, Status
+from orchestrator import plan, remote, tracking
+from orchestrator import status as sweep_status
+from orchestrator.errors import ConfigError
+
+PROJECT_PACKAGES = ("orchestrator.", "jobs.", "kernels.", "hydra_plugins.")
+HEARTBEAT_STALE_S = 180  # a driver on another host is lost once its heartbeat is this old
+SWEEP_LEVEL = ("cluster.", "tracking.", "hydra.")
+SELECT = {  # mode -> which trial keys are re-run, from the latest attempt's status
+    "failed": {Status.FAILED.value, Status.TIMEOUT.value},
+    "unfinished": {s.value for s in Status} - {Status.FINISHED.value},
+}
+
+
+def driver_alive(tags: dict[str, str]) -> Optional[str]:
+    """Where the sweep's driver still runs ("pid 123 on host h", "ray job ..."), or None if it is gone."""
+    if tags.get("ray_job_submission_id") and tags.get("ray_dashboard"):
+        job = remote.job_info(tags["ray_dashboard"], tags["ray_job_submission_id"])
+        return None if job is None or job["status"] in ("STOPPED", "SUCCEEDED", "FAILED") else \
+            f"ray job {tags['ray_job_submission_id']} ({job['status']})"
+    host, pid = tags.get("driver_host"), int(tags.get("driver_pid", "0"))
+    if host == socket.gethostname() and pid:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return f"pid {pid} on {host}" if b"orchestrator" in cmdline else None
+    heartbeat = float(tags.get("heartbeat", "0"))
+    return f"host {host} (heartbeat {time.time() - heartbeat:.0f} s ago)" if time.time() - heartbeat < \
+        HEARTBEAT_STALE_S else None
+
+
+def close_lost_runs(client, state: sweep_status.SweepState) -> int:
+    """End the runs a dead driver left open: FAILED, reason "driver lost"; returns how many."""
+    from mlflow.entities import RunTag
+
+    closed = 0
+    for run in sweep_status.trial_runs(client, state.experiment_id, state.sweep_id):
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            client.log_batch(run.info.run_id, tags=[RunTag("status", Status.FAILED.value),
+                                                    RunTag("reason", "driver lost: the sweep's driver died")])
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed += 1
+    client.set_terminated(state.parent_run_id, "FAILED")
+    return closed
+
+
+def _check_safe(stored: Any, where: str) -> dict:
+    """Refuse a stored config that is not what this project writes."""
+    if not isinstance(stored, dict) or set(stored) != {*TRIAL_SECTIONS, "resources"}:
+        keys = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
+        raise ConfigError(f"{where}", keys, f"the sections {', '.join((*TRIAL_SECTIONS, 'resources'))}",
+                          problem="stored config has unexpected contents")
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "_target_" and not (isinstance(value, str) and value.startswith(PROJECT_PACKAGES)):
+                    raise ConfigError(f"{path}{key}", value, f"a target inside this project "
+                                                             f"({', '.join(p + '*' for p in PROJECT_PACKAGES)})",
+                                      problem=f"stored config of {where} instantiates code outside the project")
+                walk(value, f"{path}{key}.")
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, path)
+    walk(stored, "")
+    return stored
+
+
+def _stored_config(client, run_id: str) -> Any:
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "config.yaml", tmp)
+        return yaml.safe_load(Path(path).read_text())
+
+
+def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: list[str], force: bool):
+    """The PlannedTrials to re-run, their settings, and the keys skipped as already finished.
+    Raises ConfigError (nothing is submitted) for a bad override or a stored config that fails the checks."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+
+    from orchestrator import schema
+    from orchestrator.cli import CONF_DIR
+
+    sweep_level = [o for o in overrides if o.startswith(SWEEP_LEVEL)]
+    trial_level = [o for o in overrides if not o.startswith(SWEEP_LEVEL)]
+    parsed = OverridesParser.create().parse_overrides(trial_level)
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        experiment = client.get_experiment(state.experiment_id).name
+        base = compose(config_name="config", overrides=[*sweep_level, f"sweep.id={state.sweep_id}",
+                                                        f"sweep.name={experiment}"])
+    chosen = [t for t in state.trials if t.status in SELECT[mode] or (force and t.status == Status.FINISHED.value)]
+    trials = []
+    for row in chosen:
+        where = f"trial {row.trial_key} (run {row.run_id})"
+        stored = _check_safe(_stored_config(client, row.run_id), where)
+        cell = OmegaConf.merge(base, {k: v for k, v in stored.items() if k != "resources"})
+        with open_dict(cell):
+            cell.resources = OmegaConf.merge(cell.resources, stored["resources"])
+        ConfigLoaderImpl._apply_overrides_to_config(parsed, cell)
+        original = row.overrides.split() if row.overrides else []
+        planned = plan.planned_trial(cell, [*original, *trial_level])
+        spec = planned.spec.__class__(trial_key=row.trial_key, config=planned.spec.config,
+                                      overrides=planned.spec.overrides, attempt=row.attempts + 1,
+                                      resubmit_overrides=tuple(trial_level))
+        trials.append(planned.__class__(spec, planned.ray_options, planned.timeout_s, planned.baseline))
+    skipped = [t.trial_key for t in state.trials if t.status == Status.FINISHED.value and not force]
+    return plan.sweep_settings([base]), trials, skipped
+
+
