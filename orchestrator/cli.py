@@ -219,7 +219,8 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
             closed = resubmission.close_lost_runs(client, state)
             print(f"sweep {opts.sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
             state = sweep_status.load(uri, opts.sweep_id)
-        settings, trials, skipped = resubmission.plan_trials(client, state, mode, opts.overrides, opts.force)
+        settings, trials, skipped = resubmission.plan_trials(client, state, mode,
+                                                             [f"tracking.uri={uri}", *opts.overrides], opts.force)
     except Exception as exc:
         config_error = errors.from_hydra(exc)
         if config_error is None:

@@ -68,9 +68,11 @@ def close_lost_runs(client, state: sweep_status.SweepState) -> int:
 
 def _check_safe(stored: Any, where: str) -> dict:
     """Refuse a stored config that is not what this project writes."""
-    if not isinstance(stored, dict) or set(stored) != {*TRIAL_SECTIONS, "resources"}:
-        keys = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
-        raise ConfigError(f"{where}", keys, f"the sections {', '.join((*TRIAL_SECTIONS, 'resources'))}",
+    expected = {*TRIAL_SECTIONS, "resources"}
+    if not isinstance(stored, dict) or set(stored) != expected:
+        odd = sorted(set(stored) ^ expected) if isinstance(stored, dict) else [type(stored).__name__]
+        raise ConfigError(f"config.yaml of {where}", ", ".join(map(str, odd)),
+                          f"allowed sections: {', '.join((*TRIAL_SECTIONS, 'resources'))}",
                           problem="stored config has unexpected contents")
 
     def walk(node: Any, path: str) -> None:

@@ -154,6 +154,8 @@ class TrackingConfig:
 class SweepConfig:
     name: str = "default"  # the MLflow experiment that holds the sweep
     id: Optional[str] = None  # None: a fresh swp-xxxxxx (`orchestrator submit` picks it up front)
+    # Take cells that earlier sweeps (same experiment) finished, by trial key, instead of re-running them.
+    reuse: bool = False
 
 
 @dataclass

@@ -314,6 +314,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         tags["trials"] = str(len(trials))
     tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen)
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
+    if settings.sweep.reuse:
+        trials = _reuse_finished(tracker, trials, summary)
     for t in trials:
         tracker.add_trial(t.spec)
 
@@ -322,11 +324,12 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         we_started_ray = _init_ray(settings.cluster)
         interrupted = _defer_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
         loop = _SweepLoop(settings, trials, tracker, summary)
+        cells = summary.total + len(trials)  # reused ones included
         loop.reject_unfit()
         next_cancel_check = time.monotonic() + CANCEL_POLL_S
         next_heartbeat = time.monotonic() + HEARTBEAT_S
         with _progress() as progress:
-            bar = progress.add_task(f"sweep {sweep_id}", total=len(trials), running=0, failed=0)
+            bar = progress.add_task(f"sweep {sweep_id}", total=cells, running=0, failed=0)
             while loop.open:
                 if interrupted.is_set():
                     raise KeyboardInterrupt
@@ -374,6 +377,23 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         print(summary.line(), flush=True)
         COMPLETED.append(summary)
     return summary
+
+
+def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
+                    summary: SweepSummary) -> list[PlannedTrial]:
+    """sweep.reuse=true: cells an earlier sweep finished are recorded from it, not re-run; the rest remain."""
+    done = tracker.finished_elsewhere({t.spec.trial_key for t in trials})
+    for t in trials:
+        if t.spec.trial_key in done:
+            source = done[t.spec.trial_key]
+            tracker.reuse_trial(t.spec, source)
+            summary.counts[Status.FINISHED.value] += 1
+            print(f"reused: {' '.join(t.spec.overrides) or t.spec.trial_key} from run {source.info.run_id} "
+                  f"of sweep {source.data.tags.get('sweep_id')}", file=sys.stderr)
+    if done:
+        print(f"sweep.reuse=true: {len(done)} of {len(trials)} trials taken from earlier sweeps, "
+              f"{len(trials) - len(done)} to run", file=sys.stderr)
+    return [t for t in trials if t.spec.trial_key not in done]
 
 
 def _cancel_requested(tracker: tracking.SweepTracker) -> bool:

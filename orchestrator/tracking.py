@@ -30,6 +30,9 @@ MLFLOW_STATUS = {Status.FINISHED: "FINISHED", Status.UNSUPPORTED: "FINISHED", St
                  Status.TIMEOUT: "FAILED", Status.CANCELLED: "KILLED"}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CANCEL_TAG = "cancel_requested"
+# Tags that place a run in the layout (which sweep, which trial, what state), not results.
+RUN_LAYOUT_TAGS = {"sweep_id", "trial_key", "attempt", "status", "overrides", "kind", "git_sha", "git_dirty",
+                   "resubmit_overrides", "reason", "reused_from", "reused_from_sweep"}
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 
 
@@ -146,6 +149,7 @@ def client(uri: str):
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri.startswith("sqlite:///"):
         _use_wal(Path(uri[len("sqlite:///"):]))
     return MlflowClient(tracking_uri=uri)
@@ -229,6 +233,31 @@ class SweepTracker:
     def finish_sweep(self, counts: dict[str, int], status: str = "FINISHED") -> None:
         self.writer.submit("record the sweep's counts", self.record_counts, self.client, self.parent_id, counts)
         self.writer.submit("end the sweep's run", self.client.set_terminated, self.parent_id, status)
+
+    def finished_elsewhere(self, keys: set[str]) -> dict[str, Any]:
+        """The FINISHED trial runs of earlier sweeps in this experiment, by trial key (the latest of each)."""
+        found: dict[str, Any] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], max_results=1000, page_token=token, order_by=["attributes.start_time DESC"],
+                filter_string=f"tags.kind = 'trial' AND tags.status = 'FINISHED' AND tags.sweep_id != '{self.sweep_id}'")
+            for run in page:
+                found.setdefault(run.data.tags.get("trial_key"), run)
+            token = page.token
+            if not token:
+                return {k: run for k, run in found.items() if k in keys}
+
+    def reuse_trial(self, spec: TrialSpec, source) -> None:
+        """Record ``spec`` as done by ``source``, a finished run of an earlier sweep: its metrics and
+        environment copied onto a new child run, tagged with where they came from."""
+        from jobs.spec import TrialResult
+
+        env = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.") and k not in RUN_LAYOUT_TAGS}
+        result = TrialResult(spec.trial_key, Status.FINISHED, metrics=dict(source.data.metrics), env=env)
+        self.add_trial(spec)
+        self.finish_trial(spec, result, {"reused_from": source.info.run_id,
+                                         "reused_from_sweep": source.data.tags.get("sweep_id", "")})
 
     def heartbeat(self) -> None:
         """Say the driver is alive (resubmission tells a dead driver from a running one by it)."""

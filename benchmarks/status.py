@@ -1,0 +1,82 @@
+"""`orchestrator status --json` on a large synthetic sweep: wall time and peak memory.
+
+Builds a sweep of N trial runs (default 10,000) in a fresh sqlite store, laid out as the
+orchestrator lays them out (parent run, child runs with sweep_id / kind / trial_key /
+status / attempt / overrides tags; some keys with two attempts), then times the real
+command in a subprocess. Target: under 10 s for 10,000 trials.
+
+    python benchmarks/status.py --trials 10000 --json status.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STATUSES = ("FINISHED",) * 7 + ("FAILED", "TIMEOUT", "UNSUPPORTED")
+
+
+def build(uri: str, n: int) -> str:
+    from mlflow.entities import RunTag
+
+    from orchestrator import tracking
+
+    client = tracking.client(uri)
+    experiment = client.create_experiment("status-bench")
+    sweep_id = "swp-5ca1ab"
+    parent = client.create_run(experiment, run_name=sweep_id, tags={"sweep_id": sweep_id, "kind": "sweep"})
+    for i in range(n):
+        key = f"{i:016x}"
+        attempts = 2 if i % 50 == 0 else 1  # a resubmitted trial now and then
+        for attempt in range(1, attempts + 1):
+            status = STATUSES[i % len(STATUSES)] if attempt == attempts else "FAILED"
+            run = client.create_run(experiment, run_name=f"seed={i}", tags={
+                "sweep_id": sweep_id, "kind": "trial", "trial_key": key, "attempt": str(attempt),
+                "status": status, "overrides": f"model=tiny-llama dtype=int4 seed={i}",
+                "mlflow.parentRunId": parent.info.run_id})
+            client.log_batch(run.info.run_id, tags=[RunTag("ray_executions", "1")])
+            client.set_terminated(run.info.run_id, "FINISHED" if status == "FINISHED" else "FAILED")
+    client.set_terminated(parent.info.run_id)
+    return sweep_id
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=10_000)
+    ap.add_argument("--json", type=Path, default=Path("status.json"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        started = time.perf_counter()
+        sweep_id = build(uri, args.trials)
+        build_s = time.perf_counter() - started
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", "status", sweep_id, "--json",
+                               f"tracking.uri={uri}"], capture_output=True, text=True, env=env)
+        status_s = time.perf_counter() - started
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    state = json.loads(proc.stdout)
+    assert len(state["trials"]) == args.trials, len(state["trials"])
+    row = {"trials": args.trials, "runs": args.trials + args.trials // 50, "status_s": status_s,
+           "peak_rss_mb": peak_mb, "counts": state["counts"], "build_s": build_s}
+    print("| trials | runs | status --json s | peak RSS MiB |")
+    print("|---|---|---|---|")
+    print(f"| {row['trials']} | {row['runs']} | {status_s:.2f} | {peak_mb:.0f} |")
+    args.json.write_text(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()
