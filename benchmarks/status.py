@@ -1,9 +1,9 @@
 """`orchestrator status --json` on a large synthetic sweep: wall time and peak memory.
 
 Builds a sweep of N trial runs (default 10,000) in a fresh sqlite store, laid out as the
-orchestrator lays them out (parent run, child runs with sweep_id / kind / trial_key /
-status / attempt / overrides tags; some keys with two attempts), then times the real
-command in a subprocess. Target: under 10 s for 10,000 trials.
+orchestrator lays them out (parent run; child runs with sweep_id / kind / trial_key /
+status / attempt / overrides tags, a real trial's ~65 params and a few metrics; every
+50th key with two attempts), then times the real command in a subprocess. Target: under 10 s for 10,000 trials.
 
     python benchmarks/status.py --trials 10000 --json status.json
 """
@@ -26,10 +26,24 @@ sys.path.insert(0, str(ROOT))
 STATUSES = ("FINISHED",) * 7 + ("FAILED", "TIMEOUT", "UNSUPPORTED")
 
 
+def trial_params() -> dict[str, str]:
+    """A real trial's params: the flattened resolved config of the default cell (~65)."""
+    from hydra import compose, initialize_config_dir
+
+    from orchestrator import plan, schema, tracking
+    from orchestrator.cli import CONF_DIR
+
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return tracking.flatten(plan.trial_spec(compose(config_name="config"), []).config)
+
+
 def build(uri: str, n: int) -> str:
-    from mlflow.entities import RunTag
+    from mlflow.entities import Metric, Param, RunTag
 
     from orchestrator import tracking
+
+    params = [Param(k, v) for k, v in trial_params().items()]
 
     client = tracking.client(uri)
     experiment = client.create_experiment("status-bench")
@@ -44,7 +58,8 @@ def build(uri: str, n: int) -> str:
                 "sweep_id": sweep_id, "kind": "trial", "trial_key": key, "attempt": str(attempt),
                 "status": status, "overrides": f"model=tiny-llama dtype=int4 seed={i}",
                 "mlflow.parentRunId": parent.info.run_id})
-            client.log_batch(run.info.run_id, tags=[RunTag("ray_executions", "1")])
+            client.log_batch(run.info.run_id, params=params, tags=[RunTag("ray_executions", "1")],
+                             metrics=[Metric("decode_tokens_per_s", 100.0 + i, 0, 0), Metric("perplexity", 20.0, 0, 0)])
             client.set_terminated(run.info.run_id, "FINISHED" if status == "FINISHED" else "FAILED")
     client.set_terminated(parent.info.run_id)
     return sweep_id

@@ -78,8 +78,11 @@ def _run_trial(spec: TrialSpec, board) -> TrialResult:
 
     import jobs
 
-    board.start.remote(spec.trial_key, ray.get_runtime_context().get_node_id())
-    return jobs.run_trial(spec)
+    node = ray.get_runtime_context().get_node_id()
+    board.start.remote(spec.trial_key, node)
+    result = jobs.run_trial(spec)
+    result.env["ray_node"] = node  # the start note may reach the driver after a fast trial's result
+    return result
 
 
 class _Board:
@@ -210,17 +213,24 @@ class _SweepLoop:
         self.started_at: dict[str, float] = {}      # key -> when its current execution started
         self.executions: Counter = Counter()        # key -> executions seen (Ray re-runs a lost one)
         self.nodes: dict[str, list[str]] = {}
-        driver_node = ray.get_runtime_context().get_node_id()
-        pin = NodeAffinitySchedulingStrategy(driver_node, soft=True)
-        self.board = ray.remote(num_cpus=0)(_Board).options(scheduling_strategy=pin).remote()
+        # The board lives on the head node, which lives as long as the cluster; restarted if lost all the same
+        # (it only holds start notes not yet drained).
+        head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]),
+                    ray.get_runtime_context().get_node_id())
+        self.board = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Board).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=True)).remote()
         cluster = settings.cluster
         self.remote_trial = ray.remote(max_calls=1 if cluster.fresh_worker_per_trial else 0,
                                        max_retries=cluster.max_retries, retry_exceptions=False)(_run_trial)
 
     def record(self, key: str, result: TrialResult) -> None:
-        tags = {"ray_executions": str(self.executions[key])}
-        if self.nodes.get(key):
-            tags["ray_nodes"] = ",".join(self.nodes[key])
+        nodes = self.nodes.get(key, [])
+        last = result.env.pop("ray_node", None)
+        if last and (not nodes or nodes[-1] != last):
+            nodes.append(last)
+        tags = {"ray_executions": str(max(self.executions[key], len(nodes)))}
+        if nodes:
+            tags["ray_nodes"] = ",".join(nodes)
         self.tracker.finish_trial(self.trials[key].spec, result, tags)
         self.open.discard(key)
         self.started_at.pop(key, None)

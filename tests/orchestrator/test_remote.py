@@ -3,9 +3,11 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -67,6 +69,7 @@ def ray_head(tmp_path_factory, monkeypatch):
     """`ray start --head --block` on 127.0.0.1 in its own process group, stopped by that group's id.
     Ray's token authentication is on, as on a real cluster: clients send the token (RAY_AUTH_MODE=token)."""
     root = tmp_path_factory.mktemp("ray-head")
+    ray_temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     dashboard = free_port()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -74,7 +77,7 @@ def ray_head(tmp_path_factory, monkeypatch):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={root / 'ray'}"],
+         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={ray_temp}"],
         cwd=root, env=env, stdout=open(root / "ray.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -97,6 +100,7 @@ def ray_head(tmp_path_factory, monkeypatch):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def _jobs(address: str, env: dict) -> dict[str, str]:
