@@ -76,6 +76,10 @@ def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
                 key = next(k for k in a if a[k] != b.get(k))
                 raise ConfigError(f"{section}.{key}", b[key], f"one value for the whole sweep (first cell: {a[key]})",
                                   problem="varies across the sweep")
+    if first.sweep.id is not None:
+        from orchestrator.tracking import check_sweep_id
+
+        check_sweep_id(first.sweep.id, "sweep.id")
     return OmegaConf.masked_copy(first, list(SWEEP_SECTIONS))
 
 

@@ -13,6 +13,7 @@ resubmission refuses until it ends or is cancelled.
 
 from __future__ import annotations
 
+import re
 import socket
 import tempfile
 import time
@@ -25,6 +26,7 @@ from orchestrator import status as sweep_status
 from orchestrator.errors import ConfigError
 
 PROJECT_PACKAGES = ("orchestrator.", "jobs.", "kernels.", "hydra_plugins.")
+TRIAL_KEY = re.compile(r"[0-9a-f]{16}")
 HEARTBEAT_STALE_S = 180  # a driver on another host is lost once its heartbeat is this old
 SWEEP_LEVEL = ("cluster.", "tracking.", "hydra.")
 SELECT = {  # mode -> which trial keys are re-run, from the latest attempt's status
@@ -121,6 +123,12 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
     trials = []
     for row in chosen:
         where = f"trial {row.trial_key} (run {row.run_id})"
+        if not TRIAL_KEY.fullmatch(row.trial_key):
+            raise ConfigError(f"trial_key tag of run {row.run_id}", row.trial_key, "16 hex digits",
+                              problem="stored tag is not a trial key")
+        if row.latest_attempt < 1:
+            raise ConfigError(f"attempt tag of run {row.run_id}", "?", "a positive integer",
+                              problem="stored tag is not an attempt number")
         stored = _check_safe(_stored_config(client, row.run_id), where)
         cell = OmegaConf.merge(base, {k: v for k, v in stored.items() if k != "resources"})
         with open_dict(cell):
@@ -129,7 +137,7 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
         original = row.overrides.split() if row.overrides else []
         planned = plan.planned_trial(cell, [*original, *trial_level])
         spec = planned.spec.__class__(trial_key=row.trial_key, config=planned.spec.config,
-                                      overrides=planned.spec.overrides, attempt=row.attempts + 1,
+                                      overrides=planned.spec.overrides, attempt=max(row.attempts, row.latest_attempt) + 1,
                                       resubmit_overrides=tuple(trial_level))
         trials.append(planned.__class__(spec, planned.ray_options, planned.timeout_s, planned.baseline))
     skipped = [t.trial_key for t in state.trials if t.status == Status.FINISHED.value and not force]

@@ -24,6 +24,7 @@ class TrialRow:
     overrides: str
     status: str
     attempts: int
+    latest_attempt: int  # the latest run's attempt tag (-1: not a positive integer)
     reason: str
     run_id: str
     executions: int  # Ray executions of the latest attempt (more than 1: retried after a node/worker died)
@@ -77,11 +78,14 @@ def trial_runs(client, experiment_id: str, sweep_id: str) -> list:
 
 
 def _attempt(run) -> int:
-    return int(run.data.tags.get("attempt", "1"))
+    """The run's attempt number; -1 if its tag is not a positive integer (resubmission refuses those)."""
+    text = run.data.tags.get("attempt", "1")
+    return int(text) if text.isdigit() and int(text) > 0 else -1
 
 
 def load(uri: str, sweep_id: str) -> SweepState:
     """Raises ConfigError if the store holds no sweep ``sweep_id``."""
+    tracking.check_sweep_id(sweep_id, "sweep")
     client = tracking.client(uri)
     parent = tracking.retrying(lambda: find_parent(client, sweep_id), 30, "find the sweep")
     if parent is None:
@@ -95,7 +99,8 @@ def load(uri: str, sweep_id: str) -> SweepState:
         latest = max(runs, key=_attempt)
         tags = latest.data.tags
         rows.append(TrialRow(trial_key=key, overrides=tags.get("overrides", ""), status=tags.get("status", "?"),
-                             attempts=len(runs), reason=tags.get("reason", ""), run_id=latest.info.run_id,
+                             attempts=len(runs), latest_attempt=_attempt(latest), reason=tags.get("reason", ""),
+                             run_id=latest.info.run_id,
                              executions=int(tags.get("ray_executions", "0"))))
     rows.sort(key=lambda r: r.overrides)
     return SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -136,6 +137,17 @@ class Writer:
         while self.pending and time.monotonic() < deadline:
             time.sleep(0.05)
         return not self.pending
+
+
+SWEEP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_sweep_id(sweep_id: str, key: str) -> None:
+    """Sweep ids go into MLflow search filters: letters, digits, '_', '.', '-' only."""
+    from orchestrator.errors import ConfigError
+
+    if not SWEEP_ID.fullmatch(str(sweep_id)):
+        raise ConfigError(key, sweep_id, "letters, digits, '_', '.' and '-' (at most 64), e.g. swp-7f3a2c")
 
 
 def run_name(spec: TrialSpec) -> str:

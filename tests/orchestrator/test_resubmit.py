@@ -122,6 +122,24 @@ def test_a_tampered_stored_config_is_refused_and_nothing_runs(mlflow_server, run
     assert sum(len(a) for a in after.values()) == sum(len(a) for a in runs.values()), "nothing was submitted"
 
 
+@pytest.mark.parametrize("tag,value,message", [
+    ("trial_key", "x' OR tags.kind != '", "trial_key tag of run"),
+    ("attempt", "two", "attempt tag of run"),
+])
+def test_a_tampered_stored_tag_is_refused_and_nothing_runs(mlflow_server, run_cli, tag, value, message):
+    from mlflow.tracking import MlflowClient
+
+    store = f"tracking.uri={mlflow_server.uri}"
+    sweep_id = SUMMARY.search(run_cli("run", "backend=noop", "backend.allocate_gb=1000000", store).stdout).group(1)
+    _, _, runs = _by_key(mlflow_server.uri)
+    [run] = [r for attempts in runs.values() for r in attempts if r.data.tags["sweep_id"] == sweep_id]
+    MlflowClient(mlflow_server.uri).set_tag(run.info.run_id, tag, value)
+    refused = run_cli("resubmit", sweep_id, "--failed", store)
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-3000:]
+    _, _, after = _by_key(mlflow_server.uri)
+    assert sum(len(a) for a in after.values()) == sum(len(a) for a in runs.values()), "nothing was submitted"
+
+
 def test_sweep_reuse_takes_finished_cells_from_earlier_sweeps(run_cli, tmp_path):
     first = run_cli("run", "-m", "backend=noop", "seed=1,2")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -186,6 +186,10 @@ def test_status_lists_every_trial_as_json(run_cli, tmp_path):
     assert f"sweep {sweep_id}: finished, 6 trials (3 failed, 3 finished)" in table.stdout
     missing = run_cli("status", "swp-000000")
     assert missing.returncode == 2 and "sweep=swp-000000: no such sweep" in missing.stderr
+    injected = run_cli("status", "x' OR tags.kind != '")
+    assert injected.returncode == 2 and "sweep=x' OR tags.kind != ': invalid value" in injected.stderr
+    bad_id = run_cli("run", "backend=noop", "sweep.id=a/b")
+    assert bad_id.returncode == 2 and "sweep.id=a/b: invalid value" in bad_id.stderr
 
 
 def test_a_bad_resource_value_is_refused_before_anything_runs(run_cli, tmp_path):
