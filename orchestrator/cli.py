@@ -8,6 +8,7 @@ is allowed, and exits 2 before anything is submitted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -108,11 +109,13 @@ def status(args: list[str]) -> int:
     uri, args = _tracking_uri(args)
     parser = _parser("status", "Counts per status and one row per trial of a sweep.")
     parser.add_argument("--json", action="store_true", help="print the state as JSON")
+    parser.add_argument("--refresh", action="store_true",
+                        help="read every trial run, not the finished sweep's index (if runs were edited by hand)")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="Ray dashboard URL, to show a submitted sweep's job before its driver has started")
     opts = parser.parse_args(args)
     try:
-        state = sweep_status.load(uri, opts.sweep_id)
+        state = sweep_status.load(uri, opts.sweep_id, refresh=opts.refresh)
     except ConfigError as e:
         job = remote.job_info(opts.address, remote.submission_id(opts.sweep_id))
         if job is None:
@@ -210,7 +213,8 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
     mode = mode or opts.mode
     try:
         client = tracking.client(uri)
-        state = sweep_status.load(uri, opts.sweep_id)
+        # Read every run, not the index: what is re-run must be what the store holds now.
+        state = sweep_status.load(uri, opts.sweep_id, refresh=True)
         if state.sweep_status == "RUNNING":
             alive = resubmission.driver_alive(state.tags)
             if alive:
@@ -218,7 +222,7 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
                               f"has ended (orchestrator cancel {opts.sweep_id})")
             closed = resubmission.close_lost_runs(client, state)
             print(f"sweep {opts.sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
-            state = sweep_status.load(uri, opts.sweep_id)
+            state = sweep_status.load(uri, opts.sweep_id, refresh=True)
         settings, trials, skipped = resubmission.plan_trials(client, state, mode,
                                                              [f"tracking.uri={uri}", *opts.overrides], opts.force)
     except Exception as exc:
@@ -231,9 +235,9 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
     if not trials:
         print(f"sweep {opts.sweep_id}: nothing to re-run")
         return 0
-    summary = sweep.execute(settings, trials, reopen=state.parent_run_id)
+    summary = sweep.execute(settings, trials, reopen=state.parent_run_id,
+                            prior_rows=[dataclasses.asdict(t) for t in state.trials])
     whole = sweep_status.load(uri, opts.sweep_id)
-    tracking.SweepTracker.record_counts(client, whole.parent_run_id, whole.counts)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
     print(f"sweep {opts.sweep_id} now: {len(whole.trials)} trials ({counts})")
     return 1 if summary.counts["FAILED"] or summary.counts["TIMEOUT"] or summary.counts["CANCELLED"] else 0

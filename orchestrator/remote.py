@@ -110,6 +110,7 @@ def _close_left_open(client, uri: str, sweep_id: str) -> None:
     from mlflow.entities import RunTag
 
     state = sweep_status.load(uri, sweep_id)
+    tracking.invalidate_index(client, state.parent_run_id)
     for run in sweep_status.trial_runs(client, state.experiment_id, sweep_id):
         if run.info.status in ("RUNNING", "SCHEDULED"):
             client.log_batch(run.info.run_id, tags=[RunTag("status", Status.CANCELLED.value),

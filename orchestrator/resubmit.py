@@ -58,6 +58,7 @@ def close_lost_runs(client, state: sweep_status.SweepState) -> int:
     from mlflow.entities import RunTag
 
     closed = 0
+    tracking.invalidate_index(client, state.parent_run_id)
     for run in sweep_status.trial_runs(client, state.experiment_id, state.sweep_id):
         if run.info.status in ("RUNNING", "SCHEDULED"):
             client.log_batch(run.info.run_id, tags=[RunTag("status", Status.FAILED.value),

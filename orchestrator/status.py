@@ -1,15 +1,19 @@
 """A sweep's state, read back from MLflow: the parent run, and one row per trial key.
 
-Trials are found by their tags (``sweep_id``, ``kind``), a page of 1000 runs at a time,
-so a large sweep answers in a few queries. A trial key may have several runs, one per
+A finished sweep is read from its index (``trials.json`` on the parent run, written by
+the driver at the end and vouched for by a tag). A running one, or one whose runs were
+changed since, is read from its runs: found by their tags (``sweep_id``, ``kind``), a page
+of 1000 at a time. A trial key may have several runs, one per
 attempt (resubmissions); its row shows the latest attempt.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator import tracking
@@ -83,14 +87,34 @@ def _attempt(run) -> int:
     return int(text) if text.isdigit() and int(text) > 0 else -1
 
 
-def load(uri: str, sweep_id: str) -> SweepState:
-    """Raises ConfigError if the store holds no sweep ``sweep_id``."""
+def _indexed_rows(client, parent) -> Optional[list[TrialRow]]:
+    """The rows of a finished sweep from its ``trials.json``, if the parent's tag still vouches for it."""
+    token = parent.data.tags.get(tracking.INDEX_TAG)
+    if parent.info.status == "RUNNING" or not token:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            index = json.loads(Path(client.download_artifacts(parent.info.run_id, tracking.INDEX_FILE, tmp)).read_text())
+        except Exception:  # missing or unreadable: read the runs instead
+            return None
+    if index.get("token") != token:
+        return None
+    return [TrialRow(**row) for row in index["trials"]]
+
+
+def load(uri: str, sweep_id: str, refresh: bool = False) -> SweepState:
+    """Raises ConfigError if the store holds no sweep ``sweep_id``. A finished sweep is read from
+    its index (one file) unless ``refresh``; a running one, or one without a valid index, from its runs."""
     tracking.check_sweep_id(sweep_id, "sweep")
     client = tracking.client(uri)
     parent = tracking.retrying(lambda: find_parent(client, sweep_id), 30, "find the sweep")
     if parent is None:
         raise ConfigError("sweep", sweep_id, f"a sweep id recorded in {uri} (see the sweep's summary line)",
                           problem="no such sweep")
+    rows = None if refresh else _indexed_rows(client, parent)
+    if rows is not None:
+        return SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,
+                          dict(parent.data.tags), sorted(rows, key=lambda r: r.overrides))
     by_key: dict[str, list] = {}
     for run in trial_runs(client, parent.info.experiment_id, sweep_id):
         by_key.setdefault(run.data.tags.get("trial_key", run.info.run_id), []).append(run)

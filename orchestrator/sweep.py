@@ -25,7 +25,7 @@ import time
 import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -308,9 +308,11 @@ class _SweepLoop:
                                          artifacts={"traceback.txt": details}))
 
 
-def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[str] = None) -> SweepSummary:
+def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[str] = None,
+            prior_rows: Sequence[dict] = ()) -> SweepSummary:
     """Run ``trials`` as one sweep; prints and returns its summary. ``reopen``: the parent run
-    of an earlier sweep (``settings.sweep.id``) that these trials are new attempts of."""
+    of an earlier sweep (``settings.sweep.id``) that these trials are new attempts of, and
+    ``prior_rows`` that sweep's trial rows before them."""
     import ray
 
     # Baselines first: the comparisons need them, and a capped sweep should not end without them.
@@ -322,7 +324,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
             "driver_pid": str(os.getpid())}
     if reopen is None:
         tags["trials"] = str(len(trials))
-    tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen)
+    tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen,
+                                    prior_rows=prior_rows)
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
     if settings.sweep.reuse:
         trials = _reuse_finished(tracker, trials, summary)
@@ -380,7 +383,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
                                                          reason="driver error before any trial started"))
                 summary.counts[Status.FAILED.value] += 1
         summary.elapsed_s = time.perf_counter() - started_at
-        tracker.finish_sweep(dict(summary.counts), status)
+        tracker.finish_sweep(status)
         if we_started_ray:
             ray.shutdown()
         _flush(tracker, settings.tracking.flush_timeout_s, summary)

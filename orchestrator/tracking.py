@@ -17,12 +17,15 @@ import json
 import os
 import queue
 import re
+import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from collections import Counter
+from typing import Any, Callable, Optional, Sequence
 
 from jobs.spec import Status, TrialResult, TrialSpec
 
@@ -31,6 +34,7 @@ MLFLOW_STATUS = {Status.FINISHED: "FINISHED", Status.UNSUPPORTED: "FINISHED", St
                  Status.TIMEOUT: "FAILED", Status.CANCELLED: "KILLED"}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CANCEL_TAG = "cancel_requested"
+INDEX_FILE, INDEX_TAG = "trials.json", "trial_index"
 # Tags that place a run in the layout (which sweep, which trial, what state), not results.
 RUN_LAYOUT_TAGS = {"sweep_id", "trial_key", "attempt", "status", "overrides", "kind", "git_sha", "git_dirty",
                    "resubmit_overrides", "reason", "reused_from", "reused_from_sweep"}
@@ -150,6 +154,15 @@ def check_sweep_id(sweep_id: str, key: str) -> None:
         raise ConfigError(key, sweep_id, "letters, digits, '_', '.' and '-' (at most 64), e.g. swp-7f3a2c")
 
 
+def invalidate_index(mlflow_client, parent_id: str) -> None:
+    """Trial runs are about to change outside a driver: `status` must read the runs themselves."""
+    try:
+        mlflow_client.delete_tag(parent_id, INDEX_TAG)
+    except Exception as error:  # no index yet is fine; anything else is not
+        if "no tag" not in str(error).lower() and "not found" not in str(error).lower():
+            raise
+
+
 def run_name(spec: TrialSpec) -> str:
     return " ".join(spec.overrides) or spec.trial_key
 
@@ -185,8 +198,9 @@ class SweepTracker:
     """The sweep's parent run, created at once; child runs and results written by a :class:`Writer`."""
 
     def __init__(self, uri: str, experiment: str, sweep_id: str, tags: dict[str, str],
-                 parent_id: Optional[str] = None):
-        """A new sweep, or with ``parent_id`` an earlier one reopened (resubmission) for more attempts."""
+                 parent_id: Optional[str] = None, prior_rows: Sequence[dict[str, Any]] = ()):
+        """A new sweep, or with ``parent_id`` an earlier one reopened (resubmission) for more attempts;
+        ``prior_rows``: its trials' rows (``orchestrator.status.TrialRow`` as dicts) before this run."""
         from mlflow.entities import RunTag
 
         self.uri, self.sweep_id = uri, sweep_id
@@ -199,13 +213,14 @@ class SweepTracker:
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
             parent = self.client.create_run(self.experiment_id, run_name=sweep_id,
                                             tags={**self.common_tags, **tags, "kind": "sweep"})
-            self.parent_id = parent.info.run_id
         else:
-            self.parent_id = parent_id
-            self.experiment_id = retrying(lambda: self.client.get_run(parent_id), START_DEADLINE_S,
-                                          "open the sweep").info.experiment_id
+            parent = retrying(lambda: self.client.get_run(parent_id), START_DEADLINE_S, "open the sweep")
+            self.experiment_id = parent.info.experiment_id
             self.client.update_run(parent_id, status="RUNNING")
             self.client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.parent_id, self._parent_artifacts = parent.info.run_id, parent.info.artifact_uri
+        # trial key -> its row in the sweep's index (see write_index), latest attempt first
+        self.index: dict[str, dict[str, Any]] = {row["trial_key"]: dict(row) for row in prior_rows}
         self.run_ids: dict[str, str] = {}  # trial key -> child run id, once created
         self._tried: set[str] = set()      # trial keys whose run creation was attempted
         self._finished: set[str] = set()   # trial keys whose result has been handed to the writer
@@ -228,6 +243,10 @@ class SweepTracker:
 
     def finish_trial(self, spec: TrialSpec, result: TrialResult, extra_tags: Optional[dict[str, str]] = None) -> None:
         self._finished.add(spec.trial_key)
+        self.index[spec.trial_key] = {
+            "trial_key": spec.trial_key, "overrides": " ".join(spec.overrides), "status": result.status.value,
+            "attempts": spec.attempt, "latest_attempt": spec.attempt, "reason": result.reason or "", "run_id": None,
+            "executions": int((extra_tags or {}).get("ray_executions", 0))}
         self.writer.submit(f"record trial {spec.trial_key} ({result.status.value})", self._finish_trial, spec,
                            result, extra_tags or {})
 
@@ -242,9 +261,25 @@ class SweepTracker:
         """The sweep's trial counts (latest attempt of each key) on its parent run."""
         mlflow_client.log_batch(parent_id, metrics=SweepTracker.count_metrics(counts))
 
-    def finish_sweep(self, counts: dict[str, int], status: str = "FINISHED") -> None:
+    def finish_sweep(self, status: str = "FINISHED") -> None:
+        """The sweep's index and counts (over every trial key, earlier attempts included), then its end."""
+        counts = Counter(row["status"] for row in self.index.values())
+        self.writer.submit("write the sweep's trial index", self._write_index)
         self.writer.submit("record the sweep's counts", self.record_counts, self.client, self.parent_id, counts)
         self.writer.submit("end the sweep's run", self.client.set_terminated, self.parent_id, status)
+
+    def _write_index(self) -> None:
+        """``trials.json`` on the parent run: one row per trial key, so that `orchestrator status` on a
+        finished sweep reads one file instead of every run. The tag ``trial_index`` vouches for it;
+        whatever changes trial runs behind the driver's back deletes the tag (:func:`invalidate_index`)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        token = secrets.token_hex(8)
+        rows = [{**row, "run_id": row["run_id"] or self.run_ids.get(key)} for key, row in self.index.items()]
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, INDEX_FILE).write_text(json.dumps({"token": token, "trials": rows}))
+            get_artifact_repository(self._parent_artifacts, tracking_uri=self.uri).log_artifacts(tmp)
+        self.client.set_tag(self.parent_id, INDEX_TAG, token)
 
     def finished_elsewhere(self, keys: set[str]) -> dict[str, Any]:
         """The FINISHED trial runs of earlier sweeps in this experiment, by trial key (the latest of each)."""
