@@ -3,7 +3,9 @@
 Builds a sweep of N trial runs (default 10,000) in a fresh sqlite store, laid out as the
 orchestrator lays them out (parent run; child runs with sweep_id / kind / trial_key /
 status / attempt / overrides tags, a real trial's ~65 params and a few metrics; every
-50th key with two attempts), then times the real command in a subprocess. Target: under 10 s for 10,000 trials.
+50th key with two attempts), ends it as a driver does (its trial index), then times the real command in a subprocess: as
+is (a finished sweep is read from its index) and with --refresh (every run read). Target:
+under 10 s for 10,000 trials.
 
     python benchmarks/status.py --trials 10000 --json status.json
 """
@@ -44,6 +46,7 @@ def build(uri: str, n: int) -> str:
     from orchestrator import tracking
 
     params = [Param(k, v) for k, v in trial_params().items()]
+    rows = []
 
     client = tracking.client(uri)
     experiment = client.create_experiment("status-bench")
@@ -61,8 +64,25 @@ def build(uri: str, n: int) -> str:
             client.log_batch(run.info.run_id, params=params, tags=[RunTag("ray_executions", "1")],
                              metrics=[Metric("decode_tokens_per_s", 100.0 + i, 0, 0), Metric("perplexity", 20.0, 0, 0)])
             client.set_terminated(run.info.run_id, "FINISHED" if status == "FINISHED" else "FAILED")
-    client.set_terminated(parent.info.run_id)
+        rows.append({"trial_key": key, "overrides": f"model=tiny-llama dtype=int4 seed={i}", "status": status,
+                     "attempts": attempts, "latest_attempt": attempts, "reason": "", "run_id": run.info.run_id,
+                     "executions": 1})
+    # End the sweep as a driver does: its trial index, counts, and the parent run's end.
+    tracker = tracking.SweepTracker(uri, "status-bench", sweep_id, {}, parent_id=parent.info.run_id, prior_rows=rows)
+    tracker.finish_sweep()
+    tracker.writer.flush(600)
     return sweep_id
+
+
+def time_status(uri: str, sweep_id: str, *flags: str) -> tuple[float, dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "status", sweep_id, "--json", *flags,
+                           f"tracking.uri={uri}"], capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    return elapsed, json.loads(proc.stdout)
 
 
 def main() -> None:
@@ -75,21 +95,16 @@ def main() -> None:
         started = time.perf_counter()
         sweep_id = build(uri, args.trials)
         build_s = time.perf_counter() - started
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "orchestrator", "status", sweep_id, "--json",
-                               f"tracking.uri={uri}"], capture_output=True, text=True, env=env)
-        status_s = time.perf_counter() - started
+        status_s, state = time_status(uri, sweep_id)
+        refresh_s, fresh = time_status(uri, sweep_id, "--refresh")
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-2000:])
-    state = json.loads(proc.stdout)
-    assert len(state["trials"]) == args.trials, len(state["trials"])
+    assert len(state["trials"]) == args.trials and state["counts"] == fresh["counts"], (state["counts"], fresh["counts"])
     row = {"trials": args.trials, "runs": args.trials + args.trials // 50, "status_s": status_s,
-           "peak_rss_mb": peak_mb, "counts": state["counts"], "build_s": build_s}
-    print("| trials | runs | status --json s | peak RSS MiB |")
-    print("|---|---|---|---|")
-    print(f"| {row['trials']} | {row['runs']} | {status_s:.2f} | {peak_mb:.0f} |")
+           "status_refresh_s": refresh_s, "peak_rss_mb": peak_mb, "counts": state["counts"], "build_s": build_s}
+    print("| trials | runs | status --json s (finished sweep: its index) | status --json --refresh s (every run) "
+          "| peak RSS MiB |")
+    print("|---|---|---|---|---|")
+    print(f"| {row['trials']} | {row['runs']} | {status_s:.2f} | {refresh_s:.2f} | {peak_mb:.0f} |")
     args.json.write_text(json.dumps(row, indent=2))
 
 
