@@ -191,6 +191,7 @@ def submit(args: list[str]) -> int:
 
 def resubmit(args: list[str], mode: str | None = None) -> int:
     """`resubmit ID --failed|--unfinished [overrides]`; `resume ID` is `--unfinished`."""
+    from jobs.spec import Status
     from orchestrator import errors
     from orchestrator import resubmit as resubmission
     from orchestrator import status as sweep_status
@@ -220,7 +221,7 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
             if alive:
                 return _error(f"sweep={opts.sweep_id}: still running ({alive}); allowed: a sweep whose driver "
                               f"has ended (orchestrator cancel {opts.sweep_id})")
-            closed = resubmission.close_lost_runs(client, state)
+            closed = sweep_status.close_open_runs(client, state, Status.FAILED, "driver lost: the sweep's driver died")
             print(f"sweep {opts.sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
             state = sweep_status.load(uri, opts.sweep_id, refresh=True)
         settings, trials, skipped = resubmission.plan_trials(client, state, mode,

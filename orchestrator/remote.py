@@ -22,6 +22,7 @@ from jobs.spec import Status
 from orchestrator import status as sweep_status
 from orchestrator import tracking
 
+SUBMIT_DEADLINE_S = 120.0
 JOB_ENV = "QUANTSWEEP_RAY_JOB"  # "<dashboard address> <submission id>", set on a submitted driver
 WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", ".scratch", ".whl", ".device", "mlruns", "mlartifacts", "mlflow.db",
                         "*.egg-info", "__pycache__", ".pytest_cache", "outputs", "multirun"]
@@ -53,11 +54,14 @@ def submit(address: str, run_args: list[str], sweep_id: str, tracking_uri: str) 
     args = [*run_args, f"sweep.id={sweep_id}", f"tracking.uri={tracking_uri}"]
     if not any(a.startswith("cluster.address=") for a in run_args):
         args.append("cluster.address=auto")  # the cluster the job runs on
-    _job_client(address).submit_job(
+    client = _job_client(address)
+    # A head that has just started answers "No available agent ... try again later" for a while.
+    tracking.retrying(lambda: client.submit_job(
         entrypoint=f"python -m orchestrator run {shlex.join(args)}", submission_id=job_id,
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
                      "env_vars": {JOB_ENV: f"{address} {job_id}"}},
-        metadata={"sweep_id": sweep_id, "tracking_uri": tracking_uri})
+        metadata={"sweep_id": sweep_id, "tracking_uri": tracking_uri}), SUBMIT_DEADLINE_S, "submit the ray job",
+        "ray: dashboard")
     return job_id
 
 
@@ -101,20 +105,6 @@ def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sw
     _job_client(job_address).stop_job(job_id)
     while job_info(job_address, job_id)["status"] not in ("STOPPED", "SUCCEEDED", "FAILED"):
         time.sleep(1)
-    _close_left_open(client, uri, sweep_id)
+    sweep_status.close_open_runs(client, sweep_status.load(uri, sweep_id, refresh=True), Status.CANCELLED,
+                                 "cancelled: orchestrator cancel stopped the job")
     return sweep_status.load(uri, sweep_id)
-
-
-def _close_left_open(client, uri: str, sweep_id: str) -> None:
-    """After the driver was stopped by force: end its open runs CANCELLED, the parent KILLED."""
-    from mlflow.entities import RunTag
-
-    state = sweep_status.load(uri, sweep_id)
-    tracking.invalidate_index(client, state.parent_run_id)
-    for run in sweep_status.trial_runs(client, state.experiment_id, sweep_id):
-        if run.info.status in ("RUNNING", "SCHEDULED"):
-            client.log_batch(run.info.run_id, tags=[RunTag("status", Status.CANCELLED.value),
-                                                    RunTag("reason", "cancelled: orchestrator cancel stopped the job")])
-            client.set_terminated(run.info.run_id, "KILLED")
-    if client.get_run(state.parent_run_id).info.status == "RUNNING":
-        client.set_terminated(state.parent_run_id, "KILLED")

@@ -53,22 +53,6 @@ def driver_alive(tags: dict[str, str]) -> Optional[str]:
         HEARTBEAT_STALE_S else None
 
 
-def close_lost_runs(client, state: sweep_status.SweepState) -> int:
-    """End the runs a dead driver left open: FAILED, reason "driver lost"; returns how many."""
-    from mlflow.entities import RunTag
-
-    closed = 0
-    tracking.invalidate_index(client, state.parent_run_id)
-    for run in sweep_status.trial_runs(client, state.experiment_id, state.sweep_id):
-        if run.info.status in ("RUNNING", "SCHEDULED"):
-            client.log_batch(run.info.run_id, tags=[RunTag("status", Status.FAILED.value),
-                                                    RunTag("reason", "driver lost: the sweep's driver died")])
-            client.set_terminated(run.info.run_id, "FAILED")
-            closed += 1
-    client.set_terminated(state.parent_run_id, "FAILED")
-    return closed
-
-
 def _check_safe(stored: Any, where: str) -> dict:
     """Refuse a stored config that is not what this project writes."""
     expected = {*TRIAL_SECTIONS, "resources"}

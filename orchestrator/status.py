@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from jobs.spec import Status
 from orchestrator import tracking
 from orchestrator.errors import ConfigError
 
@@ -79,6 +80,23 @@ def trial_runs(client, experiment_id: str, sweep_id: str) -> list:
         token = page.token
         if not token:
             return runs
+
+
+def close_open_runs(client, state: SweepState, status: Status, reason: str) -> int:
+    """End the runs a driver that is gone left open (trials, then the parent) with ``status`` and
+    ``reason``; the sweep's index no longer holds, so it is invalidated first. Returns how many trials."""
+    from mlflow.entities import RunTag
+
+    tracking.invalidate_index(client, state.parent_run_id)
+    closed = 0
+    for run in trial_runs(client, state.experiment_id, state.sweep_id):
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            client.log_batch(run.info.run_id, tags=[RunTag("status", status.value), RunTag("reason", reason)])
+            client.set_terminated(run.info.run_id, tracking.MLFLOW_STATUS[status])
+            closed += 1
+    if client.get_run(state.parent_run_id).info.status == "RUNNING":
+        client.set_terminated(state.parent_run_id, tracking.MLFLOW_STATUS[status])
+    return closed
 
 
 def _attempt(run) -> int:

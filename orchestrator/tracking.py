@@ -77,10 +77,11 @@ def code_version() -> dict[str, str]:
     return {"git_sha": sha.stdout.strip(), "git_dirty": str(bool(dirty.stdout.strip()))}
 
 
-# Signs of a store that is unreachable for now, not of a bad request: worth retrying.
+# Signs of a service (an MLflow store, a Ray dashboard) unreachable or not ready for now, not of
+# a bad request: worth retrying.
 TRANSIENT = ("max retries exceeded", "connection refused", "connection reset", "connection aborted",
              "failed to establish", "timed out", "database is locked", "temporarily unavailable",
-             "bad gateway", "service unavailable", "remote end closed")
+             "bad gateway", "service unavailable", "remote end closed", "try again later")
 RETRY_DELAYS_S = (0.5, 1, 2, 4, 5)  # then every 5 s
 
 
@@ -93,8 +94,8 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
-def retrying(fn: Callable[[], Any], deadline_s: float, what: str) -> Any:
-    """Call ``fn`` until it succeeds, retrying transient store errors for up to ``deadline_s``."""
+def retrying(fn: Callable[[], Any], deadline_s: float, what: str, service: str = "mlflow: store") -> Any:
+    """Call ``fn`` until it succeeds, retrying transient errors of ``service`` for up to ``deadline_s``."""
     started = time.monotonic()
     for attempt in range(10 ** 9):
         try:
@@ -103,7 +104,7 @@ def retrying(fn: Callable[[], Any], deadline_s: float, what: str) -> Any:
             if not is_transient(error) or time.monotonic() - started > deadline_s:
                 raise
             if attempt == 0:
-                print(f"mlflow: {what}: store unreachable, retrying ({str(error).splitlines()[0][:160]})",
+                print(f"{what}: {service} unreachable, retrying ({str(error).splitlines()[0][:160]})",
                       file=sys.stderr)
             time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
 
