@@ -36,11 +36,16 @@ def log_probs(model, windows: torch.Tensor, batch_size: int, device: torch.devic
     return torch.cat(out)
 
 
+def _nll(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    return -logp.gather(-1, targets.unsqueeze(-1)).mean().item()
+
+
 def accuracy_metrics(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.Tensor) -> dict:
     targets = windows[:, 1:]
-    nll = -logp.gather(-1, targets.unsqueeze(-1)).mean().item()
+    nll = _nll(logp, targets)
     # KL(reference || quantized) per token, averaged over tokens.
     kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean().item()
     top1 = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
-    return {"perplexity": math.exp(nll), "nll": nll, "kl_divergence": kl,
-            "top1_agreement": top1, "eval_tokens": float(targets.numel())}
+    # The reference's own perplexity: the comparison checks it against the baseline trial's.
+    return {"perplexity": math.exp(nll), "nll": nll, "kl_divergence": kl, "top1_agreement": top1,
+            "reference_perplexity": math.exp(_nll(ref_logp, targets)), "eval_tokens": float(targets.numel())}

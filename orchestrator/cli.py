@@ -29,12 +29,14 @@ commands:
                         run the sweep's driver on a Ray cluster (Ray Jobs API); prints the sweep id
   status ID [--json]    counts per status and one row per trial
   cancel ID             stop a running sweep; its open trials end CANCELLED
+  report ID [--out DIR] compare the trials with their baselines: speedups and accuracy deltas on
+                        each trial, a table and plots under report/ on the sweep's run
   resubmit ID --failed [overrides]
                         re-run the FAILED/TIMEOUT trials as their next attempt, in the same sweep
   resubmit ID --unfinished, resume ID
                         re-run every trial with no FINISHED attempt (after the driver died)
 
-status and cancel find the store as run does: tracking.uri=URI, else $MLFLOW_TRACKING_URI,
+status, cancel and report find the store as run does: tracking.uri=URI, else $MLFLOW_TRACKING_URI,
 else ./mlflow.db.
 
 Exit status: 0 all trials finished (or were unsupported here), 1 some failed, timed out
@@ -244,13 +246,32 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
     return 1 if summary.counts["FAILED"] or summary.counts["TIMEOUT"] or summary.counts["CANCELLED"] else 0
 
 
+def report(args: list[str]) -> int:
+    from orchestrator import report as comparison
+    from orchestrator.errors import ConfigError
+
+    uri, args = _tracking_uri(args)
+    parser = _parser("report", "Compare a sweep's trials with their baselines: deltas on each trial run, a table "
+                               "and plots under report/ on the sweep's run.")
+    parser.add_argument("--out", type=Path, help="also keep the report's files in this folder")
+    opts = parser.parse_args(args)
+    try:
+        rows, names = comparison.generate(uri, opts.sweep_id, opts.out)
+    except ConfigError as e:
+        return _error(str(e))
+    comparison.print_table(rows, opts.sweep_id)
+    where = f" and in {opts.out}" if opts.out else ""
+    print(f"report: {', '.join(names)} under report/ on the sweep's run{where}")
+    return 0
+
+
 def _is_local(address: str) -> bool:
     from urllib.parse import urlparse
 
     return urlparse(address if "://" in address else f"http://{address}").hostname in ("127.0.0.1", "localhost")
 
 
-COMMANDS = {"run": run, "submit": submit, "status": status, "cancel": cancel, "resubmit": resubmit,
+COMMANDS = {"run": run, "submit": submit, "status": status, "cancel": cancel, "report": report, "resubmit": resubmit,
             "resume": lambda args: resubmit(args, mode="unfinished")}
 
 

@@ -76,6 +76,12 @@ def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
                 key = next(k for k in a if a[k] != b.get(k))
                 raise ConfigError(f"{section}.{key}", b[key], f"one value for the whole sweep (first cell: {a[key]})",
                                   problem="varies across the sweep")
+    from orchestrator.report import COMPARED_SECTIONS
+
+    for section in first.sweep.baseline:
+        if section not in COMPARED_SECTIONS:
+            raise ConfigError(f"sweep.baseline.{section}", first.sweep.baseline[section],
+                              f"keys of sweep.baseline: {', '.join(COMPARED_SECTIONS)}", problem="unknown key")
     if first.sweep.id is not None:
         from orchestrator.tracking import check_sweep_id
 
@@ -84,8 +90,8 @@ def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
 
 
 def is_baseline(cfg: DictConfig) -> bool:
-    """An unquantized cell (a plain cast to the model's dtype) through the reference kernel."""
-    return cfg.dtype.format is None and cfg.kernel.name == "torch" and cfg.backend.name == "hf"
+    """A cell with the choices of ``sweep.baseline`` (default: bf16 through the torch kernel on hf)."""
+    return all(cfg[section].name == str(name) for section, name in cfg.sweep.baseline.items())
 
 
 def ray_options(cfg: DictConfig) -> dict[str, Any]:

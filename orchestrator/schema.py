@@ -156,6 +156,10 @@ class SweepConfig:
     id: Optional[str] = None  # None: a fresh swp-xxxxxx (`orchestrator submit` picks it up front)
     # Take cells that earlier sweeps (same experiment) finished, by trial key, instead of re-running them.
     reuse: bool = False
+    # The cell each trial is compared with: these choices of dtype/quant/kernel/backend, and the
+    # same model, bench, eval, seed, device and GPU type as the trial. Run first.
+    baseline: dict[str, str] = field(default_factory=lambda: {"dtype": "bf16", "kernel": "torch", "backend": "hf"})
+    report: bool = True  # the comparison report (table and plots) on the parent run at the sweep's end
 
 
 @dataclass

@@ -99,7 +99,7 @@ def close_open_runs(client, state: SweepState, status: Status, reason: str) -> i
     return closed
 
 
-def _attempt(run) -> int:
+def attempt_of(run) -> int:
     """The run's attempt number; -1 if its tag is not a positive integer (resubmission refuses those)."""
     text = run.data.tags.get("attempt", "1")
     return int(text) if text.isdigit() and int(text) > 0 else -1
@@ -138,10 +138,10 @@ def load(uri: str, sweep_id: str, refresh: bool = False) -> SweepState:
         by_key.setdefault(run.data.tags.get("trial_key", run.info.run_id), []).append(run)
     rows = []
     for key, runs in by_key.items():
-        latest = max(runs, key=_attempt)
+        latest = max(runs, key=attempt_of)
         tags = latest.data.tags
         rows.append(TrialRow(trial_key=key, overrides=tags.get("overrides", ""), status=tags.get("status", "?"),
-                             attempts=len(runs), latest_attempt=_attempt(latest), reason=tags.get("reason", ""),
+                             attempts=len(runs), latest_attempt=attempt_of(latest), reason=tags.get("reason", ""),
                              run_id=latest.info.run_id,
                              executions=int(tags.get("ray_executions", "0"))))
     rows.sort(key=lambda r: r.overrides)

@@ -15,6 +15,7 @@ short of SIGKILL, no child run is left RUNNING.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -30,11 +31,12 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig
 
 from jobs.spec import Status, TrialResult, TrialSpec
-from orchestrator import remote, tracking
+from orchestrator import remote, report, tracking
 
 POLL_S = 0.5
 CANCEL_POLL_S = 2.0
 HEARTBEAT_S = 30.0
+REPORT_TABLE_MAX_ROWS = 40  # larger sweeps: the table is in the report, not on the terminal
 COMPLETED: list["SweepSummary"] = []  # every sweep this process ran, for the CLI's exit code
 
 
@@ -324,6 +326,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
             "driver_pid": str(os.getpid())}
     if reopen is None:
         tags["trials"] = str(len(trials))
+        _say_missing_baselines(trials, dict(settings.sweep.baseline))
+    tags["baseline"] = json.dumps(dict(settings.sweep.baseline))
     tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen,
                                     prior_rows=prior_rows)
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
@@ -387,6 +391,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         if we_started_ray:
             ray.shutdown()
         _flush(tracker, settings.tracking.flush_timeout_s, summary)
+        if status == "FINISHED" and settings.sweep.report and any(report.measures(t.spec.config) for t in trials):
+            _report(uri, sweep_id, len(trials))
         print(summary.line(), flush=True)
         COMPLETED.append(summary)
     return summary
@@ -407,6 +413,30 @@ def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
         print(f"sweep.reuse=true: {len(done)} of {len(trials)} trials taken from earlier sweeps, "
               f"{len(trials) - len(done)} to run", file=sys.stderr)
     return [t for t in trials if t.spec.trial_key not in done]
+
+
+def _say_missing_baselines(trials: list[PlannedTrial], baseline: dict[str, str]) -> None:
+    measuring = [t for t in trials if report.measures(t.spec.config)]
+    missing = report.missing_baselines([t.spec.config for t in measuring], baseline)
+    if missing:
+        example = " ".join(measuring[missing[0]].spec.overrides)
+        print(f"no baseline: {len(missing)} of {len(measuring)} trials have no {report.describe(baseline)} cell with "
+              f"the same model, bench, eval, seed and device in this sweep (e.g. {example or 'the defaults'}); "
+              f"they get no speedups or deltas. Add the baseline's choices to the sweep, or set sweep.baseline.",
+              file=sys.stderr)
+
+
+def _report(uri: str, sweep_id: str, trials: int) -> None:
+    """The comparison report on the parent run; a failure here loses no result (`orchestrator report` redoes it)."""
+    try:
+        rows, names = report.generate(uri, sweep_id)
+    except Exception as error:
+        print(f"report: not made ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
+              f"try `orchestrator report {sweep_id}`", file=sys.stderr)
+        return
+    if trials <= REPORT_TABLE_MAX_ROWS:
+        report.print_table(rows, sweep_id)
+    print(f"report: {', '.join(names)} under report/ on the sweep's run", flush=True)
 
 
 def _cancel_requested(tracker: tracking.SweepTracker) -> bool:

@@ -13,6 +13,7 @@ restarting) is retried, in order, until it lands.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -110,21 +111,24 @@ def retrying(fn: Callable[[], Any], deadline_s: float, what: str, service: str =
 
 
 class Writer:
-    """Runs MLflow writes on one thread, in submission order, each retried while the store
-    is unreachable. ``flush`` waits for all of them."""
+    """Runs MLflow writes on one thread, each retried while the store is unreachable. ``flush``
+    waits for all of them. Writes run in submission order, except that ``deferrable`` ones (runs
+    made ahead of their results) yield to the rest: when results come faster than runs can be
+    made, a result's record makes its run itself, in fewer writes, and the deferred one is a no-op."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
         self.errors: list[str] = []  # writes refused by the store (not transient): reported, not retried
         self._thread = threading.Thread(target=self._work, name="mlflow-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, what: str, fn: Callable, *args) -> None:
-        self._queue.put((what, fn, args))
+    def submit(self, what: str, fn: Callable, *args, deferrable: bool = False) -> None:
+        self._queue.put((deferrable, next(self._order), what, fn, args))
 
     def _work(self) -> None:
         while True:
-            what, fn, args = self._queue.get()
+            _, _, what, fn, args = self._queue.get()
             try:
                 retrying(lambda: fn(*args), float("inf"), what)
             except Exception as error:
@@ -176,9 +180,12 @@ def client(uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if uri.startswith("sqlite:///"):
-        _use_wal(Path(uri[len("sqlite:///"):]))
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    _use_wal(Path(uri[len("sqlite:///"):]))
+    mlflow_client = MlflowClient(tracking_uri=uri)
+    _sync_wal_at_checkpoints(mlflow_client)
+    return mlflow_client
 
 
 def _use_wal(db: Path) -> None:
@@ -190,6 +197,19 @@ def _use_wal(db: Path) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _sync_wal_at_checkpoints(mlflow_client) -> None:
+    """``PRAGMA synchronous=NORMAL`` on the store's connections: in WAL mode a commit then
+    appends to the log without an fsync, and the log is synced at checkpoints. A crash of the
+    driver loses nothing; a power cut may lose the last commits, never the file's integrity."""
+    from sqlalchemy import event
+
+    engine = getattr(getattr(getattr(mlflow_client, "_tracking_client", None), "store", None), "engine", None)
+    if engine is None:  # MLflow moved its store: stay correct, only slower
+        return
+    event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA synchronous=NORMAL"))
+    engine.dispose()  # pooled connections made before the listener reconnect with it
 
 
 START_DEADLINE_S = 120.0  # how long the start of a sweep waits for an unreachable store
@@ -226,10 +246,11 @@ class SweepTracker:
         self._tried: set[str] = set()      # trial keys whose run creation was attempted
         self._finished: set[str] = set()   # trial keys whose result has been handed to the writer
         self._artifact_uris: dict[str, str] = {}
+        self._config_stored: set[str] = set()  # trial keys whose config.yaml is uploaded (writer thread only)
         self.writer = Writer()
 
     def add_trial(self, spec: TrialSpec) -> None:
-        self.writer.submit(f"create the run of trial {spec.trial_key}", self._create_trial, spec)
+        self.writer.submit(f"create the run of trial {spec.trial_key}", self._create_trial, spec, deferrable=True)
 
     def mark_running(self, key: str, node: str, execution: int) -> None:
         from mlflow.entities import RunTag
@@ -240,7 +261,7 @@ class SweepTracker:
         def mark() -> None:
             if key not in self._finished:  # by the time the writer gets here a fast trial may be done
                 self.client.log_batch(self.run_ids[key], tags=tags)
-        self.writer.submit(f"mark trial {key} running", mark)
+        self.writer.submit(f"mark trial {key} running", mark, deferrable=True)  # after its run is made
 
     def finish_trial(self, spec: TrialSpec, result: TrialResult, extra_tags: Optional[dict[str, str]] = None) -> None:
         self._finished.add(spec.trial_key)
@@ -255,7 +276,7 @@ class SweepTracker:
     def count_metrics(counts: dict[str, int]) -> list:
         from mlflow.entities import Metric
 
-        return [Metric(f"trials_{s.value.lower()}", counts.get(s.value, 0), _now_ms(), 0) for s in Status if s.is_final]
+        return [Metric(f"trials_{s.value.lower()}", counts.get(s.value, 0), now_ms(), 0) for s in Status if s.is_final]
 
     @staticmethod
     def record_counts(mlflow_client, parent_id: str, counts: dict[str, int]) -> None:
@@ -316,24 +337,29 @@ class SweepTracker:
         return self.client.get_run(self.parent_id).data.tags.get(CANCEL_TAG) == "true"
 
     def _create_trial(self, spec: TrialSpec) -> None:
-        import yaml
+        if spec.trial_key in self._finished:
+            return  # done before the writer got here: its result's record creates the run, in fewer writes
+        self._ensure_run(spec, {"status": Status.PENDING.value})
+        # The resolved config is stored from the start: resubmission reads it back.
+        self._upload(spec.trial_key, {"config.yaml": config_yaml(spec.config)})
+        self._config_stored.add(spec.trial_key)
 
+    def _ensure_run(self, spec: TrialSpec, tags: dict[str, str]) -> bool:
+        """Create the trial's run with its layout tags and ``tags``, unless it exists; whether it was made now."""
         key = spec.trial_key
-        if key not in self.run_ids:
-            # A retried create_run whose first try reached the server must not make a second run.
-            found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
-                f"tags.sweep_id = '{self.sweep_id}' AND tags.trial_key = '{key}'")) if key in self._tried else []
-            self._tried.add(key)
-            run = found[0] if found else self.client.create_run(
-                self.experiment_id, run_name=run_name(spec), tags={
-                    **self.common_tags, "mlflow.parentRunId": self.parent_id, "kind": "trial", "trial_key": key,
-                    "attempt": str(spec.attempt), "status": Status.PENDING.value,
-                    "overrides": " ".join(spec.overrides),
-                    **({"resubmit_overrides": " ".join(spec.resubmit_overrides)} if spec.attempt > 1 else {})})
-            self.run_ids[key], self._artifact_uris[key] = run.info.run_id, run.info.artifact_uri
-        # The resolved config is stored from the start (resubmission reads it back); the
-        # params, its flattened form for the UI, go with the results in one batch.
-        self._upload(key, {"config.yaml": yaml.safe_dump(spec.config, sort_keys=False)})
+        if key in self.run_ids:
+            return False
+        # A retried create_run whose first try reached the server must not make a second run.
+        found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.sweep_id = '{self.sweep_id}' AND tags.trial_key = '{key}'")) if key in self._tried else []
+        self._tried.add(key)
+        run = found[0] if found else self.client.create_run(
+            self.experiment_id, run_name=run_name(spec), tags={
+                **self.common_tags, "mlflow.parentRunId": self.parent_id, "kind": "trial", "trial_key": key,
+                "attempt": str(spec.attempt), "overrides": " ".join(spec.overrides),
+                **({"resubmit_overrides": " ".join(spec.resubmit_overrides)} if spec.attempt > 1 else {}), **tags})
+        self.run_ids[key], self._artifact_uris[key] = run.info.run_id, run.info.artifact_uri
+        return not found
 
     def _upload(self, key: str, files: dict[str, str]) -> None:
         """Write text artifacts straight to the run's artifact store: one upload, no tracking calls."""
@@ -352,19 +378,30 @@ class SweepTracker:
         from mlflow.entities import Metric, Param, RunTag
 
         key = spec.trial_key
-        now = _now_ms()
+        now = now_ms()
         metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items()]
         metrics.append(Metric("duration_s", result.duration_s, now, 0))
-        tags = [RunTag("status", result.status.value)] + [RunTag(k, str(v)) for k, v in
-                                                          {**result.env, **extra_tags}.items()]
+        tags = {"status": result.status.value, **{k: str(v) for k, v in {**result.env, **extra_tags}.items()}}
         if result.reason:
-            tags.append(RunTag("reason", result.reason[:5000]))
+            tags["reason"] = result.reason[:5000]
+        if self._ensure_run(spec, tags):
+            tags = {}
+        tags = [RunTag(k, v) for k, v in tags.items()]
         params = [Param(k, v) for k, v in flatten(spec.config).items()]
         for batch in _batches(params, metrics, tags):
             self.client.log_batch(self.run_ids[key], **batch)
-        if result.artifacts:
-            self._upload(key, result.artifacts)
+        files = dict(result.artifacts)
+        if key not in self._config_stored:
+            files["config.yaml"] = config_yaml(spec.config)
+        if files:
+            self._upload(key, files)
         self.client.set_terminated(self.run_ids[key], MLFLOW_STATUS[result.status])
+
+
+def config_yaml(config: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.dump(config, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
 
 def _batches(params: list, metrics: list, tags: list) -> list[dict]:
@@ -379,7 +416,7 @@ def _batches(params: list, metrics: list, tags: list) -> list[dict]:
     return batches
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     import time
 
     return int(time.time() * 1000)

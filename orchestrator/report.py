@@ -1,0 +1,423 @@
+"""Compare a sweep's trials with their baselines: deltas on each trial run, a report on the parent.
+
+A trial's baseline is the cell of the same sweep with the choices in ``sweep.baseline``
+(default dtype=bf16, kernel=torch, backend=hf) and everything else the trial's result depends
+on the same: model, bench, eval, seed, device and GPU type (:func:`pair_key`). Against it
+each trial gets ``speedup_prefill``, ``speedup_decode``, ``memory_ratio``,
+``weight_memory_ratio`` and ``perplexity_delta``. ``kl_divergence`` and ``top1_agreement``
+are measured inside the trial, on the same tokens, against the unquantized model at
+``model.dtype`` (logits are too big to ship between trials). That is the bf16 baseline's own
+computation for a bf16 model; where it is not (the fp32 tiny model), the report says how far
+the baseline itself is from that reference. A trial without a baseline says so in its
+``baseline`` tag and in the report; it is never compared with another cell instead.
+
+The report (``report/`` on the parent run; ``orchestrator report ID``, and at the end of
+every sweep): ``comparison.csv``, ``comparison.html`` (the table and the plots, one
+self-contained file), a Pareto plot per model, a speedup heatmap (format x kernel) and the
+latency distributions. matplotlib is imported only here, when a report is made.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from orchestrator import tracking
+
+# The sections a trial varies against its baseline; everything else must match.
+COMPARED_SECTIONS = ("dtype", "quant", "kernel", "backend")
+# (metric logged on the trial, the metric it is made of, how: ratio trial/baseline or difference)
+DELTAS = (("speedup_prefill", "prefill_tokens_per_s", "ratio"),
+          ("speedup_decode", "decode_tokens_per_s", "ratio"),
+          ("memory_ratio", "peak_memory_mb", "ratio"),
+          ("weight_memory_ratio", "weight_bytes", "ratio"),
+          ("perplexity_delta", "perplexity", "difference"))
+COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
+           "speedup_decode", "prefill_tokens_per_s", "speedup_prefill", "peak_memory_mb", "memory_ratio",
+           "weight_memory_ratio", "perplexity", "perplexity_delta", "kl_divergence", "top1_agreement", "baseline",
+           "run_id")
+
+
+def pair_key(params: dict[str, str]) -> tuple:
+    """What a trial and its baseline share: every param outside COMPARED_SECTIONS."""
+    return tuple(sorted((k, v) for k, v in params.items() if k.split(".", 1)[0] not in COMPARED_SECTIONS))
+
+
+def is_baseline(params: dict[str, str], baseline: dict[str, str]) -> bool:
+    return all(params.get(f"{section}.name") == str(name) for section, name in baseline.items())
+
+
+def describe(baseline: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in baseline.items())
+
+
+def measures(config: dict[str, Any]) -> bool:
+    """Whether a trial measures anything to compare (backend=noop only exercises the orchestrator)."""
+    return config["backend"]["name"] != "noop"
+
+
+def missing_baselines(configs: Sequence[dict[str, Any]], baseline: dict[str, str]) -> list[int]:
+    """Indexes of the trial configs (TrialSpec.config) that have no baseline among ``configs``."""
+    flat = [tracking.flatten(c) for c in configs]
+    have = {pair_key(p) for p in flat if is_baseline(p, baseline)}
+    return [i for i, p in enumerate(flat) if not is_baseline(p, baseline) and pair_key(p) not in have]
+
+
+def deltas(metrics: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for name, source, how in DELTAS:
+        if source in metrics and source in base:
+            if how == "difference":
+                out[name] = metrics[source] - base[source]
+            elif base[source] > 0:
+                out[name] = metrics[source] / base[source]
+    return out
+
+
+@dataclass
+class Row:
+    """One trial key's latest attempt, with its comparison against its baseline."""
+    key: str
+    run_id: str
+    overrides: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    artifact_uri: str
+    deltas: dict[str, float] = field(default_factory=dict)
+    baseline: str = ""  # the baseline's overrides, or why there is none
+    baseline_run_id: Optional[str] = None
+    is_baseline: bool = False
+    label: str = ""  # the overrides that tell this trial from the others in the sweep
+
+    def value(self, column: str) -> Any:
+        if column == "trial":
+            return self.label
+        if column in ("model", "dtype", "quant", "kernel", "backend"):
+            return self.params.get(f"{column}.name", "")
+        if column in ("status", "baseline", "run_id"):
+            return getattr(self, column)
+        return self.deltas.get(column, self.metrics.get(column))
+
+
+def compare(rows: list[Row], baseline: dict[str, str]) -> None:
+    """Fill each row's baseline and deltas (in place)."""
+    baselines: dict[tuple, list[Row]] = {}
+    common = set.intersection(*(set(r.overrides.split()) for r in rows)) if rows else set()
+    for row in rows:
+        row.label = " ".join(o for o in row.overrides.split() if o not in common) or row.overrides or row.key
+        row.is_baseline = is_baseline(row.params, baseline)
+        if row.is_baseline:
+            baselines.setdefault(pair_key(row.params), []).append(row)
+    for row in rows:
+        candidates = baselines.get(pair_key(row.params), [])
+        if not candidates:
+            row.baseline = f"missing: no {describe(baseline)} cell with the same model, bench, eval, seed and device"
+            continue
+        # Several baseline cells may differ only in settings that do nothing at their dtype (quant):
+        # prefer the one with the trial's own, then the finished one.
+        base = min(candidates, key=lambda b: (b.params.get("quant.name") != row.params.get("quant.name"),
+                                              b.status != "FINISHED", b.key))
+        row.baseline, row.baseline_run_id = base.overrides or base.key, base.run_id
+        if base.status != "FINISHED":
+            row.baseline += f" ({base.status}: nothing to compare with)"
+        elif row.status == "FINISHED":
+            row.deltas = deltas(row.metrics, base.metrics)
+
+
+def notes(rows: list[Row]) -> list[str]:
+    """What a reader must know to read the KL and top-1 columns right, and what is missing."""
+    out = []
+    for row in rows:
+        kl = row.metrics.get("kl_divergence")
+        if row.is_baseline and row.status == "FINISHED" and kl is not None and kl > 0:
+            out.append(f"KL and top-1 are against the unquantized model at model.dtype="
+                       f"{row.params.get('model.dtype')}; the baseline {row.label} is itself at KL {kl:.3g}, "
+                       f"top-1 {row.metrics.get('top1_agreement', math.nan):.1%} from it")
+    missing = [r.label for r in rows if r.baseline.startswith("missing")]
+    if missing:
+        out.append(f"no baseline for {len(missing)} trials ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+                   f": no speedups or deltas for them")
+    return out
+
+
+def load(uri: str, sweep_id: str) -> tuple[Any, list[Row], dict[str, str]]:
+    """(parent run, one row per trial key with its comparison, the baseline choices)."""
+    from orchestrator import status
+
+    tracking.check_sweep_id(sweep_id, "sweep")
+    client = tracking.client(uri)
+    parent = tracking.retrying(lambda: status.find_parent(client, sweep_id), 30, "find the sweep")
+    if parent is None:
+        from orchestrator.errors import ConfigError
+
+        raise ConfigError("sweep", sweep_id, f"a sweep id recorded in {uri} (see the sweep's summary line)",
+                          problem="no such sweep")
+    latest: dict[str, Any] = {}
+    for run in status.trial_runs(client, parent.info.experiment_id, sweep_id):
+        key = run.data.tags.get("trial_key", run.info.run_id)
+        if key not in latest or status.attempt_of(run) > status.attempt_of(latest[key]):
+            latest[key] = run
+    rows = [Row(key, run.info.run_id, run.data.tags.get("overrides", ""), run.data.tags.get("status", "?"),
+                dict(run.data.params), dict(run.data.metrics), run.info.artifact_uri)
+            for key, run in latest.items()]
+    rows.sort(key=lambda r: (r.params.get("model.name", ""), r.overrides))
+    baseline = json.loads(parent.data.tags.get("baseline", "null")) or {"dtype": "bf16", "kernel": "torch",
+                                                                          "backend": "hf"}
+    compare(rows, baseline)
+    return parent, rows, baseline
+
+
+def record_deltas(client, rows: Iterable[Row]) -> None:
+    """Each trial's comparison on its own run: delta metrics and the ``baseline``/``baseline_run_id`` tags."""
+    from mlflow.entities import Metric, RunTag
+
+    now = tracking.now_ms()
+    for row in rows:
+        tags = [RunTag("baseline", row.baseline[:5000])]
+        if row.baseline_run_id:
+            tags.append(RunTag("baseline_run_id", row.baseline_run_id))
+        client.log_batch(row.run_id, metrics=[Metric(k, v, now, 0) for k, v in row.deltas.items()], tags=tags)
+
+
+def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[list[Row], list[str]]:
+    """Compare, record the deltas on the trial runs and the report on the parent run (``report/``),
+    and keep a copy in ``out_dir`` if given. Returns the rows and the report's file names."""
+    parent, rows, baseline = load(uri, sweep_id)
+    client = tracking.client(uri)
+    record_deltas(client, rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir) if out_dir else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = write(folder, parent, rows, baseline, lambda row: _latency_samples(client, row))
+        client.log_artifacts(parent.info.run_id, str(folder), "report")
+    return rows, names
+
+
+def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if row.status != "FINISHED" or "decode_tokens_per_s" not in row.metrics:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = get_artifact_repository(row.artifact_uri).download_artifacts("latency_ms.json", tmp)
+        except Exception:  # a reused or older run without it: no distribution to draw
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], latency) -> list[str]:
+    """The report's files in ``folder``; ``latency(row)`` gives a row's latency samples or None."""
+    names = ["comparison.csv"]
+    with open(folder / "comparison.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows([_csv_value(r.value(c)) for c in COLUMNS] for r in rows)
+    figures = plots(rows, latency)
+    for name, png in figures.items():
+        (folder / name).write_bytes(png)
+    names += list(figures)
+    (folder / "comparison.html").write_text(_html(parent, rows, baseline, figures))
+    return names + ["comparison.html"]
+
+
+def _csv_value(value: Any) -> Any:
+    return "" if value is None else value
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+def plots(rows: list[Row], latency) -> dict[str, bytes]:
+    """PNG bytes by file name: a Pareto plot per model, the speedup heatmap, the latency distributions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures = {}
+    compared = [r for r in rows if r.status == "FINISHED" and "decode_tokens_per_s" in r.metrics]
+    for model in sorted({r.params.get("model.name", "") for r in compared}):
+        figures[f"pareto_{_slug(model)}.png"] = _pareto(model, [r for r in compared if r.params.get("model.name") == model])
+    if any("speedup_decode" in r.deltas for r in compared):
+        figures["speedup_heatmap.png"] = _heatmap(compared)
+    samples = [(r, s) for r in compared if (s := latency(r))]
+    if samples:
+        figures["latency.png"] = _latency(samples)
+    return figures
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "model"
+
+
+def _label(row: Row) -> str:
+    return f"{row.params.get('dtype.name')}/{row.params.get('kernel.name')}" + (
+        "" if row.params.get("backend.name") in (None, "hf") else f"/{row.params.get('backend.name')}")
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated points (lower cost, higher throughput), by cost."""
+    best, front = -math.inf, []
+    for cost, throughput in sorted(points, key=lambda p: (p[0], -p[1])):
+        if throughput > best:
+            front.append((cost, throughput))
+            best = throughput
+    return front
+
+
+def _pareto(model: str, rows: list[Row]):
+    import matplotlib.pyplot as plt
+
+    panels = (("kl_divergence", "KL divergence from the unquantized model (nats/token)"),
+              ("perplexity_delta", "perplexity increase over the baseline"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    kernels = sorted({r.params.get("kernel.name", "") for r in rows})
+    colors = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kernels)}
+    for ax, (metric, xlabel) in zip(axes, panels):
+        points = []
+        for row in rows:
+            x = row.deltas.get(metric, row.metrics.get(metric))
+            if x is None:
+                continue
+            y = row.metrics["decode_tokens_per_s"]
+            points.append((x, y))
+            ax.scatter(x, y, s=60, color=colors[row.params.get("kernel.name", "")], edgecolor="black", zorder=3)
+            ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if points:
+            front = _frontier(points)
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", linestyle="--",
+                    zorder=2, label="Pareto frontier")
+        if metric == "kl_divergence":  # spans decades, and the baseline sits at or near 0
+            ax.set_xscale("symlog", linthresh=1e-4)
+            xlabel += " (symlog)"
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("decode throughput (tokens/s)")
+        ax.grid(True, alpha=0.3)
+        for kernel in kernels:
+            ax.scatter([], [], color=colors[kernel], edgecolor="black", label=f"kernel={kernel}")
+        ax.legend(fontsize=8, loc="best")
+    bench = rows[0].params
+    fig.suptitle(f"{model}: decode throughput against accuracy cost (batch {bench.get('bench.batch_size')}, "
+                 f"prompt {bench.get('bench.prompt_len')} tokens; up and left is better)")
+    return _png(fig)
+
+
+def _heatmap(rows: list[Row]):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    models = sorted({r.params.get("model.name", "") for r in rows if "speedup_decode" in r.deltas})
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6, 5 * len(models)), 4.8), squeeze=False,
+                             constrained_layout=True)
+    for ax, model in zip(axes[0], models):
+        cells: dict[tuple[str, str], list[float]] = {}
+        for r in rows:
+            if r.params.get("model.name") == model and "speedup_decode" in r.deltas:
+                cells.setdefault((r.params["dtype.name"], r.params["kernel.name"]), []).append(r.deltas["speedup_decode"])
+        formats = sorted({f for f, _ in cells})
+        kernels = sorted({k for _, k in cells})
+        grid = [[statistics.median(cells[(f, k)]) if (f, k) in cells else math.nan for k in kernels] for f in formats]
+        values = [v for line in grid for v in line if not math.isnan(v) and v > 0]
+        spread = max([1.1] + [max(v, 1 / v) for v in values])  # a log scale centred on 1x: 2x and 0.5x look alike
+        image = ax.imshow(grid, cmap="RdYlGn", norm=LogNorm(vmin=1 / spread, vmax=spread), aspect="auto")
+        for i, line in enumerate(grid):
+            for j, v in enumerate(line):
+                ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}x", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(kernels)), kernels)
+        ax.set_yticks(range(len(formats)), formats)
+        ax.set_xlabel("kernel")
+        ax.set_ylabel("format (dtype)")
+        ax.set_title(model)
+        fig.colorbar(image, ax=ax, label="decode speedup over the baseline (x)")
+    fig.suptitle("Decode speedup by format and kernel (median over the other settings)")
+    return _png(fig)
+
+
+def _latency(samples: list[tuple[Row, dict[str, list[float]]]]):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.0, 0.45 * len(samples) + 1.5)), constrained_layout=True)
+    labels = [f"{r.params.get('model.name')} {_label(r)}" for r, _ in samples]
+    for ax, (name, title) in zip(axes, (("prefill_ms", "prefill latency per batch (ms)"),
+                                        ("decode_ms", "decode latency per token (ms)"))):
+        data = [s.get(name) or [math.nan] for _, s in samples]
+        ax.boxplot(data, orientation="horizontal", showfliers=True)
+        ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=8)
+        ax.set_xlabel(title)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("Latency distributions per trial (timed repeats after warm-up)")
+    return _png(fig)
+
+
+# ---- HTML and terminal -------------------------------------------------------------------------
+
+def _fmt(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if column.startswith("speedup") or column.endswith("ratio"):
+            return f"{value:.2f}x"
+        if column in ("kl_divergence", "perplexity_delta"):
+            return f"{value:.3g}"
+        if column == "top1_agreement":
+            return f"{value:.1%}"
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
+    return str(value)
+
+
+def _html(parent, rows: list[Row], baseline: dict[str, str], figures: dict[str, bytes]) -> str:
+    sweep_id = parent.data.tags.get("sweep_id", "")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c, r.value(c)))}</td>" for c in COLUMNS) + "</tr>"
+                   for r in rows)
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(rows))
+    images = "".join(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+                     f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
+                     for name, png in figures.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>sweep {html.escape(sweep_id)}: comparison</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#eee}}
+td:first-child{{text-align:left}} img{{max-width:100%}}</style></head>
+<body><h1>Sweep {html.escape(sweep_id)}</h1>
+<p>{len(rows)} trials. Baseline: {html.escape(describe(baseline))}, same model, bench, eval, seed and device.
+Speedups and memory ratios are trial / baseline; perplexity delta is trial minus baseline; KL divergence and
+top-1 agreement are against the unquantized model on the same tokens.</p>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{f"<h2>Notes</h2><ul>{items}</ul>" if items else ""}
+{images}
+</body></html>
+"""
+
+
+def print_table(rows: list[Row], sweep_id: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = {"trial": "trial", "status": "status", "decode_tokens_per_s": "decode tok/s",
+             "speedup_decode": "speedup decode", "speedup_prefill": "speedup prefill", "memory_ratio": "memory",
+             "perplexity_delta": "Δ ppl", "kl_divergence": "KL", "top1_agreement": "top-1"}
+    table = Table(*shown.values(), title=f"sweep {sweep_id} against its baselines (full table: report/comparison.csv)")
+    for r in rows:
+        table.add_row(*(_fmt(c, r.value(c)) for c in shown), style="bold" if r.is_baseline else None)
+    console = Console()
+    console.print(table)
+    for note in notes(rows):
+        console.print(f"note: {note}", highlight=False)
