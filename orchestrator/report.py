@@ -92,7 +92,6 @@ class Row:
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
-    artifact_uri: str
     deltas: dict[str, float] = field(default_factory=dict)
     baseline: str = ""  # the baseline's overrides, or why there is none
     baseline_run_id: Optional[str] = None
@@ -168,7 +167,7 @@ def load(uri: str, sweep_id: str) -> tuple[Any, list[Row], dict[str, str]]:
         if key not in latest or status.attempt_of(run) > status.attempt_of(latest[key]):
             latest[key] = run
     rows = [Row(key, run.info.run_id, run.data.tags.get("overrides", ""), run.data.tags.get("status", "?"),
-                dict(run.data.params), dict(run.data.metrics), run.info.artifact_uri)
+                dict(run.data.params), dict(run.data.metrics))
             for key, run in latest.items()]
     rows.sort(key=lambda r: (r.params.get("model.name", ""), r.overrides))
     baseline = json.loads(parent.data.tags.get("baseline", "null")) or {"dtype": "bf16", "kernel": "torch",
@@ -204,13 +203,11 @@ def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[l
 
 
 def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     if row.status != "FINISHED" or "decode_tokens_per_s" not in row.metrics:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = get_artifact_repository(row.artifact_uri).download_artifacts("latency_ms.json", tmp)
+            path = client.download_artifacts(row.run_id, "latency_ms.json", tmp)
         except Exception:  # a reused or older run without it: no distribution to draw
             return None
         return json.loads(Path(path).read_text())
@@ -345,7 +342,10 @@ def _heatmap(rows: list[Row]):
         ax.set_xlabel("kernel")
         ax.set_ylabel("format (dtype)")
         ax.set_title(model)
-        fig.colorbar(image, ax=ax, label="decode speedup over the baseline (x)")
+        bar = fig.colorbar(image, ax=ax, label="decode speedup over the baseline")
+        ticks = [t for t in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4) if 1 / spread <= t <= spread]
+        bar.set_ticks(ticks, labels=[f"{t:g}x" for t in ticks])
+        bar.minorticks_off()
     fig.suptitle("Decode speedup by format and kernel (median over the other settings)")
     return _png(fig)
 

@@ -393,6 +393,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         _flush(tracker, settings.tracking.flush_timeout_s, summary)
         if status == "FINISHED" and settings.sweep.report and any(report.measures(t.spec.config) for t in trials):
             _report(uri, sweep_id, len(trials))
+        if url := tracking.ui_url(uri, tracker.experiment_id):
+            print(f"mlflow ui: {url}")
         print(summary.line(), flush=True)
         COMPLETED.append(summary)
     return summary

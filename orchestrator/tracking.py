@@ -51,6 +51,13 @@ def resolve_uri(configured: Optional[str]) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def ui_url(uri: str, experiment_id: str) -> Optional[str]:
+    """The MLflow UI's runs table of an experiment on a tracking server (its GenAI view is the default)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Dotted param names (`model.name`, `bench.batch_size`) with string values."""
     flat: dict[str, str] = {}

@@ -43,6 +43,20 @@ def test_smoke_sweep_records_one_parent_and_three_finished_children(run_cli, tmp
         kl[params["dtype.name"]] = metrics["kl_divergence"]
     assert kl["int4"] > kl["int8"] > 0
 
+    # Compared with the bf16 cell, the baseline, on their own runs; the report on the parent.
+    by_dtype = {r.data.params["dtype.name"]: r for r in children}
+    base = by_dtype["bf16"]
+    for dtype in ("int8", "int4"):
+        run = by_dtype[dtype]
+        assert run.data.tags["baseline_run_id"] == base.info.run_id
+        speedup = client.get_run(run.info.run_id).data.metrics["speedup_decode"]
+        assert speedup == run.data.metrics["decode_tokens_per_s"] / base.data.metrics["decode_tokens_per_s"]
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/comparison.csv", "report/comparison.html", "report/pareto_tiny-llama.png",
+            "report/speedup_heatmap.png", "report/latency.png"} <= report
+    assert "report: comparison.csv" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(f"sweep {sweep_id}:")  # the summary line stays last
+
 
 def test_a_failing_trial_is_recorded_failed_with_its_traceback_while_the_others_finish(run_cli, tmp_path, tiny_model_cfg):
     # group_size=512 divides none of the tiny model's layers: int4 (per-group) raises, int8 (per-channel) does not.
