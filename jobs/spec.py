@@ -47,6 +47,8 @@ class TrialResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     reason: Optional[str] = None     # one line: why FAILED / UNSUPPORTED / ...
     duration_s: float = 0.0
+    # metric name -> (timestamp ms, step, value) samples: histories, such as system metrics
+    series: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)
 
 
 OUT_OF_MEMORY = "out of memory"

@@ -148,6 +148,9 @@ class TrackingConfig:
     # Writes that fail (server unreachable) are retried; at the sweep's end the driver waits
     # this long for them to land before giving up.
     flush_timeout_s: float = rule(600.0, gt=0)
+    # Sample MLflow's system metrics (CPU, memory; GPU utilisation and memory with nvidia-ml-py)
+    # on each trial's worker this often, into the trial's run. None: off.
+    system_metrics_interval_s: Optional[float] = rule(None, gt=0)
 
 
 @dataclass

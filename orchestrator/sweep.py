@@ -74,7 +74,7 @@ def new_sweep_id() -> str:
     return f"swp-{secrets.token_hex(3)}"
 
 
-def _run_trial(spec: TrialSpec, board) -> TrialResult:
+def _run_trial(spec: TrialSpec, board, system_metrics_interval_s: Optional[float]) -> TrialResult:
     """The Ray task: tell the driver it started, then run the trial (no Ray inside)."""
     import ray
 
@@ -82,7 +82,14 @@ def _run_trial(spec: TrialSpec, board) -> TrialResult:
 
     node = ray.get_runtime_context().get_node_id()
     board.start.remote(spec.trial_key, node)
-    result = jobs.run_trial(spec)
+    if system_metrics_interval_s is None:
+        result = jobs.run_trial(spec)
+    else:
+        from orchestrator.system_metrics import Sampler
+
+        with Sampler(system_metrics_interval_s) as sampler:
+            result = jobs.run_trial(spec)
+        result.series.update(sampler.series)
     result.env["ray_node"] = node  # the start note may reach the driver after a fast trial's result
     return result
 
@@ -256,7 +263,8 @@ class _SweepLoop:
         while self.queue and len(self.in_flight) < cap:
             key = self.queue.popleft()
             trial = self.trials[key]
-            ref = self.remote_trial.options(name=f"trial-{key}", **trial.ray_options).remote(trial.spec, self.board)
+            ref = self.remote_trial.options(name=f"trial-{key}", **trial.ray_options).remote(
+                trial.spec, self.board, self.settings.tracking.system_metrics_interval_s)
             self.in_flight[ref] = key
 
     def note_starts(self) -> None:

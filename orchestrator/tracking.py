@@ -388,6 +388,7 @@ class SweepTracker:
         now = now_ms()
         metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items()]
         metrics.append(Metric("duration_s", result.duration_s, now, 0))
+        metrics += [Metric(k, v, ts, step) for k, samples in result.series.items() for ts, step, v in samples]
         tags = {"status": result.status.value, **{k: str(v) for k, v in {**result.env, **extra_tags}.items()}}
         if result.reason:
             tags["reason"] = result.reason[:5000]

@@ -120,3 +120,14 @@ def test_ctrl_c_leaves_no_run_running(cli_env, tmp_path, tiny_model_cfg):
     assert parents[0].info.status == "KILLED"
     assert len(children) == 3
     assert all(r.info.status == "KILLED" and r.data.tags["status"] == "CANCELLED" for r in children)
+
+
+def test_system_metrics_are_sampled_on_the_worker_into_the_trials_run(run_cli, tmp_path):
+    proc = run_cli("run", "backend=noop", "backend.sleep_s=1.5", "tracking.system_metrics_interval_s=0.3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, children = mlflow_runs(tmp_path / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(children[0].info.run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 4 and [m.step for m in history] == list(range(len(history)))
+    assert all(0 <= m.value <= 100 * 64 for m in history)
+    assert "system/system_memory_usage_megabytes" in children[0].data.metrics
