@@ -41,6 +41,7 @@ DELTAS = (("speedup_prefill", "prefill_tokens_per_s", "ratio"),
           ("memory_ratio", "peak_memory_mb", "ratio"),
           ("weight_memory_ratio", "weight_bytes", "ratio"),
           ("perplexity_delta", "perplexity", "difference"))
+LATENCY_MAX_TRIALS = 40
 COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
            "speedup_decode", "prefill_tokens_per_s", "speedup_prefill", "peak_memory_mb", "memory_ratio",
            "weight_memory_ratio", "perplexity", "perplexity_delta", "kl_divergence", "top1_agreement", "baseline",
@@ -245,10 +246,26 @@ def plots(rows: list[Row], latency) -> dict[str, bytes]:
         figures[f"pareto_{_slug(model)}.png"] = _pareto(model, [r for r in compared if r.params.get("model.name") == model])
     if any("speedup_decode" in r.deltas for r in compared):
         figures["speedup_heatmap.png"] = _heatmap(compared)
-    samples = [(r, s) for r in compared if (s := latency(r))]
+    shown = _latency_rows(compared)
+    samples = [(r, s) for r in shown if (s := latency(r))]
     if samples:
-        figures["latency.png"] = _latency(samples)
+        figures["latency.png"] = _latency(samples, len(shown) < len(compared))
     return figures
+
+
+def _latency_rows(rows: list[Row]) -> list[Row]:
+    """Every trial, or in a big sweep the baselines and the Pareto-optimal trials (KL against
+    decode throughput) of each model: one box per trial stops reading well past a few dozen."""
+    if len(rows) <= LATENCY_MAX_TRIALS:
+        return rows
+    keep = []
+    for model in sorted({r.params.get("model.name", "") for r in rows}):
+        of_model = [r for r in rows if r.params.get("model.name", "") == model]
+        front = set(_frontier([(r.metrics.get("kl_divergence", math.inf), r.metrics["decode_tokens_per_s"])
+                               for r in of_model]))
+        keep += [r for r in of_model if r.is_baseline or
+                 (r.metrics.get("kl_divergence", math.inf), r.metrics["decode_tokens_per_s"]) in front]
+    return keep[:LATENCY_MAX_TRIALS]
 
 
 def _slug(text: str) -> str:
@@ -350,7 +367,7 @@ def _heatmap(rows: list[Row]):
     return _png(fig)
 
 
-def _latency(samples: list[tuple[Row, dict[str, list[float]]]]):
+def _latency(samples: list[tuple[Row, dict[str, list[float]]]], selected: bool):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, max(3.0, 0.45 * len(samples) + 1.5)), constrained_layout=True)
@@ -362,7 +379,8 @@ def _latency(samples: list[tuple[Row, dict[str, list[float]]]]):
         ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=8)
         ax.set_xlabel(title)
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle("Latency distributions per trial (timed repeats after warm-up)")
+    fig.suptitle("Latency distributions per trial (timed repeats after warm-up)" +
+                 ("; baselines and Pareto-optimal trials only" if selected else ""))
     return _png(fig)
 
 

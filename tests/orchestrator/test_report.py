@@ -131,3 +131,15 @@ def test_planning_finds_the_cells_without_a_baseline():
 def test_a_baseline_on_a_section_that_is_not_compared_is_refused():
     with pytest.raises(ConfigError, match=r"sweep\.baseline\.model.*keys of sweep\.baseline: dtype, quant, kernel, backend"):
         plan.sweep_settings([compose("+sweep.baseline.model=tiny-llama")])
+
+
+def test_a_big_sweep_draws_the_latency_of_its_baselines_and_pareto_optimal_trials_only():
+    def row(i, kl, decode, baseline=False):
+        r = report.Row(f"k{i}", f"r{i}", f"seed={i}", "FINISHED", {"model.name": "a"},
+                       {"kl_divergence": kl, "decode_tokens_per_s": decode})
+        r.is_baseline = baseline
+        return r
+    rows = [row(0, 0.0, 100.0, baseline=True)] + [row(i, 0.01 * i, 100.0 + (i % 7)) for i in range(1, 60)]
+    shown = report._latency_rows(rows)
+    assert [r.key for r in shown] == ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]
+    assert report._latency_rows(rows[:10]) == rows[:10]
