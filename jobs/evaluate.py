@@ -46,6 +46,7 @@ def accuracy_metrics(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.
     # KL(reference || quantized) per token, averaged over tokens.
     kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean().item()
     top1 = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
-    # The reference's own perplexity: the comparison checks it against the baseline trial's.
+    # The reference's own perplexity, to set beside the baseline trial's (they differ when the
+    # baseline's dtype is not the model's).
     return {"perplexity": math.exp(nll), "nll": nll, "kl_divergence": kl, "top1_agreement": top1,
             "reference_perplexity": math.exp(_nll(ref_logp, targets)), "eval_tokens": float(targets.numel())}

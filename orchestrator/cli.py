@@ -235,6 +235,9 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
         return _error(str(config_error))
     if skipped:
         print(f"{len(skipped)} trials already have a FINISHED attempt: not re-run (--force to re-run them)")
+    recorded = {t.trial_key for t in state.trials}
+    if unrun := sum(t.spec.trial_key not in recorded for t in trials):
+        print(f"{unrun} planned trials have no run (the driver died before making them): run as attempt 1")
     if not trials:
         print(f"sweep {opts.sweep_id}: nothing to re-run")
         return 0

@@ -41,6 +41,8 @@ DELTAS = (("speedup_prefill", "prefill_tokens_per_s", "ratio"),
           ("memory_ratio", "peak_memory_mb", "ratio"),
           ("weight_memory_ratio", "weight_bytes", "ratio"),
           ("perplexity_delta", "perplexity", "difference"))
+COMPARISON_METRICS = {name for name, _, _ in DELTAS}
+COMPARISON_TAGS = {"baseline", "baseline_run_id"}
 LATENCY_MAX_TRIALS = 40
 COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
            "speedup_decode", "prefill_tokens_per_s", "speedup_prefill", "peak_memory_mb", "memory_ratio",
@@ -93,6 +95,7 @@ class Row:
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
     deltas: dict[str, float] = field(default_factory=dict)
     baseline: str = ""  # the baseline's overrides, or why there is none
     baseline_run_id: Optional[str] = None
@@ -106,7 +109,9 @@ class Row:
             return self.params.get(f"{column}.name", "")
         if column in ("status", "baseline", "run_id"):
             return getattr(self, column)
-        return self.deltas.get(column, self.metrics.get(column))
+        if column in COMPARISON_METRICS:  # from this report's pairing only, never a stale logged value
+            return self.deltas.get(column)
+        return self.metrics.get(column)
 
 
 def compare(rows: list[Row], baseline: dict[str, str]) -> None:
@@ -124,9 +129,9 @@ def compare(rows: list[Row], baseline: dict[str, str]) -> None:
             row.baseline = f"missing: no {describe(baseline)} cell with the same model, bench, eval, seed and device"
             continue
         # Several baseline cells may differ only in settings that do nothing at their dtype (quant):
-        # prefer the one with the trial's own, then the finished one.
-        base = min(candidates, key=lambda b: (b.params.get("quant.name") != row.params.get("quant.name"),
-                                              b.status != "FINISHED", b.key))
+        # prefer a finished one, then the one with the trial's own.
+        base = min(candidates, key=lambda b: (b.status != "FINISHED",
+                                              b.params.get("quant.name") != row.params.get("quant.name"), b.key))
         row.baseline, row.baseline_run_id = base.overrides or base.key, base.run_id
         if base.status != "FINISHED":
             row.baseline += f" ({base.status}: nothing to compare with)"
@@ -168,7 +173,7 @@ def load(uri: str, sweep_id: str) -> tuple[Any, list[Row], dict[str, str]]:
         if key not in latest or status.attempt_of(run) > status.attempt_of(latest[key]):
             latest[key] = run
     rows = [Row(key, run.info.run_id, run.data.tags.get("overrides", ""), run.data.tags.get("status", "?"),
-                dict(run.data.params), dict(run.data.metrics))
+                dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
             for key, run in latest.items()]
     rows.sort(key=lambda r: (r.params.get("model.name", ""), r.overrides))
     baseline = json.loads(parent.data.tags.get("baseline", "null")) or {"dtype": "bf16", "kernel": "torch",
@@ -186,6 +191,8 @@ def record_deltas(client, rows: Iterable[Row]) -> None:
         tags = [RunTag("baseline", row.baseline[:5000])]
         if row.baseline_run_id:
             tags.append(RunTag("baseline_run_id", row.baseline_run_id))
+        elif "baseline_run_id" in row.tags:  # paired by an earlier report, not any more
+            client.delete_tag(row.run_id, "baseline_run_id")
         client.log_batch(row.run_id, metrics=[Metric(k, v, now, 0) for k, v in row.deltas.items()], tags=tags)
 
 
@@ -307,7 +314,7 @@ def _pareto(model: str, rows: list[Row]):
     for ax, (metric, xlabel) in zip(axes, panels):
         points = []
         for row in rows:
-            x = row.deltas.get(metric, row.metrics.get(metric))
+            x = row.value(metric)
             if x is None:
                 continue
             y = row.metrics["decode_tokens_per_s"]

@@ -13,6 +13,7 @@ resubmission refuses until it ends or is cancelled.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import tempfile
@@ -85,6 +86,19 @@ def _stored_config(client, run_id: str) -> Any:
         return yaml.safe_load(Path(path).read_text())
 
 
+def _planned_without_run(client, state: sweep_status.SweepState) -> list[tuple[str, str, Any]]:
+    """The cells of the sweep's plan (``plan.json`` on its parent run) that have no run at all:
+    a driver killed early never made them. (key, overrides, stored config) each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(state.parent_run_id, tracking.PLAN_FILE, tmp)
+        except Exception:  # a sweep from before plans were stored: its runs are all there is
+            return []
+        planned = json.loads(Path(path).read_text())["trials"]
+    have = {t.trial_key for t in state.trials}
+    return [(c["trial_key"], c["overrides"], c["config"]) for c in planned if c["trial_key"] not in have]
+
+
 def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: list[str], force: bool):
     """The PlannedTrials to re-run, their settings, and the keys skipped as already finished.
     Raises ConfigError (nothing is submitted) for a bad override or a stored config that fails the checks."""
@@ -104,26 +118,38 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
         experiment = client.get_experiment(state.experiment_id).name
         base = compose(config_name="config", overrides=[*sweep_level, f"sweep.id={state.sweep_id}",
                                                         f"sweep.name={experiment}"])
+    if "baseline" in state.tags:  # the sweep's own, not today's default
+        with open_dict(base):
+            base.sweep.baseline = json.loads(state.tags["baseline"])
     chosen = [t for t in state.trials if t.status in SELECT[mode] or (force and t.status == Status.FINISHED.value)]
-    trials = []
+    # (trial key, its overrides, its stored config, the attempt to run, where the config came from)
+    sources = []
     for row in chosen:
-        where = f"trial {row.trial_key} (run {row.run_id})"
         if not TRIAL_KEY.fullmatch(row.trial_key):
             raise ConfigError(f"trial_key tag of run {row.run_id}", row.trial_key, "16 hex digits",
                               problem="stored tag is not a trial key")
         if row.latest_attempt < 1:
             raise ConfigError(f"attempt tag of run {row.run_id}", "?", "a positive integer",
                               problem="stored tag is not an attempt number")
-        stored = _check_safe(_stored_config(client, row.run_id), where)
+        sources.append((row.trial_key, row.overrides, _stored_config(client, row.run_id),
+                        max(row.attempts, row.latest_attempt) + 1, f"trial {row.trial_key} (run {row.run_id})"))
+    if mode == "unfinished":
+        sources += [(key, overrides, config, 1, f"planned trial {key} (no run)")
+                    for key, overrides, config in _planned_without_run(client, state)]
+    trials = []
+    for key, overrides, stored, attempt, where in sources:
+        if not TRIAL_KEY.fullmatch(key):
+            raise ConfigError(f"trial key in the plan of sweep {state.sweep_id}", key, "16 hex digits",
+                              problem="stored plan has a bad trial key")
+        stored = _check_safe(stored, where)
         cell = OmegaConf.merge(base, {k: v for k, v in stored.items() if k != "resources"})
         with open_dict(cell):
             cell.resources = OmegaConf.merge(cell.resources, stored["resources"])
         ConfigLoaderImpl._apply_overrides_to_config(parsed, cell)
-        original = row.overrides.split() if row.overrides else []
+        original = overrides.split() if overrides else []
         planned = plan.planned_trial(cell, [*original, *trial_level])
-        spec = planned.spec.__class__(trial_key=row.trial_key, config=planned.spec.config,
-                                      overrides=planned.spec.overrides, attempt=max(row.attempts, row.latest_attempt) + 1,
-                                      resubmit_overrides=tuple(trial_level))
+        spec = planned.spec.__class__(trial_key=key, config=planned.spec.config, overrides=planned.spec.overrides,
+                                      attempt=attempt, resubmit_overrides=tuple(trial_level))
         trials.append(planned.__class__(spec, planned.ray_options, planned.timeout_s, planned.baseline))
     skipped = [t.trial_key for t in state.trials if t.status == Status.FINISHED.value and not force]
     return plan.sweep_settings([base]), trials, skipped

@@ -332,13 +332,16 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
     sweep_id = settings.sweep.id or new_sweep_id()
     tags = {"command": " ".join(sys.argv), **remote.job_tags(), "driver_host": socket.gethostname(),
             "driver_pid": str(os.getpid())}
-    if reopen is None:
+    if reopen is None:  # a resubmission keeps the sweep's own baseline
         tags["trials"] = str(len(trials))
+        tags["baseline"] = json.dumps(dict(settings.sweep.baseline))
         _say_missing_baselines(trials, dict(settings.sweep.baseline))
-    tags["baseline"] = json.dumps(dict(settings.sweep.baseline))
+    measuring = any(report.measures(t.spec.config) for t in trials)
     tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen,
                                     prior_rows=prior_rows)
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
+    if reopen is None:
+        tracker.write_plan([t.spec for t in trials])
     if settings.sweep.reuse:
         trials = _reuse_finished(tracker, trials, summary)
     for t in trials:
@@ -399,8 +402,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         if we_started_ray:
             ray.shutdown()
         _flush(tracker, settings.tracking.flush_timeout_s, summary)
-        if status == "FINISHED" and settings.sweep.report and any(report.measures(t.spec.config) for t in trials):
-            _report(uri, sweep_id, len(trials))
+        if status == "FINISHED" and settings.sweep.report and measuring and not summary.unrecorded:
+            _report(uri, sweep_id)
         if url := tracking.ui_url(uri, tracker.experiment_id):
             print(f"mlflow ui: {url}")
         print(summary.line(), flush=True)
@@ -436,17 +439,17 @@ def _say_missing_baselines(trials: list[PlannedTrial], baseline: dict[str, str])
               file=sys.stderr)
 
 
-def _report(uri: str, sweep_id: str, trials: int) -> None:
-    """The comparison report on the parent run; a failure here loses no result (`orchestrator report` redoes it)."""
+def _report(uri: str, sweep_id: str) -> None:
+    """The comparison report on the parent run. The results are recorded by now: a report that
+    fails or is interrupted loses none of them, and `orchestrator report` makes it again."""
     try:
         rows, names = report.generate(uri, sweep_id)
-    except Exception as error:
-        print(f"report: not made ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
-              f"try `orchestrator report {sweep_id}`", file=sys.stderr)
-        return
-    if trials <= REPORT_TABLE_MAX_ROWS:
-        report.print_table(rows, sweep_id)
-    print(f"report: {', '.join(names)} under report/ on the sweep's run", flush=True)
+        if len(rows) <= REPORT_TABLE_MAX_ROWS:
+            report.print_table(rows, sweep_id)
+        print(f"report: {', '.join(names)} under report/ on the sweep's run", flush=True)
+    except (Exception, KeyboardInterrupt) as error:
+        print(f"report: not made ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}); "
+              f"`orchestrator report {sweep_id}` makes it", file=sys.stderr)
 
 
 def _cancel_requested(tracker: tracking.SweepTracker) -> bool:

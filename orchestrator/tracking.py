@@ -36,6 +36,7 @@ MLFLOW_STATUS = {Status.FINISHED: "FINISHED", Status.UNSUPPORTED: "FINISHED", St
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CANCEL_TAG = "cancel_requested"
 INDEX_FILE, INDEX_TAG = "trials.json", "trial_index"
+PLAN_FILE = "plan.json"  # every cell of a sweep, written before any of its trial runs
 # Tags that place a run in the layout (which sweep, which trial, what state), not results.
 RUN_LAYOUT_TAGS = {"sweep_id", "trial_key", "attempt", "status", "overrides", "kind", "git_sha", "git_dirty",
                    "resubmit_overrides", "reason", "reused_from", "reused_from_sweep"}
@@ -215,8 +216,13 @@ def _sync_wal_at_checkpoints(mlflow_client) -> None:
     engine = getattr(getattr(getattr(mlflow_client, "_tracking_client", None), "store", None), "engine", None)
     if engine is None:  # MLflow moved its store: stay correct, only slower
         return
-    event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA synchronous=NORMAL"))
-    engine.dispose()  # pooled connections made before the listener reconnect with it
+    if not event.contains(engine, "connect", _synchronous_normal):  # MLflow shares one engine per URI
+        event.listen(engine, "connect", _synchronous_normal)
+        engine.dispose()  # pooled connections made before the listener reconnect with it
+
+
+def _synchronous_normal(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
 START_DEADLINE_S = 120.0  # how long the start of a sweep waits for an unreachable store
@@ -301,14 +307,23 @@ class SweepTracker:
         """``trials.json`` on the parent run: one row per trial key, so that `orchestrator status` on a
         finished sweep reads one file instead of every run. The tag ``trial_index`` vouches for it;
         whatever changes trial runs behind the driver's back deletes the tag (:func:`invalidate_index`)."""
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
         token = secrets.token_hex(8)
         rows = [{**row, "run_id": row["run_id"] or self.run_ids.get(key)} for key, row in self.index.items()]
-        with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, INDEX_FILE).write_text(json.dumps({"token": token, "trials": rows}))
-            get_artifact_repository(self._parent_artifacts, tracking_uri=self.uri).log_artifacts(tmp)
+        self._upload_to_parent(INDEX_FILE, json.dumps({"token": token, "trials": rows}))
         self.client.set_tag(self.parent_id, INDEX_TAG, token)
+
+    def write_plan(self, specs: Sequence[TrialSpec]) -> None:
+        """``plan.json`` on the parent run, ahead of any trial's run: every cell's key, overrides and
+        config, so that `orchestrator resume` finds the trials a killed driver never made runs for."""
+        plan = [{"trial_key": s.trial_key, "overrides": " ".join(s.overrides), "config": s.config} for s in specs]
+        self.writer.submit("store the sweep's plan", self._upload_to_parent, PLAN_FILE, json.dumps({"trials": plan}))
+
+    def _upload_to_parent(self, name: str, text: str) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, name).write_text(text)
+            get_artifact_repository(self._parent_artifacts, tracking_uri=self.uri).log_artifacts(tmp)
 
     def finished_elsewhere(self, keys: set[str]) -> dict[str, Any]:
         """The FINISHED trial runs of earlier sweeps in this experiment, by trial key (the latest of each)."""
@@ -329,8 +344,13 @@ class SweepTracker:
         environment copied onto a new child run, tagged with where they came from."""
         from jobs.spec import TrialResult
 
-        env = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.") and k not in RUN_LAYOUT_TAGS}
-        result = TrialResult(spec.trial_key, Status.FINISHED, metrics=dict(source.data.metrics), env=env)
+        from orchestrator.report import COMPARISON_METRICS, COMPARISON_TAGS
+
+        # Its comparison was against the other sweep's baseline: this sweep's report makes its own.
+        env = {k: v for k, v in source.data.tags.items()
+               if not k.startswith("mlflow.") and k not in RUN_LAYOUT_TAGS and k not in COMPARISON_TAGS}
+        metrics = {k: v for k, v in source.data.metrics.items() if k not in COMPARISON_METRICS}
+        result = TrialResult(spec.trial_key, Status.FINISHED, metrics=metrics, env=env)
         self.add_trial(spec)
         self.finish_trial(spec, result, {"reused_from": source.info.run_id,
                                          "reused_from_sweep": source.data.tags.get("sweep_id", "")})
@@ -358,7 +378,8 @@ class SweepTracker:
             return False
         # A retried create_run whose first try reached the server must not make a second run.
         found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
-            f"tags.sweep_id = '{self.sweep_id}' AND tags.trial_key = '{key}'")) if key in self._tried else []
+            f"tags.sweep_id = '{self.sweep_id}' AND tags.trial_key = '{key}' AND tags.attempt = '{spec.attempt}'")
+        ) if key in self._tried else []
         self._tried.add(key)
         run = found[0] if found else self.client.create_run(
             self.experiment_id, run_name=run_name(spec), tags={

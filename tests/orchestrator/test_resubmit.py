@@ -76,10 +76,15 @@ def test_resume_after_the_driver_was_killed(mlflow_server, cli_env, tmp_path, ru
     with sqlite3.connect(f"file:{mlflow_server.db}?mode=ro", uri=True) as conn:
         left_open = conn.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
     assert left_open > 1, "the killed driver left its parent run and unfinished trials open"
+    # A trial the driver never made a run for (killed early): only the sweep's plan knows it.
+    client, _, runs = _by_key(mlflow_server.uri)
+    unmade = next(r for attempts in runs.values() for r in attempts if r.data.tags["status"] != "FINISHED")
+    client.delete_run(unmade.info.run_id)
 
     resumed = run_cli("resume", sweep_id, store)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"sweep {sweep_id}: its driver is gone; closed" in resumed.stdout
+    assert "1 planned trials have no run (the driver died before making them): run as attempt 1" in resumed.stdout
     assert f"sweep {sweep_id} now: 5 trials (5 finished)" in resumed.stdout
 
     _, parents, runs = _by_key(mlflow_server.uri)

@@ -1,0 +1,44 @@
+"""The sweep tracker's writer on a real sqlite MLflow store: ordering, one run per trial."""
+
+import threading
+
+from mlflow.tracking import MlflowClient
+
+from jobs.spec import Status, TrialResult, TrialSpec
+from orchestrator import tracking
+
+
+def test_a_result_that_overtakes_its_runs_creation_makes_one_complete_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.SweepTracker(uri, "writer", "swp-111111", tags={})
+    hold = threading.Event()
+    tracker.writer.submit("hold the writer", hold.wait)  # everything below queues behind this
+    spec = TrialSpec(trial_key="0123456789abcdef", config={"seed": 1, "bench": {"batch_size": 2}}, overrides=("seed=1",))
+    tracker.add_trial(spec)  # deferrable: yields to the result below
+    tracker.mark_running(spec.trial_key, "node-1", 1)
+    tracker.finish_trial(spec, TrialResult(spec.trial_key, Status.FINISHED, metrics={"x": 1.5},
+                                           env={"host": "h"}, artifacts={"trial.log": "done"}), {"ray_executions": "1"})
+    tracker.finish_sweep()
+    hold.set()
+    assert tracker.writer.flush(60) and tracker.writer.errors == []
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([tracker.experiment_id], filter_string="tags.kind = 'trial'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "FINISHED"
+    assert run.data.tags["trial_key"] == spec.trial_key and run.data.tags["host"] == "h"
+    assert run.data.tags["mlflow.parentRunId"] == tracker.parent_id and run.data.tags["overrides"] == "seed=1"
+    assert run.data.params == {"seed": "1", "bench.batch_size": "2"} and run.data.metrics["x"] == 1.5
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "trial.log"}
+    assert tracking.INDEX_FILE in {a.path for a in client.list_artifacts(tracker.parent_id)}
+    assert client.get_run(tracker.parent_id).info.status == "FINISHED"
+
+
+def test_sqlite_stores_commit_without_fsync_and_share_one_listener(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, second = tracking.client(uri), tracking.client(uri)
+    for client in (first, second):
+        with client._tracking_client.store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
