@@ -59,7 +59,8 @@ def submit(address: str, run_args: list[str], sweep_id: str, tracking_uri: str) 
     tracking.retrying(lambda: client.submit_job(
         entrypoint=f"python -m orchestrator run {shlex.join(args)}", submission_id=job_id,
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
-                     "env_vars": {JOB_ENV: f"{address} {job_id}"}},
+                     # The working dir travels without .git: the code's version goes with it.
+                     "env_vars": {JOB_ENV: f"{address} {job_id}", **tracking.code_version_env()}},
         metadata={"sweep_id": sweep_id, "tracking_uri": tracking_uri}), SUBMIT_DEADLINE_S, "submit the ray job",
         "ray: dashboard")
     return job_id

@@ -72,8 +72,19 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+CODE_VERSION_ENV = {"git_sha": "QUANTSWEEP_GIT_SHA", "git_dirty": "QUANTSWEEP_GIT_DIRTY"}
+
+
+def code_version_env() -> dict[str, str]:
+    """:func:`code_version` as environment variables, for a driver started where there is no .git."""
+    return {CODE_VERSION_ENV[k]: v for k, v in code_version().items()}
+
+
 def code_version() -> dict[str, str]:
-    """The git sha of the project's code and whether its tree has uncommitted changes."""
+    """The git sha of the project's code and whether its tree has uncommitted changes (from the
+    environment where `orchestrator submit` put them)."""
+    if all(name in os.environ for name in CODE_VERSION_ENV.values()):
+        return {k: os.environ[name] for k, name in CODE_VERSION_ENV.items()}
     try:
         sha = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                              text=True, timeout=10)

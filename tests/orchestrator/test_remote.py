@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator import tracking
 from tests.conftest import free_port
 from tests.orchestrator.test_scheduling import SUMMARY, _tag_values, _wait_for
 
@@ -137,6 +138,8 @@ def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_
     assert f"sweep {sweep_id}: killed (2 cancelled)" in cancelled.stdout
     _, parents, children = _sweep_runs(mlflow_server.uri)
     assert parents[0].info.status == "KILLED" and parents[0].data.tags["ray_job_submission_id"] == f"quantsweep-{sweep_id}"
+    # The job's working dir has no .git: the code's version travelled with the submission.
+    assert parents[0].data.tags["git_sha"] == tracking.code_version()["git_sha"] != "unknown"
     assert all(r.info.status == "KILLED" and r.data.tags["status"] == "CANCELLED" for r in children)
     _wait_for(lambda: _jobs(ray_head, cli_env)[f"quantsweep-{sweep_id}"] in ("STOPPED", "SUCCEEDED", "FAILED"), 60,
               "the job ending")

@@ -128,6 +128,6 @@ def test_system_metrics_are_sampled_on_the_worker_into_the_trials_run(run_cli, t
     _, children = mlflow_runs(tmp_path / "mlflow.db")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = client.get_metric_history(children[0].info.run_id, "system/cpu_utilization_percentage")
-    assert len(history) >= 4 and [m.step for m in history] == list(range(len(history)))
+    assert len(history) >= 3 and [m.step for m in history] == list(range(len(history)))
     assert all(0 <= m.value <= 100 * 64 for m in history)
     assert "system/system_memory_usage_megabytes" in children[0].data.metrics
