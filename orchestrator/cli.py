@@ -235,7 +235,7 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
         return _error(str(config_error))
     if skipped:
         print(f"{len(skipped)} trials already have a FINISHED attempt: not re-run (--force to re-run them)")
-    recorded = {t.trial_key for t in state.trials}
+    recorded = {t.trial_key for t in state.trials if t.run_id}
     if unrun := sum(t.spec.trial_key not in recorded for t in trials):
         print(f"{unrun} planned trials have no run (the driver died before making them): run as attempt 1")
     if not trials:

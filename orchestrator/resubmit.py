@@ -86,19 +86,6 @@ def _stored_config(client, run_id: str) -> Any:
         return yaml.safe_load(Path(path).read_text())
 
 
-def _planned_without_run(client, state: sweep_status.SweepState) -> list[tuple[str, str, Any]]:
-    """The cells of the sweep's plan (``plan.json`` on its parent run) that have no run at all:
-    a driver killed early never made them. (key, overrides, stored config) each."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(state.parent_run_id, tracking.PLAN_FILE, tmp)
-        except Exception:  # a sweep from before plans were stored: its runs are all there is
-            return []
-        planned = json.loads(Path(path).read_text())["trials"]
-    have = {t.trial_key for t in state.trials}
-    return [(c["trial_key"], c["overrides"], c["config"]) for c in planned if c["trial_key"] not in have]
-
-
 def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: list[str], force: bool):
     """The PlannedTrials to re-run, their settings, and the keys skipped as already finished.
     Raises ConfigError (nothing is submitted) for a bad override or a stored config that fails the checks."""
@@ -121,7 +108,9 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
     if "baseline" in state.tags:  # the sweep's own, not today's default
         with open_dict(base):
             base.sweep.baseline = json.loads(state.tags["baseline"])
-    chosen = [t for t in state.trials if t.status in SELECT[mode] or (force and t.status == Status.FINISHED.value)]
+    # Cells with no run yet (never started by a driver that died) come from the sweep's plan, below.
+    chosen = [t for t in state.trials if t.run_id and
+              (t.status in SELECT[mode] or (force and t.status == Status.FINISHED.value))]
     # (trial key, its overrides, its stored config, the attempt to run, where the config came from)
     sources = []
     for row in chosen:
@@ -134,8 +123,9 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
         sources.append((row.trial_key, row.overrides, _stored_config(client, row.run_id),
                         max(row.attempts, row.latest_attempt) + 1, f"trial {row.trial_key} (run {row.run_id})"))
     if mode == "unfinished":
+        have = {t.trial_key for t in state.trials if t.run_id}
         sources += [(key, overrides, config, 1, f"planned trial {key} (no run)")
-                    for key, overrides, config in _planned_without_run(client, state)]
+                    for key, overrides, config in sweep_status.planned_without_run(client, state.parent_run_id, have)]
     trials = []
     for key, overrides, stored, attempt, where in sources:
         if not TRIAL_KEY.fullmatch(key):

@@ -29,7 +29,7 @@ class TrialRow:
     overrides: str
     status: str
     attempts: int
-    latest_attempt: int  # the latest run's attempt tag (-1: not a positive integer)
+    latest_attempt: int  # the latest run's attempt tag (-1: not a positive integer; 0: no run yet)
     reason: str
     run_id: str
     executions: int  # Ray executions of the latest attempt (more than 1: retried after a node/worker died)
@@ -120,6 +120,18 @@ def _indexed_rows(client, parent) -> Optional[list[TrialRow]]:
     return [TrialRow(**row) for row in index["trials"]]
 
 
+def planned_without_run(client, parent_run_id: str, have: set[str]) -> list[tuple[str, str, Any]]:
+    """The cells of the sweep's plan (``plan.json`` on its parent run) with no run yet: not
+    started, or never started by a driver that died. (key, overrides, config) each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent_run_id, tracking.PLAN_FILE, tmp)
+        except Exception:  # a sweep from before plans were stored: its runs are all there is
+            return []
+        planned = json.loads(Path(path).read_text())["trials"]
+    return [(c["trial_key"], c["overrides"], c["config"]) for c in planned if c["trial_key"] not in have]
+
+
 def load(uri: str, sweep_id: str, refresh: bool = False) -> SweepState:
     """Raises ConfigError if the store holds no sweep ``sweep_id``. A finished sweep is read from
     its index (one file) unless ``refresh``; a running one, or one without a valid index, from its runs."""
@@ -136,7 +148,9 @@ def load(uri: str, sweep_id: str, refresh: bool = False) -> SweepState:
     by_key: dict[str, list] = {}
     for run in trial_runs(client, parent.info.experiment_id, sweep_id):
         by_key.setdefault(run.data.tags.get("trial_key", run.info.run_id), []).append(run)
-    rows = []
+    rows = [TrialRow(trial_key=key, overrides=overrides, status=Status.PENDING.value, attempts=0, latest_attempt=0,
+                     reason="not started", run_id="", executions=0)
+            for key, overrides, _ in planned_without_run(client, parent.info.run_id, set(by_key))]
     for key, runs in by_key.items():
         latest = max(runs, key=attempt_of)
         tags = latest.data.tags

@@ -276,7 +276,7 @@ class _SweepLoop:
             self.executions[key] += 1
             self.nodes.setdefault(key, []).append(node)
             self.started_at[key] = time.monotonic()
-            self.tracker.mark_running(key, node, self.executions[key])
+            self.tracker.mark_running(self.trials[key].spec, node, self.executions[key])
 
     def end_timed_out(self) -> None:
         import ray
@@ -344,8 +344,6 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         tracker.write_plan([t.spec for t in trials])
     if settings.sweep.reuse:
         trials = _reuse_finished(tracker, trials, summary)
-    for t in trials:
-        tracker.add_trial(t.spec)
 
     we_started_ray, loop, interrupted = False, None, None
     try:

@@ -3,7 +3,8 @@
 Only the driver writes to MLflow (workers return their results by value, artifacts as
 text), so a local sqlite store sees one writer and a remote server needs no shared
 filesystem with the workers. Each child costs a few calls: create_run, one log_batch,
-its artifacts and set_terminated.
+its artifacts and set_terminated. The sweep's plan (``plan.json`` on the parent: every cell)
+is written first; a trial's run is made when the trial starts, or by its result.
 
 While trials run, writes go through a :class:`Writer` thread: the sweep loop never waits
 on the store, and a write that fails because the store is unreachable (a server
@@ -131,9 +132,9 @@ def retrying(fn: Callable[[], Any], deadline_s: float, what: str, service: str =
 
 class Writer:
     """Runs MLflow writes on one thread, each retried while the store is unreachable. ``flush``
-    waits for all of them. Writes run in submission order, except that ``deferrable`` ones (runs
-    made ahead of their results) yield to the rest: when results come faster than runs can be
-    made, a result's record makes its run itself, in fewer writes, and the deferred one is a no-op."""
+    waits for all of them. Writes run in submission order, except that ``deferrable`` ones (a
+    trial's start, which makes its run) yield to the rest: when results come faster than runs can
+    be made, a result's record makes its run itself, in fewer writes, and the deferred one is a no-op."""
 
     def __init__(self) -> None:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
@@ -273,19 +274,11 @@ class SweepTracker:
         self._config_stored: set[str] = set()  # trial keys whose config.yaml is uploaded (writer thread only)
         self.writer = Writer()
 
-    def add_trial(self, spec: TrialSpec) -> None:
-        self.writer.submit(f"create the run of trial {spec.trial_key}", self._create_trial, spec, deferrable=True)
-
-    def mark_running(self, key: str, node: str, execution: int) -> None:
-        from mlflow.entities import RunTag
-
-        tags = [RunTag("status", Status.RUNNING.value), RunTag("ray_node", node),
-                RunTag("ray_executions", str(execution))]
-
-        def mark() -> None:
-            if key not in self._finished:  # by the time the writer gets here a fast trial may be done
-                self.client.log_batch(self.run_ids[key], tags=tags)
-        self.writer.submit(f"mark trial {key} running", mark, deferrable=True)  # after its run is made
+    def mark_running(self, spec: TrialSpec, node: str, execution: int) -> None:
+        """A trial's run is made when it starts (the sweep's plan.json lists the cells not started).
+        The write is deferrable: a fast trial's result, if first, makes the run in one go."""
+        tags = {"status": Status.RUNNING.value, "ray_node": node, "ray_executions": str(execution)}
+        self.writer.submit(f"mark trial {spec.trial_key} running", self._start_trial, spec, tags, deferrable=True)
 
     def finish_trial(self, spec: TrialSpec, result: TrialResult, extra_tags: Optional[dict[str, str]] = None) -> None:
         self._finished.add(spec.trial_key)
@@ -362,7 +355,6 @@ class SweepTracker:
                if not k.startswith("mlflow.") and k not in RUN_LAYOUT_TAGS and k not in COMPARISON_TAGS}
         metrics = {k: v for k, v in source.data.metrics.items() if k not in COMPARISON_METRICS}
         result = TrialResult(spec.trial_key, Status.FINISHED, metrics=metrics, env=env)
-        self.add_trial(spec)
         self.finish_trial(spec, result, {"reused_from": source.info.run_id,
                                          "reused_from_sweep": source.data.tags.get("sweep_id", "")})
 
@@ -374,13 +366,17 @@ class SweepTracker:
         """Whether `orchestrator cancel` asked this sweep to stop (a tag on the parent run)."""
         return self.client.get_run(self.parent_id).data.tags.get(CANCEL_TAG) == "true"
 
-    def _create_trial(self, spec: TrialSpec) -> None:
-        if spec.trial_key in self._finished:
-            return  # done before the writer got here: its result's record creates the run, in fewer writes
-        self._ensure_run(spec, {"status": Status.PENDING.value})
-        # The resolved config is stored from the start: resubmission reads it back.
-        self._upload(spec.trial_key, {"config.yaml": config_yaml(spec.config)})
-        self._config_stored.add(spec.trial_key)
+    def _start_trial(self, spec: TrialSpec, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        key = spec.trial_key
+        if key in self._finished:
+            return  # done before the writer got here: its result's record makes the run
+        if not self._ensure_run(spec, tags):  # a second execution (Ray retried it), or a retried write
+            self.client.log_batch(self.run_ids[key], tags=[RunTag(k, v) for k, v in tags.items()])
+        if key not in self._config_stored:  # stored from the start: resubmission reads it back
+            self._upload(key, {"config.yaml": config_yaml(spec.config)})
+            self._config_stored.add(key)
 
     def _ensure_run(self, spec: TrialSpec, tags: dict[str, str]) -> bool:
         """Create the trial's run with its layout tags and ``tags``, unless it exists; whether it was made now."""

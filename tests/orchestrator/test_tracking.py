@@ -14,8 +14,7 @@ def test_a_result_that_overtakes_its_runs_creation_makes_one_complete_run(tmp_pa
     hold = threading.Event()
     tracker.writer.submit("hold the writer", hold.wait)  # everything below queues behind this
     spec = TrialSpec(trial_key="0123456789abcdef", config={"seed": 1, "bench": {"batch_size": 2}}, overrides=("seed=1",))
-    tracker.add_trial(spec)  # deferrable: yields to the result below
-    tracker.mark_running(spec.trial_key, "node-1", 1)
+    tracker.mark_running(spec, "node-1", 1)  # deferrable: yields to the result below
     tracker.finish_trial(spec, TrialResult(spec.trial_key, Status.FINISHED, metrics={"x": 1.5},
                                            env={"host": "h"}, artifacts={"trial.log": "done"}), {"ray_executions": "1"})
     tracker.finish_sweep()
@@ -42,3 +41,17 @@ def test_sqlite_stores_commit_without_fsync_and_share_one_listener(tmp_path):
         with client._tracking_client.store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+
+
+def test_a_started_trial_has_its_run_and_config_before_its_result(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.SweepTracker(uri, "writer", "swp-222222", tags={})
+    spec = TrialSpec(trial_key="fedcba9876543210", config={"seed": 2}, overrides=("seed=2",))
+    tracker.write_plan([spec])
+    tracker.mark_running(spec, "node-1", 1)
+    assert tracker.writer.flush(60) and tracker.writer.errors == []
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([tracker.experiment_id], filter_string="tags.kind = 'trial'")
+    assert run.info.status == "RUNNING" and run.data.tags["status"] == "RUNNING" and run.data.tags["ray_node"] == "node-1"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert tracking.PLAN_FILE in {a.path for a in client.list_artifacts(tracker.parent_id)}
