@@ -399,8 +399,10 @@ def _fmt(column: str, value: Any) -> str:
     if isinstance(value, float):
         if column.startswith("speedup") or column.endswith("ratio"):
             return f"{value:.2f}x"
-        if column in ("kl_divergence", "perplexity_delta"):
-            return f"{value:.3g}"
+        if column == "kl_divergence":
+            return f"{value:.1e}"
+        if column == "perplexity_delta":
+            return f"{value:+.2g}"
         if column == "top1_agreement":
             return f"{value:.1%}"
         return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
@@ -433,13 +435,22 @@ top-1 agreement are against the unquantized model on the same tokens.</p>
 
 
 def print_table(rows: list[Row], sweep_id: str) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    shown = {"trial": "trial", "status": "status", "decode_tokens_per_s": "decode tok/s",
-             "speedup_decode": "speedup decode", "speedup_prefill": "speedup prefill", "memory_ratio": "memory",
+    shown = {"trial": "trial", "status": "status", "decode_tokens_per_s": "tok/s",
+             "speedup_decode": "×decode", "speedup_prefill": "×prefill", "memory_ratio": "×memory",
              "perplexity_delta": "Δ ppl", "kl_divergence": "KL", "top1_agreement": "top-1"}
-    table = Table(*shown.values(), title=f"sweep {sweep_id} against its baselines (full table: report/comparison.csv)")
+    if all(r.status == "FINISHED" for r in rows):
+        del shown["status"]
+    # No vertical rules, no edge padding: a sweep of one model fits an 80-column terminal.
+    table = Table(title=f"sweep {sweep_id} against its baselines (all columns: report/comparison.csv)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for column, header in shown.items():
+        table.add_column(header, overflow="fold", no_wrap=column != "trial",
+                         min_width=min(24, max([len(r.label) for r in rows] + [5])) if column == "trial" else None,
+                         justify="left" if column in ("trial", "status") else "right")
     for r in rows:
         table.add_row(*(_fmt(c, r.value(c)) for c in shown), style="bold" if r.is_baseline else None)
     console = Console()

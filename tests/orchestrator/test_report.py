@@ -102,7 +102,7 @@ def test_report_command_prints_the_table_and_refuses_an_unknown_sweep(sweep_stor
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps the headers on a narrow terminal
     assert cli.main(["report", SWEEP, f"tracking.uri={uri}"]) == 0
     out = capsys.readouterr().out
-    assert "speedup decode" in out and "3.00x" in out and "report: comparison.csv" in out
+    assert "×decode" in out and "3.00x" in out and "report: comparison.csv" in out
     assert cli.main(["report", "swp-000000", f"tracking.uri={uri}"]) == 2
     assert "no such sweep" in capsys.readouterr().err
 
