@@ -323,11 +323,7 @@ class SweepTracker:
         self.writer.submit("store the sweep's plan", self._upload_to_parent, PLAN_FILE, json.dumps({"trials": plan}))
 
     def _upload_to_parent(self, name: str, text: str) -> None:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, name).write_text(text)
-            get_artifact_repository(self._parent_artifacts, tracking_uri=self.uri).log_artifacts(tmp)
+        upload_texts(self._parent_artifacts, self.uri, {name: text})
 
     def finished_elsewhere(self, keys: set[str]) -> dict[str, Any]:
         """The FINISHED trial runs of earlier sweeps in this experiment, by trial key (the latest of each)."""
@@ -397,17 +393,7 @@ class SweepTracker:
         return not found
 
     def _upload(self, key: str, files: dict[str, str]) -> None:
-        """Write text artifacts straight to the run's artifact store: one upload, no tracking calls."""
-        import tempfile
-
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, text in files.items():
-                path = Path(tmp, name)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-            get_artifact_repository(self._artifact_uris[key], tracking_uri=self.uri).log_artifacts(tmp)
+        upload_texts(self._artifact_uris[key], self.uri, files)
 
     def _finish_trial(self, spec: TrialSpec, result: TrialResult, extra_tags: dict[str, str]) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -432,6 +418,28 @@ class SweepTracker:
         if files:
             self._upload(key, files)
         self.client.set_terminated(self.run_ids[key], MLFLOW_STATUS[result.status])
+
+
+def upload_texts(artifact_uri: str, tracking_uri: str, files: dict[str, str]) -> None:
+    """Write text artifacts straight to a run's artifact store (no tracking calls): into its folder
+    when the store is a local one, else one upload of a temporary folder."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    repo = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
+    if isinstance(repo, LocalArtifactRepository):
+        _write_texts(Path(repo.artifact_dir), files)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_texts(Path(tmp), files)
+        repo.log_artifacts(tmp)
+
+
+def _write_texts(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
 
 def config_yaml(config: dict[str, Any]) -> str:
