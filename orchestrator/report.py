@@ -155,31 +155,21 @@ def notes(rows: list[Row]) -> list[str]:
     return out
 
 
-def load(uri: str, sweep_id: str) -> tuple[Any, list[Row], dict[str, str]]:
-    """(parent run, one row per trial key with its comparison, the baseline choices)."""
-    from orchestrator import status
+def load(client, parent) -> tuple[list[Row], dict[str, str]]:
+    """One row per trial key (its latest attempt) with its comparison, and the baseline choices."""
+    from orchestrator import schema, status
 
-    tracking.check_sweep_id(sweep_id, "sweep")
-    client = tracking.client(uri)
-    parent = tracking.retrying(lambda: status.find_parent(client, sweep_id), 30, "find the sweep")
-    if parent is None:
-        from orchestrator.errors import ConfigError
-
-        raise ConfigError("sweep", sweep_id, f"a sweep id recorded in {uri} (see the sweep's summary line)",
-                          problem="no such sweep")
-    latest: dict[str, Any] = {}
-    for run in status.trial_runs(client, parent.info.experiment_id, sweep_id):
-        key = run.data.tags.get("trial_key", run.info.run_id)
-        if key not in latest or status.attempt_of(run) > status.attempt_of(latest[key]):
-            latest[key] = run
-    rows = [Row(key, run.info.run_id, run.data.tags.get("overrides", ""), run.data.tags.get("status", "?"),
-                dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
-            for key, run in latest.items()]
+    sweep_id = parent.data.tags["sweep_id"]
+    rows = []
+    for key, runs in status.runs_by_key(client, parent, sweep_id).items():
+        run = max(runs, key=status.attempt_of)
+        rows.append(Row(key, run.info.run_id, run.data.tags.get("overrides", ""), run.data.tags.get("status", "?"),
+                        dict(run.data.params), dict(run.data.metrics), dict(run.data.tags)))
     rows.sort(key=lambda r: (r.params.get("model.name", ""), r.overrides))
-    baseline = json.loads(parent.data.tags.get("baseline", "null")) or {"dtype": "bf16", "kernel": "torch",
-                                                                          "backend": "hf"}
+    # Sweeps from before the tag was written were compared with the default.
+    baseline = json.loads(parent.data.tags.get("baseline", "null")) or schema.SweepConfig().baseline
     compare(rows, baseline)
-    return parent, rows, baseline
+    return rows, baseline
 
 
 def record_deltas(client, rows: Iterable[Row]) -> None:
@@ -199,8 +189,10 @@ def record_deltas(client, rows: Iterable[Row]) -> None:
 def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[list[Row], list[str]]:
     """Compare, record the deltas on the trial runs and the report on the parent run (``report/``),
     and keep a copy in ``out_dir`` if given. Returns the rows and the report's file names."""
-    parent, rows, baseline = load(uri, sweep_id)
-    client = tracking.client(uri)
+    from orchestrator import status
+
+    client, parent = status.open_sweep(uri, sweep_id)
+    rows, baseline = load(client, parent)
     record_deltas(client, rows)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir else Path(tmp)

@@ -132,22 +132,34 @@ def planned_without_run(client, parent_run_id: str, have: set[str]) -> list[tupl
     return [(c["trial_key"], c["overrides"], c["config"]) for c in planned if c["trial_key"] not in have]
 
 
-def load(uri: str, sweep_id: str, refresh: bool = False) -> SweepState:
-    """Raises ConfigError if the store holds no sweep ``sweep_id``. A finished sweep is read from
-    its index (one file) unless ``refresh``; a running one, or one without a valid index, from its runs."""
+def open_sweep(uri: str, sweep_id: str) -> tuple[Any, Any]:
+    """(client, parent run) of ``sweep_id``; raises ConfigError if the store holds no such sweep."""
     tracking.check_sweep_id(sweep_id, "sweep")
     client = tracking.client(uri)
     parent = tracking.retrying(lambda: find_parent(client, sweep_id), 30, "find the sweep")
     if parent is None:
         raise ConfigError("sweep", sweep_id, f"a sweep id recorded in {uri} (see the sweep's summary line)",
                           problem="no such sweep")
+    return client, parent
+
+
+def runs_by_key(client, parent, sweep_id: str) -> dict[str, list]:
+    """The sweep's trial runs by trial key (one per attempt)."""
+    by_key: dict[str, list] = {}
+    for run in trial_runs(client, parent.info.experiment_id, sweep_id):
+        by_key.setdefault(run.data.tags.get("trial_key", run.info.run_id), []).append(run)
+    return by_key
+
+
+def load(uri: str, sweep_id: str, refresh: bool = False) -> SweepState:
+    """Raises ConfigError if the store holds no sweep ``sweep_id``. A finished sweep is read from
+    its index (one file) unless ``refresh``; a running one, or one without a valid index, from its runs."""
+    client, parent = open_sweep(uri, sweep_id)
     rows = None if refresh else _indexed_rows(client, parent)
     if rows is not None:
         return SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,
                           dict(parent.data.tags), sorted(rows, key=lambda r: r.overrides))
-    by_key: dict[str, list] = {}
-    for run in trial_runs(client, parent.info.experiment_id, sweep_id):
-        by_key.setdefault(run.data.tags.get("trial_key", run.info.run_id), []).append(run)
+    by_key = runs_by_key(client, parent, sweep_id)
     rows = [TrialRow(trial_key=key, overrides=overrides, status=Status.PENDING.value, attempts=0, latest_attempt=0,
                      reason="not started", run_id="", executions=0)
             for key, overrides, _ in planned_without_run(client, parent.info.run_id, set(by_key))]
