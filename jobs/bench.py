@@ -40,13 +40,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int) -> torch.Tensor:
+    """The bench's prompts: the same token ids for every backend of a seed."""
+    return torch.randint(0, vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+
+
 @torch.inference_mode()
 def benchmark(model, bench: dict, device: torch.device, seed: int) -> tuple[dict, dict]:
     """(metrics, latency samples in ms) for prefill and per-token decode."""
     batch, prompt_len, new_tokens = bench["batch_size"], bench["prompt_len"], bench["decode_tokens"]
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
+    prompt = random_prompts(model.config.vocab_size, batch, prompt_len, seed).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -72,14 +75,19 @@ def benchmark(model, bench: dict, device: torch.device, seed: int) -> tuple[dict
         if i >= bench["warmup"]:
             decode_ms.extend(steps)
 
-    prefill_med, decode_med = statistics.median(prefill_ms), statistics.median(decode_ms)
-    metrics = {
-        "prefill_tokens_per_s": batch * prompt_len / (prefill_med / 1e3),
-        "prefill_latency_p50_ms": prefill_med,
-        "prefill_latency_p90_ms": _percentile(prefill_ms, 90),
-        "decode_tokens_per_s": batch / (decode_med / 1e3),
-        "decode_latency_p50_ms": decode_med,
-        "decode_latency_p90_ms": _percentile(decode_ms, 90),
-        "peak_memory_mb": peak_memory_mb(device),
-    }
+    metrics = latency_metrics(prefill_ms, decode_ms, batch, prompt_len)
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
     return metrics, {"prefill_ms": prefill_ms, "decode_ms": decode_ms}
+
+
+def latency_metrics(prefill_ms: list[float], decode_ms: list[float], batch: int, prompt_len: int) -> dict:
+    """Every backend's timing metrics, from its samples: the latency of a prefill of ``batch``
+    prompts of ``prompt_len`` tokens (time to first token) and of one decode step of the batch
+    (time per output token); throughputs from their medians."""
+    prefill_med, decode_med = statistics.median(prefill_ms), statistics.median(decode_ms)
+    metrics = {"prefill_tokens_per_s": batch * prompt_len / (prefill_med / 1e3),
+               "decode_tokens_per_s": batch / (decode_med / 1e3)}
+    for name, samples in (("prefill", prefill_ms), ("decode", decode_ms)):
+        for q in (50, 90, 99):
+            metrics[f"{name}_latency_p{q}_ms"] = _percentile(samples, q)
+    return metrics

@@ -23,6 +23,12 @@ def _require(package: str, why: str) -> None:
 
 
 def check(cfg: dict, device: torch.device) -> None:
+    if cfg["backend"]["name"] == "vllm":
+        from jobs import vllm_backend
+
+        vllm_backend.engine_args(cfg, device)
+        vllm_backend.require_vllm()
+        return
     kernel, dtype, quant = cfg["kernel"]["name"], cfg["dtype"], cfg["quant"]
     fp8_activations = dtype["format"] == "fp8_e4m3" and quant["activations"] and quant["weights"]
     if kernel in INSTALL_HINTS:

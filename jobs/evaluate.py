@@ -40,13 +40,38 @@ def _nll(logp: torch.Tensor, targets: torch.Tensor) -> float:
     return -logp.gather(-1, targets.unsqueeze(-1)).mean().item()
 
 
-def accuracy_metrics(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.Tensor) -> dict:
-    targets = windows[:, 1:]
-    nll = _nll(logp, targets)
-    # KL(reference || quantized) per token, averaged over tokens.
-    kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean().item()
-    top1 = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
+def _metrics(nll: float, kl: float, top1: float, targets: torch.Tensor, ref_logp: torch.Tensor) -> dict:
     # The reference's own perplexity, to set beside the baseline trial's (they differ when the
     # baseline's dtype is not the model's).
     return {"perplexity": math.exp(nll), "nll": nll, "kl_divergence": kl, "top1_agreement": top1,
             "reference_perplexity": math.exp(_nll(ref_logp, targets)), "eval_tokens": float(targets.numel())}
+
+
+def accuracy_metrics(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.Tensor) -> dict:
+    targets = windows[:, 1:]
+    # KL(reference || quantized) per token, averaged over tokens.
+    kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean().item()
+    top1 = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
+    return _metrics(_nll(logp, targets), kl, top1, targets, ref_logp)
+
+
+def top_k_accuracy_metrics(target_logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
+                           windows: torch.Tensor, ref_logp: torch.Tensor) -> dict:
+    """The same metrics from what an engine returns per position: the log-prob of the actual
+    next token ``[windows, seq_len - 1]`` and its k most likely tokens, best first, with their
+    log-probs ``[windows, seq_len - 1, k]``.
+
+    Perplexity and top-1 agreement are exact. KL is taken between the two distributions
+    coarse-grained to {each of the engine's top-k tokens, all the rest}: never more than the
+    full KL (data processing inequality), equal to it when k is the whole vocabulary.
+    """
+    targets = windows[:, 1:]
+    ref_top = ref_logp.gather(-1, top_ids).double()
+    q_top = top_logp.double()
+    kl_top = (ref_top.exp() * (ref_top - q_top)).sum(-1)
+    ref_rest = (1 - ref_top.exp().sum(-1)).clamp(min=0)
+    q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-30)
+    kl_rest = torch.where(ref_rest > 0, ref_rest * (ref_rest.clamp(min=1e-30).log() - q_rest.log()), 0.0)
+    kl = (kl_top + kl_rest).mean().item()
+    top1 = (top_ids[..., 0] == ref_logp.argmax(-1)).float().mean().item()
+    return _metrics(-target_logp.double().mean().item(), kl, top1, targets, ref_logp)

@@ -1,6 +1,6 @@
 """``backend=noop``: a trial that does no model work.
 
-It sleeps ``backend.sleep_s`` and allocates ``backend.allocate_gb`` of host memory, so the
+It sleeps ``backend.noop.sleep_s`` and allocates ``backend.noop.allocate_gb`` of host memory, so the
 orchestrator's own cost (benchmarks/overhead.py) and its handling of slow, killed and
 out-of-memory trials can be measured and tested without a model.
 """
@@ -15,7 +15,7 @@ from jobs.spec import Status, TrialResult, TrialSpec, failure_reason
 
 
 def run(spec: TrialSpec) -> TrialResult:
-    backend = spec.config["backend"]
+    backend = spec.config["backend"]["noop"]
     result = TrialResult(trial_key=spec.trial_key, status=Status.RUNNING,
                          env={"host": socket.gethostname(), "python": platform.python_version(), "device": "none"})
     started = time.perf_counter()

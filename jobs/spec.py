@@ -28,6 +28,13 @@ TRIAL_SECTIONS = ("model", "dtype", "quant", "kernel", "backend", "bench", "eval
 TRIAL_RESOURCES = ("accelerator_type",)
 
 
+def context_length(bench: dict, eval_cfg: dict) -> int:
+    """Tokens one sequence of the trial needs: a bench prompt, its first token and decode
+    tokens, or an eval window and the one token an engine must generate after it (an
+    engine's ``max_model_len`` must hold the longer)."""
+    return max(bench["prompt_len"] + 1 + bench["decode_tokens"], eval_cfg["seq_len"] + 1)
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     trial_key: str

@@ -16,13 +16,13 @@ import traceback
 
 import torch
 
-from jobs import bench, capability, environment, evaluate, models
+from jobs import bench, capability, environment, evaluate, models, vllm_backend
 from jobs.quantize import apply_dtype, check_kernel, weight_bytes
 from jobs.spec import Status, TrialResult, TrialSpec, failure_reason
 from kernels.catalog import Unsupported
 
 log = logging.getLogger(__name__)
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm")
 
 
 def select_device(requested: str) -> torch.device:
@@ -96,20 +96,33 @@ def _gate_kernel(model, cfg: dict, dtype: torch.dtype, result: TrialResult) -> N
 
 def _execute(spec: TrialSpec, result: TrialResult) -> None:
     cfg = spec.config
-    if cfg["backend"]["name"] not in BACKENDS:
-        raise Unsupported(f"backend {cfg['backend']['name']!r} is not available; available: {', '.join(BACKENDS)}")
+    backend = cfg["backend"]["name"]
+    if backend not in BACKENDS:
+        raise Unsupported(f"backend {backend!r} is not available; available: {', '.join(BACKENDS)}")
     device = select_device(cfg["device"])
     result.env.update(environment.capture(device))
     capability.check(cfg, device)
     torch.manual_seed(cfg["seed"])
 
+    # The reference: the unquantized model through transformers, whatever the backend.
     model, tokenizer = models.load_model(cfg["model"], device)
-    compute = cfg["dtype"]["compute_dtype"]
-    compute_dtype = model.dtype if compute == "auto" else models.TORCH_DTYPES[compute]
     windows = evaluate.eval_windows(tokenizer, cfg["eval"], model.config.max_position_embeddings)
     log.info("reference: %s at %s on %s, %d eval windows", cfg["model"]["name"], model.dtype, device, len(windows))
     ref_logp = evaluate.log_probs(model, windows, cfg["eval"]["batch_size"], device)
+    if backend == "vllm":
+        vocab_size = model.config.vocab_size
+        del model  # the engine gets the device to itself
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        vllm_backend.run(cfg, windows, ref_logp, vocab_size, device, result)
+    else:
+        _run_hf(model, cfg, windows, ref_logp, device, result)
 
+
+def _run_hf(model, cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, device: torch.device,
+            result: TrialResult) -> None:
+    compute = cfg["dtype"]["compute_dtype"]
+    compute_dtype = model.dtype if compute == "auto" else models.TORCH_DTYPES[compute]
     layers = apply_dtype(model, cfg["dtype"], cfg["quant"], cfg["kernel"]["name"], compute_dtype, cfg["seed"])
     _gate_kernel(model, cfg, compute_dtype, result)
     result.metrics["weight_bytes"] = float(weight_bytes(model))

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.spec import TRIAL_RESOURCES, TRIAL_SECTIONS, TrialSpec
+from jobs.spec import TRIAL_RESOURCES, TRIAL_SECTIONS, TrialSpec, context_length
 from kernels import catalog
 from orchestrator import schema
 from orchestrator.errors import ConfigError
@@ -21,6 +21,9 @@ def trial_config(cfg: DictConfig | dict) -> dict[str, Any]:
     """The resolved, plain TRIAL_SECTIONS of a composed config, and its TRIAL_RESOURCES."""
     plain = _plain(cfg)
     config = {k: plain[k] for k in TRIAL_SECTIONS}
+    # Only the trial's own backend's options: they are part of what it computes, the others' are not.
+    backend = config["backend"]
+    config["backend"] = {"name": backend["name"], **{k: v for k, v in backend.items() if k == backend["name"]}}
     config["resources"] = {k: plain["resources"][k] for k in TRIAL_RESOURCES}
     return config
 
@@ -47,6 +50,8 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
     if model["source"] == "build" and model["build"] is None:
         raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
     _check_dtype(cfg.dtype, cfg.quant)
+    if plain["backend"]["name"] == "vllm":
+        _check_vllm(plain)
     config = trial_config(plain)
     return TrialSpec(trial_key=trial_key(config), config=config, overrides=tuple(overrides))
 
@@ -64,6 +69,21 @@ def _check_dtype(dtype: DictConfig, quant: DictConfig) -> None:
     if not (quant.weights or quant.activations or quant.kv_cache):
         raise ConfigError("quant", quant.name, "at least one of quant.weights, quant.activations, quant.kv_cache",
                           problem="quantizes nothing")
+
+
+def _check_vllm(cfg: dict[str, Any]) -> None:
+    """What the engine would refuse only once it is up, refused before anything is submitted."""
+    backend, num_gpus = cfg["backend"]["vllm"], cfg["resources"]["num_gpus"]
+    if backend["logprobs_top_k"] == 0:
+        raise ConfigError("backend.vllm.logprobs_top_k", 0, "allowed: -1 (the whole vocabulary) or >= 1")
+    tp = backend["tensor_parallel_size"]
+    if tp > 1 and num_gpus < tp:
+        raise ConfigError("backend.vllm.tensor_parallel_size", tp, f"<= resources.num_gpus ({num_gpus:g}): a tensor-parallel "
+                          "trial runs on the GPUs Ray gives its task, on one node; set resources.num_gpus too")
+    needed = context_length(cfg["bench"], cfg["eval"])
+    if backend["max_model_len"] is not None and backend["max_model_len"] < needed:
+        raise ConfigError("backend.vllm.max_model_len", backend["max_model_len"],
+                          f">= {needed} (bench.prompt_len + 1 + bench.decode_tokens, and eval.seq_len + 1)")
 
 
 def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:

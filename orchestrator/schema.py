@@ -24,9 +24,9 @@ TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def rule(default: Any = MISSING, *, choices: Optional[tuple] = None, ge: Optional[float] = None,
-         gt: Optional[float] = None, **kwargs) -> Any:
+         gt: Optional[float] = None, le: Optional[float] = None, **kwargs) -> Any:
     """A dataclass field with a value rule checked by :func:`validate`."""
-    metadata = {k: v for k, v in (("choices", choices), ("ge", ge), ("gt", gt)) if v is not None}
+    metadata = {k: v for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le)) if v is not None}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata, **kwargs)
@@ -89,12 +89,39 @@ class KernelConfig:
 
 
 @dataclass
+class VllmOptions:
+    """backend=vllm: vLLM's offline engine (``vllm.LLM``); engine arguments not named here are vLLM's defaults."""
+    # > 1: the trial's GPUs (resources.num_gpus, one Ray task, so one node) as vLLM worker processes.
+    tensor_parallel_size: int = rule(1, ge=1)
+    max_model_len: Optional[int] = rule(None, ge=2)  # None: what the bench and eval need
+    enforce_eager: bool = False  # True: no torch.compile and no CUDA graphs (faster start, slower steps)
+    # Fraction of device memory for weights, activations and the KV cache. None: 0.9 on a GPU,
+    # 0.1 on the CPU, where vLLM sizes its KV cache out of host RAM.
+    gpu_memory_utilization: Optional[float] = rule(None, gt=0, le=1)
+    # Prompt log-probs per position for KL and top-1: the engine's top-k tokens (plus the
+    # actual one). -1: the whole vocabulary (exact KL; slow for large vocabularies).
+    logprobs_top_k: int = rule(256, ge=-1)
+    throughput_requests: int = rule(64, ge=1)  # offline throughput: requests submitted at once
+
+
+@dataclass
+class NoopOptions:
+    """backend=noop: no model work, for measuring the orchestrator's own overhead and for
+    exercising scheduling and faults."""
+    sleep_s: float = rule(0.0, ge=0)      # how long the trial sleeps
+    allocate_gb: float = rule(0.0, ge=0)  # host memory the trial allocates (out-of-memory tests)
+
+
+@dataclass
 class BackendConfig:
-    # hf: transformers + torch. noop: no model work at all, for measuring the orchestrator's
-    # own overhead and for exercising scheduling and faults (sleep_s, allocate_gb).
-    name: str = rule("hf", choices=("hf", "noop"))
-    sleep_s: float = rule(0.0, ge=0)      # noop: how long the trial sleeps
-    allocate_gb: float = rule(0.0, ge=0)  # noop: host memory the trial allocates (out-of-memory tests)
+    """The inference engine: hf (transformers + torch, eager), vllm, or noop.
+
+    Each backend's options sit under its own name (``backend.vllm.enforce_eager``), so one
+    override serves a sweep over backends; a trial's config keeps only its own backend's.
+    """
+    name: str = rule("hf", choices=("hf", "vllm", "noop"))
+    vllm: VllmOptions = field(default_factory=VllmOptions)
+    noop: NoopOptions = field(default_factory=NoopOptions)
 
 
 @dataclass
@@ -226,13 +253,15 @@ def validate(cfg: DictConfig | dict, schema: type = RootConfig, prefix: str = ""
             continue
         if isinstance(value, list):
             continue
-        choices, ge, gt = f.metadata.get("choices"), f.metadata.get("ge"), f.metadata.get("gt")
+        choices, ge, gt, le = (f.metadata.get(k) for k in ("choices", "ge", "gt", "le"))
         if choices is not None and value not in choices:
             raise ConfigError(key, value, f"allowed: {_fmt_choices(choices)}")
         if value is not None and ge is not None and value < ge:
             raise ConfigError(key, value, f"allowed: >= {ge:g}")
         if value is not None and gt is not None and value <= gt:
             raise ConfigError(key, value, f"allowed: > {gt:g}")
+        if value is not None and le is not None and value > le:
+            raise ConfigError(key, value, f"allowed: <= {le:g}")
 
 
 def _schema_at(path: str) -> Any:

@@ -35,7 +35,7 @@ def test_results_cross_a_remote_server_and_wait_out_its_outage(ray_cluster, mlfl
         ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "-m", "backend=noop", "backend.sleep_s=3", "seed=1,2,3,4,5,6",
+        [sys.executable, "-m", "orchestrator", "run", "-m", "backend=noop", "backend.noop.sleep_s=3", "seed=1,2,3,4,5,6",
          "cluster.max_concurrent_trials=2", f"cluster.address={ray_cluster.address}",
          f"tracking.uri={mlflow_server.uri}"],
         cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -59,7 +59,7 @@ def test_results_cross_a_remote_server_and_wait_out_its_outage(ray_cluster, mlfl
     nodes = set()
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["status"] == "FINISHED"
-        assert run.data.params["backend.sleep_s"] == "3.0" and run.data.metrics["slept_s"] == 3.0
+        assert run.data.params["backend.noop.sleep_s"] == "3.0" and run.data.metrics["slept_s"] == 3.0
         assert {"config.yaml", "trial.log"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
         nodes.add(run.data.tags["ray_nodes"])
     assert len(nodes) >= 2, "trials ran on other nodes than the driver's, with no shared filesystem in between"
@@ -120,7 +120,7 @@ def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_
     assert bad.returncode == 2 and "dtype=int5: no such dtype config" in bad.stderr
     assert _jobs(ray_head, cli_env) == {}, "a bad config submits nothing"
 
-    submitted = run_cli("submit", "--address", ray_head, "--", "run", "-m", "backend=noop", "backend.sleep_s=600",
+    submitted = run_cli("submit", "--address", ray_head, "--", "run", "-m", "backend=noop", "backend.noop.sleep_s=600",
                         "seed=1,2", store)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     sweep_id = submitted.stdout.strip().splitlines()[-1]

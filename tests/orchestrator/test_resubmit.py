@@ -1,7 +1,7 @@
 """Resubmission and resume into the same sweep, through a real `mlflow server`, with real Ray.
 
-Failures are real too: ``backend.allocate_gb=1000000`` makes a no-op trial fail with an
-out-of-memory error, and the fixing override ``backend.allocate_gb=0`` is what a user
+Failures are real too: ``backend.noop.allocate_gb=1000000`` makes a no-op trial fail with an
+out-of-memory error, and the fixing override ``backend.noop.allocate_gb=0`` is what a user
 would pass to dodge an OOM.
 """
 
@@ -32,11 +32,11 @@ def _by_key(uri: str):
 
 def test_resubmit_failed_with_a_fixing_override(mlflow_server, run_cli):
     store = f"tracking.uri={mlflow_server.uri}"
-    first = run_cli("run", "-m", "backend=noop", "seed=1,2", "backend.allocate_gb=0,1000000", store)
+    first = run_cli("run", "-m", "backend=noop", "seed=1,2", "backend.noop.allocate_gb=0,1000000", store)
     assert first.returncode == 1, first.stderr[-3000:]
     sweep_id = SUMMARY.search(first.stdout).group(1)
 
-    again = run_cli("resubmit", sweep_id, "--failed", "backend.allocate_gb=0", store)
+    again = run_cli("resubmit", sweep_id, "--failed", "backend.noop.allocate_gb=0", store)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 trials already have a FINISHED attempt: not re-run" in again.stdout
     assert SUMMARY.search(again.stdout).groups() == (sweep_id, "2", "2", "0", "0", "0", "0"), again.stdout
@@ -53,8 +53,8 @@ def test_resubmit_failed_with_a_fixing_override(mlflow_server, run_cli):
         if len(attempts) == 2:
             first_try, second_try = sorted(attempts, key=lambda r: r.data.tags["attempt"])
             assert first_try.data.tags["reason"].startswith("out of memory")
-            assert second_try.data.tags["resubmit_overrides"] == "backend.allocate_gb=0"
-            assert second_try.data.params["backend.allocate_gb"] == "0.0"
+            assert second_try.data.tags["resubmit_overrides"] == "backend.noop.allocate_gb=0"
+            assert second_try.data.params["backend.noop.allocate_gb"] == "0.0"
             assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in attempts)
 
     nothing = run_cli("resubmit", sweep_id, "--failed", store)
@@ -63,7 +63,7 @@ def test_resubmit_failed_with_a_fixing_override(mlflow_server, run_cli):
 
 def test_resume_after_the_driver_was_killed(mlflow_server, cli_env, tmp_path, run_cli):
     store = f"tracking.uri={mlflow_server.uri}"
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", "-m", "backend=noop", "backend.sleep_s=4",
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", "-m", "backend=noop", "backend.noop.sleep_s=4",
                                "seed=1,2,3,4,5", "cluster.max_concurrent_trials=2", store],
                               cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -114,7 +114,7 @@ def test_a_tampered_stored_config_is_refused_and_nothing_runs(mlflow_server, run
     from mlflow.tracking import MlflowClient
 
     store = f"tracking.uri={mlflow_server.uri}"
-    first = run_cli("run", "backend=noop", "backend.allocate_gb=1000000", store)
+    first = run_cli("run", "backend=noop", "backend.noop.allocate_gb=1000000", store)
     sweep_id = SUMMARY.search(first.stdout).group(1)
     client, _, runs = _by_key(mlflow_server.uri)
     [run] = [r for attempts in runs.values() for r in attempts if r.data.tags["sweep_id"] == sweep_id]
@@ -124,7 +124,7 @@ def test_a_tampered_stored_config_is_refused_and_nothing_runs(mlflow_server, run
         config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
     MlflowClient(mlflow_server.uri).log_text(run.info.run_id, yaml.safe_dump(config), "config.yaml")
 
-    refused = run_cli("resubmit", sweep_id, "--failed", "backend.allocate_gb=0", store)
+    refused = run_cli("resubmit", sweep_id, "--failed", "backend.noop.allocate_gb=0", store)
     assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
     assert refused.stderr.startswith("orchestrator: error: ") and message in refused.stderr, refused.stderr
     _, _, after = _by_key(mlflow_server.uri)
@@ -139,7 +139,7 @@ def test_a_tampered_stored_tag_is_refused_and_nothing_runs(mlflow_server, run_cl
     from mlflow.tracking import MlflowClient
 
     store = f"tracking.uri={mlflow_server.uri}"
-    sweep_id = SUMMARY.search(run_cli("run", "backend=noop", "backend.allocate_gb=1000000", store).stdout).group(1)
+    sweep_id = SUMMARY.search(run_cli("run", "backend=noop", "backend.noop.allocate_gb=1000000", store).stdout).group(1)
     _, _, runs = _by_key(mlflow_server.uri)
     [run] = [r for attempts in runs.values() for r in attempts if r.data.tags["sweep_id"] == sweep_id]
     MlflowClient(mlflow_server.uri).set_tag(run.info.run_id, tag, value)

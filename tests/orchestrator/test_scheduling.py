@@ -60,7 +60,7 @@ def _children(db) -> dict[str, object]:
 def test_a_node_dies_mid_sweep_and_its_trials_finish_elsewhere(ray_cluster, cli_env, tmp_path):
     workers = [ray_cluster.add_node(num_cpus=2, num_gpus=2) for _ in range(3)]
     ray_cluster.wait_for_nodes()
-    driver = _driver(cli_env, tmp_path, "-m", "backend=noop", "backend.sleep_s=6", "seed=1,2,3,4,5,6,7,8,9",
+    driver = _driver(cli_env, tmp_path, "-m", "backend=noop", "backend.noop.sleep_s=6", "seed=1,2,3,4,5,6,7,8,9",
                      "resources.num_gpus=1", f"cluster.address={ray_cluster.address}")
     try:
         db = tmp_path / "mlflow.db"
@@ -115,12 +115,12 @@ def test_timeout_frees_the_gpu_oom_is_named_and_unsupported_hardware_is_said(ray
     # Two trials for the node's only GPU: the first hangs past its timeout and is killed,
     # then the second gets the GPU. One at a time, so the order is fixed.
     started = time.monotonic()
-    hung = run("-m", "backend=noop", "backend.sleep_s=600,0", "resources.num_gpus=1", "resources.timeout_s=3",
+    hung = run("-m", "backend=noop", "backend.noop.sleep_s=600,0", "resources.num_gpus=1", "resources.timeout_s=3",
                "cluster.max_concurrent_trials=1")
     assert hung.returncode == 1, hung.stderr[-3000:]
     assert SUMMARY.search(hung.stdout).groups()[1:] == ("2", "1", "0", "0", "1", "0"), hung.stdout
     assert time.monotonic() - started < 120, "the hung trial's GPU was freed at its timeout"
-    oom = run("backend=noop", "backend.allocate_gb=1000000")
+    oom = run("backend=noop", "backend.noop.allocate_gb=1000000")
     assert oom.returncode == 1, oom.stderr[-3000:]
     # A logical GPU from Ray, but no CUDA device in the worker: the trial says so before it computes.
     if not torch.cuda.is_available():
@@ -128,18 +128,18 @@ def test_timeout_frees_the_gpu_oom_is_named_and_unsupported_hardware_is_said(ray
         assert unsupported.returncode == 0, unsupported.stderr[-3000:]
 
     runs = {o.split(" cluster.address=")[0]: r for o, r in _children(tmp_path / "mlflow.db").items()}
-    timed_out = runs["backend=noop backend.sleep_s=600 resources.num_gpus=1 resources.timeout_s=3 "
+    timed_out = runs["backend=noop backend.noop.sleep_s=600 resources.num_gpus=1 resources.timeout_s=3 "
                      "cluster.max_concurrent_trials=1"]
     assert timed_out.data.tags["status"] == "TIMEOUT" and timed_out.info.status == "FAILED"
     assert "resources.timeout_s=3" in timed_out.data.tags["reason"]
-    assert runs["backend=noop backend.allocate_gb=1000000"].data.tags["reason"].startswith("out of memory: ")
+    assert runs["backend=noop backend.noop.allocate_gb=1000000"].data.tags["reason"].startswith("out of memory: ")
     if not torch.cuda.is_available():
         no_cuda = runs["device=cuda resources.num_gpus=1"].data.tags
         assert no_cuda["status"] == "UNSUPPORTED" and "no CUDA GPU is visible" in no_cuda["reason"]
 
 
 def test_cancel_ends_the_open_trials_cancelled(cli_env, tmp_path):
-    driver = _driver(cli_env, tmp_path, "-m", "backend=noop", "backend.sleep_s=600", "seed=1,2,3",
+    driver = _driver(cli_env, tmp_path, "-m", "backend=noop", "backend.noop.sleep_s=600", "seed=1,2,3",
                      "cluster.num_cpus=2")
     try:
         db = tmp_path / "mlflow.db"
@@ -160,7 +160,7 @@ def test_cancel_ends_the_open_trials_cancelled(cli_env, tmp_path):
 
 
 def test_sigterm_to_the_driver_cancels_like_ctrl_c(cli_env, tmp_path):
-    driver = _driver(cli_env, tmp_path, "-m", "backend=noop", "backend.sleep_s=600", "seed=1,2")
+    driver = _driver(cli_env, tmp_path, "-m", "backend=noop", "backend.noop.sleep_s=600", "seed=1,2")
     try:
         _wait_for(lambda: "RUNNING" in _tag_values(tmp_path / "mlflow.db", "status"), 120, "a trial starting")
         driver.send_signal(signal.SIGTERM)
@@ -175,7 +175,7 @@ def test_sigterm_to_the_driver_cancels_like_ctrl_c(cli_env, tmp_path):
 def test_status_lists_every_trial_as_json(run_cli, tmp_path):
     import json
 
-    proc = run_cli("run", "-m", "backend=noop", "seed=1,2,3", "backend.allocate_gb=0,1000000")
+    proc = run_cli("run", "-m", "backend=noop", "seed=1,2,3", "backend.noop.allocate_gb=0,1000000")
     sweep_id = SUMMARY.search(proc.stdout).group(1)
     status = run_cli("status", sweep_id, "--json")
     assert status.returncode == 0, status.stderr

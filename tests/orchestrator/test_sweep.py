@@ -123,7 +123,7 @@ def test_ctrl_c_leaves_no_run_running(cli_env, tmp_path, tiny_model_cfg):
 
 
 def test_system_metrics_are_sampled_on_the_worker_into_the_trials_run(run_cli, tmp_path):
-    proc = run_cli("run", "backend=noop", "backend.sleep_s=1.5", "tracking.system_metrics_interval_s=0.3")
+    proc = run_cli("run", "backend=noop", "backend.noop.sleep_s=1.5", "tracking.system_metrics_interval_s=0.3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, children = mlflow_runs(tmp_path / "mlflow.db")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

