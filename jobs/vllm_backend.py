@@ -154,11 +154,18 @@ def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, vocab_size: in
     except Exception as e:
         if llm is not None:
             raise
+        if type(e).__name__ == "ValidationError":  # pydantic, from vLLM's own checks of its arguments
+            refusals = "; ".join(err["msg"] for err in e.errors())
+            raise Unsupported(f"backend=vllm: vLLM refuses these engine arguments: {refusals}") from None
         # vLLM says only "see root cause above": the cause is in its engine processes' log.
         causes = _ERROR_LINE.findall("".join(engine_log))
-        raise RuntimeError(f"vLLM's engine did not start: {causes[0] if causes else e}") from e
+        raise RuntimeError(f"vLLM's engine did not start: {causes[0] if causes else _one_line(e)}") from e
     finally:
         result.artifacts["vllm.log"] = "".join(engine_log)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _measure(vllm, llm, cfg: dict, windows, ref_logp, vocab_size: int, device, result) -> None:

