@@ -23,8 +23,8 @@ from jobs import trial  # noqa: E402
 from orchestrator import plan, schema  # noqa: E402
 from orchestrator.cli import CONF_DIR  # noqa: E402
 
-COLUMNS = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_latency_p50_ms", "peak_memory_mb",
-           "weight_bytes", "perplexity", "kl_divergence", "top1_agreement")
+COLUMNS = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_latency_p50_ms", "output_tokens_per_s",
+           "peak_memory_mb", "weight_bytes", "perplexity", "kl_divergence", "top1_agreement")
 
 
 def expand(overrides: list[str]) -> list[list[str]]:

@@ -78,8 +78,9 @@ def _check_vllm(cfg: dict[str, Any]) -> None:
         raise ConfigError("backend.vllm.logprobs_top_k", 0, "allowed: -1 (the whole vocabulary) or >= 1")
     tp = backend["tensor_parallel_size"]
     if tp > 1 and num_gpus < tp:
-        raise ConfigError("backend.vllm.tensor_parallel_size", tp, f"allowed: <= resources.num_gpus ({num_gpus:g}); a tensor-parallel "
-                          "trial runs on the GPUs Ray gives its task, on one node; set resources.num_gpus too")
+        raise ConfigError("backend.vllm.tensor_parallel_size", tp,
+                          f"allowed: <= resources.num_gpus ({num_gpus:g}); a tensor-parallel trial runs on the GPUs "
+                          "Ray gives its task, on one node; set resources.num_gpus too")
     needed = context_length(cfg["bench"], cfg["eval"])
     if backend["max_model_len"] is not None and backend["max_model_len"] < needed:
         raise ConfigError("backend.vllm.max_model_len", backend["max_model_len"],
