@@ -9,7 +9,7 @@ same names where they mean the same:
   ``decode_tokens_per_s`` follow from their medians as for hf.
 - ``output_tokens_per_s`` and ``requests_per_s`` (vLLM only): offline throughput of
   ``backend.vllm.throughput_requests`` requests submitted at once.
-- ``weight_bytes``: the engine's parameters, as loaded (after online quantization);
+- ``weight_bytes``: the engine's weights, as loaded (after online quantization);
   ``peak_memory_mb``: device memory in use (CUDA), or the peak resident memory of the
   trial's processes (CPU). vLLM reserves its KV cache up front, so this follows
   ``backend.vllm.gpu_memory_utilization`` more than the model.
@@ -126,9 +126,16 @@ def require_vllm():
     return vllm
 
 
-def parameter_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters; run inside vLLM's workers (``LLM.apply_model``)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the engine's weights; runs inside vLLM's workers (``LLM.apply_model``). On the
+    CPU vLLM repacks unquantized linear weights into oneDNN handles and leaves an empty
+    parameter behind: those count at their size as loaded."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() == 0:
+            total += module.input_size_per_partition * module.output_size_per_partition * weight.element_size()
+    return total
 
 
 def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, vocab_size: int, device: torch.device,
@@ -169,7 +176,7 @@ def _one_line(error: Exception) -> str:
 
 
 def _measure(vllm, llm, cfg: dict, windows, ref_logp, vocab_size: int, device, result) -> None:
-    result.metrics["weight_bytes"] = float(sum(llm.apply_model(parameter_bytes)))
+    result.metrics["weight_bytes"] = float(sum(llm.apply_model(weight_bytes)))
     log.info("benchmark: %s", cfg["bench"])
     timing, samples = _benchmark(vllm, llm, cfg["bench"], cfg["backend"]["vllm"]["throughput_requests"], vocab_size,
                                  cfg["seed"])

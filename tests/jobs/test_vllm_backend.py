@@ -116,6 +116,7 @@ def test_a_vllm_trial_measures_what_an_hf_trial_does_under_the_same_names(vllm_t
     assert m["prefill_latency_p99_ms"] >= m["prefill_latency_p50_ms"] > 0
     assert m["decode_tokens_per_s"] == pytest.approx(1e3 / m["decode_latency_p50_ms"])
     assert m["output_tokens_per_s"] > 0 and m["requests_per_s"] > 0 and m["logprobs_top_k"] == 256
+    assert m["weight_bytes"] == pytest.approx(hf.metrics["weight_bytes"], rel=1e-3)  # the same bf16 weights
     # The same eval windows and the same reference: vLLM's bf16 and transformers' bf16 agree.
     assert m["reference_perplexity"] == pytest.approx(hf.metrics["reference_perplexity"], rel=1e-6)
     assert m["perplexity"] == pytest.approx(hf.metrics["perplexity"], rel=0.01)
@@ -130,6 +131,8 @@ def test_vllm_quantizes_online_to_fp8_and_its_error_shows(vllm_trials):
     assert fp8["status"] == "FINISHED", (fp8["reason"], fp8["artifacts"].get("traceback.txt"))
     assert json.loads(fp8["artifacts"]["vllm_engine_args.json"])["quantization"] == "fp8_per_channel"
     assert fp8["metrics"]["kl_divergence"] > 3 * bf16["kl_divergence"]
+    # Linear weights in one byte instead of two; embeddings and lm_head stay bf16.
+    assert 0.5 * bf16["weight_bytes"] < fp8["metrics"]["weight_bytes"] < 0.8 * bf16["weight_bytes"]
     assert fp8["metrics"]["perplexity"] == pytest.approx(bf16["perplexity"], rel=0.02)
 
 
