@@ -34,6 +34,7 @@ from jobs.spec import Status, TrialResult, TrialSpec
 from orchestrator import remote, report, tracking
 
 POLL_S = 0.5
+STARTS_POLL_S = 0.25  # how often the driver reads which trials started (a round trip to the board actor)
 CANCEL_POLL_S = 2.0
 HEARTBEAT_S = 30.0
 REPORT_TABLE_MAX_ROWS = 40  # larger sweeps: the table is in the report, not on the terminal
@@ -228,6 +229,7 @@ class _SweepLoop:
                     ray.get_runtime_context().get_node_id())
         self.board = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Board).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=True)).remote()
+        self.draining = None  # the board's answer to the last drain call, until it is taken
         cluster = settings.cluster
         self.remote_trial = ray.remote(max_calls=1 if cluster.fresh_worker_per_trial else 0,
                                        max_retries=cluster.max_retries, retry_exceptions=False)(_run_trial)
@@ -267,10 +269,29 @@ class _SweepLoop:
                 trial.spec, self.board, self.settings.tracking.system_metrics_interval_s)
             self.in_flight[ref] = key
 
-    def note_starts(self) -> None:
+    def wait_ready(self) -> list:
+        """The trials that have ended: waits up to POLL_S for one, then takes all others already done."""
         import ray
 
-        for key, node in ray.get(self.board.drain.remote()):
+        if not self.in_flight:
+            return []
+        refs = list(self.in_flight)
+        ready, rest = ray.wait(refs, num_returns=1, timeout=POLL_S)
+        if ready and rest:
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        return ready
+
+    def note_starts(self) -> None:
+        """Take the start notes the board has, without waiting for it (it may still be starting)."""
+        import ray
+
+        if self.draining is None:
+            self.draining = self.board.drain.remote()
+        if not ray.wait([self.draining], timeout=0)[0]:
+            return
+        started = ray.get(self.draining)
+        self.draining = self.board.drain.remote()  # calls to one actor run in order: no note is lost
+        for key, node in started:
             if key not in self.open:
                 continue
             self.executions[key] += 1
@@ -354,6 +375,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         loop.reject_unfit()
         next_cancel_check = time.monotonic() + CANCEL_POLL_S
         next_heartbeat = time.monotonic() + HEARTBEAT_S
+        next_starts_check = time.monotonic()
         with _progress() as progress:
             bar = progress.add_task(f"sweep {sweep_id}", total=cells, running=0, failed=0)
             while loop.open:
@@ -367,8 +389,10 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
                     if _cancel_requested(tracker):
                         raise _Cancelled
                 loop.submit_ready()
-                ready, _ = ray.wait(list(loop.in_flight), num_returns=1, timeout=POLL_S) if loop.in_flight else ([], [])
-                loop.note_starts()
+                ready = loop.wait_ready()
+                if time.monotonic() > next_starts_check:
+                    next_starts_check = time.monotonic() + STARTS_POLL_S
+                    loop.note_starts()
                 loop.end_timed_out()
                 loop.collect(ready)
                 progress.update(bar, completed=summary.total, running=loop.running(),
