@@ -55,6 +55,9 @@ def accuracy_metrics(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.
     return _metrics(_nll(logp, targets), kl, top1, targets, ref_logp)
 
 
+FLOAT32_ROUNDING = 1e-7  # how far float32 probabilities summed over a vocabulary may miss 1
+
+
 def top_k_accuracy_metrics(target_logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
                            windows: torch.Tensor, ref_logp: torch.Tensor) -> dict:
     """The same metrics from what an engine returns per position: the log-prob of the actual
@@ -69,9 +72,13 @@ def top_k_accuracy_metrics(target_logp: torch.Tensor, top_ids: torch.Tensor, top
     ref_top = ref_logp.gather(-1, top_ids).double()
     q_top = top_logp.double()
     kl_top = (ref_top.exp() * (ref_top - q_top)).sum(-1)
-    ref_rest = (1 - ref_top.exp().sum(-1)).clamp(min=0)
-    q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-30)
-    kl_rest = torch.where(ref_rest > 0, ref_rest * (ref_rest.clamp(min=1e-30).log() - q_rest.log()), 0.0)
+    # The reference's rest is summed over the rest itself (1 - sum(top) would leave float32
+    # rounding, ~1e-7, where the rest is empty); the engine's can only be 1 - sum(top), so it is
+    # taken no smaller than that rounding (which keeps the term a lower bound).
+    ref_rest = torch.stack([torch.logsumexp(w.scatter(-1, ids, float("-inf")).double(), -1).exp()
+                            for w, ids in zip(ref_logp, top_ids)])
+    q_rest = (1 - q_top.exp().sum(-1)).clamp(min=FLOAT32_ROUNDING)
+    kl_rest = torch.where(ref_rest > 0, ref_rest * (ref_rest.clamp(min=1e-300).log() - q_rest.log()), 0.0)
     kl = (kl_top + kl_rest).mean().item()
     top1 = (top_ids[..., 0] == ref_logp.argmax(-1)).float().mean().item()
     return _metrics(-target_logp.double().mean().item(), kl, top1, targets, ref_logp)

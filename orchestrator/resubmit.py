@@ -78,6 +78,17 @@ def _check_safe(stored: Any, where: str) -> dict:
     return stored
 
 
+def _nest_backend_options(stored: dict) -> dict:
+    """A config stored before each backend's options moved under its name (``backend.sleep_s`` is
+    ``backend.noop.sleep_s`` now), in today's layout; the trial keeps its stored key."""
+    backend = stored.get("backend")
+    if isinstance(backend, dict):
+        legacy = {k: backend.pop(k) for k in ("sleep_s", "allocate_gb") if k in backend}
+        if legacy and backend.get("name") == "noop":
+            backend["noop"] = legacy
+    return stored
+
+
 def _stored_config(client, run_id: str) -> Any:
     import yaml
 
@@ -131,7 +142,7 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
         if not TRIAL_KEY.fullmatch(key):
             raise ConfigError(f"trial key in the plan of sweep {state.sweep_id}", key, "16 hex digits",
                               problem="stored plan has a bad trial key")
-        stored = _check_safe(stored, where)
+        stored = _nest_backend_options(_check_safe(stored, where))
         cell = OmegaConf.merge(base, {k: v for k, v in stored.items() if k != "resources"})
         with open_dict(cell):
             cell.resources = OmegaConf.merge(cell.resources, stored["resources"])

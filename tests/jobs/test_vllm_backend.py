@@ -27,7 +27,7 @@ def _config(*overrides):
 
 def test_engine_arguments_come_from_the_trials_config():
     args = vllm_backend.engine_args(_config("dtype=bf16"), CPU)
-    assert args["dtype"] == "bfloat16" and args["quantization"] is None and args["kv_cache_dtype"] == "auto"
+    assert args["dtype"] == "bfloat16" and args["quantization"] is None
     assert args["max_model_len"] == 257  # eval.seq_len=256 and the one token generated after it
     assert args["gpu_memory_utilization"] == 0.1 and args["enable_prefix_caching"] is False
     assert args["tensor_parallel_size"] == 1 and args["distributed_executor_backend"] is None
@@ -36,12 +36,11 @@ def test_engine_arguments_come_from_the_trials_config():
     assert fp8["dtype"] == "bfloat16" and fp8["quantization"] == "fp8_per_channel"
     assert fp8["gpu_memory_utilization"] == 0.9
     assert vllm_backend.engine_args(_config("dtype=mxfp8_e4m3"), CUDA)["quantization"] == "mxfp8"
-    assert vllm_backend.engine_args(_config("dtype=fp8_e5m2", "quant=kv_cache"), CPU)["kv_cache_dtype"] == "fp8_e5m2"
 
     tp = vllm_backend.engine_args(_config("backend.vllm.tensor_parallel_size=2", "resources.num_gpus=2",
-                                          "backend.vllm.logprobs_top_k=-1", "backend.vllm.max_model_len=1024"), CUDA)
+                                          "backend.vllm.max_model_len=1024"), CUDA)
     assert tp["tensor_parallel_size"] == 2 and tp["distributed_executor_backend"] == "mp"
-    assert tp["max_logprobs"] == -1 and tp["max_model_len"] == 1024
+    assert tp["max_model_len"] == 1024
 
 
 @pytest.mark.parametrize("overrides,reason", [
@@ -52,7 +51,8 @@ def test_engine_arguments_come_from_the_trials_config():
     (["dtype=fp8_e4m3", "quant=w_a_dynamic", "dtype.rounding=stochastic"],
      "vLLM's online quantization has no dtype.rounding=stochastic (only nearest)"),
     (["dtype=fp8_e4m3", "quant=w_a_dynamic", "quant.skip_layers=[]"], "quant.skip_layers=[] cannot be honoured"),
-    (["dtype=nvfp4", "quant=kv_cache"], "vLLM has no KV cache in nvfp4"),
+    (["dtype=fp8_e4m3", "quant=kv_cache"], "vLLM's KV cache quantization (one scale per tensor) is not "
+                                           "quant.kv_cache's (a scale per token and head)"),
     (["kernel=triton"], "backend=vllm computes with vLLM's own kernels; kernel=triton is for backend=hf"),
     (["dtype=mxfp8_e4m3"], "vLLM has no CPU kernel for mxfp8"),
 ])
@@ -99,7 +99,7 @@ def vllm_trials(tmp_path_factory, tiny_model_cfg):
     vllm_importable()
     tmp = tmp_path_factory.mktemp("vllm")
     return {name: run_trial_in_subprocess(tmp, "backend=vllm", *overrides, *FAST) for name, overrides in {
-        "bf16": ["dtype=bf16"],
+        "bf16": ["dtype=bf16", "backend.vllm.logprobs_top_k=100000"],  # more than the vocabulary: capped
         # vLLM's fp8 needs bf16/fp16 activations; the tiny model is fp32.
         "fp8": ["dtype=fp8_e4m3", "quant=w_a_dynamic", "dtype.compute_dtype=bfloat16"],
     }.items()}
@@ -115,7 +115,7 @@ def test_a_vllm_trial_measures_what_an_hf_trial_does_under_the_same_names(vllm_t
     m = bf16["metrics"]
     assert m["prefill_latency_p99_ms"] >= m["prefill_latency_p50_ms"] > 0
     assert m["decode_tokens_per_s"] == pytest.approx(1e3 / m["decode_latency_p50_ms"])
-    assert m["output_tokens_per_s"] > 0 and m["requests_per_s"] > 0 and m["logprobs_top_k"] == 256
+    assert m["output_tokens_per_s"] > 0 and m["requests_per_s"] > 0 and m["logprobs_top_k"] == 2048
     assert m["weight_bytes"] == pytest.approx(hf.metrics["weight_bytes"], rel=1e-3)  # the same bf16 weights
     # The same eval windows and the same reference: vLLM's bf16 and transformers' bf16 agree.
     assert m["reference_perplexity"] == pytest.approx(hf.metrics["reference_perplexity"], rel=1e-6)

@@ -160,3 +160,12 @@ def test_sweep_reuse_takes_finished_cells_from_earlier_sweeps(run_cli, tmp_path)
     reused = [r for a in runs.values() for r in a if r.data.tags["sweep_id"] == new_sweep and "reused_from" in r.data.tags]
     assert len(reused) == 2 and all(r.data.tags["status"] == "FINISHED" and r.data.metrics["slept_s"] == 0
                                     for r in reused)
+
+
+def test_configs_stored_before_backend_options_were_nested_are_read_in_todays_layout():
+    from orchestrator.resubmit import _nest_backend_options
+
+    noop = {"backend": {"name": "noop", "sleep_s": 1.0, "allocate_gb": 0.0}}
+    assert _nest_backend_options(noop) == {"backend": {"name": "noop", "noop": {"sleep_s": 1.0, "allocate_gb": 0.0}}}
+    assert _nest_backend_options({"backend": {"name": "hf", "sleep_s": 0.0, "allocate_gb": 0.0}}) == {
+        "backend": {"name": "hf"}}
