@@ -231,7 +231,7 @@ def _prompt_logprobs(vllm, llm, windows: torch.Tensor, top_k: int):
     """(log-prob of each actual next token [n, seq-1], the engine's top-k ids and log-probs [n, seq-1, k])."""
     params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=top_k, flat_logprobs=True, detokenize=False,
                                  temperature=0.0)
-    n, seq_len = windows.shape
+    seq_len = windows.shape[1]
     targets, ids, logps = [], [], []
     for out in _generate(vllm, llm, windows, params):
         flat = out.prompt_logprobs  # position 0 has none; then per position the actual token, then the top-k
