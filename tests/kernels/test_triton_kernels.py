@@ -45,6 +45,41 @@ def test_per_channel_int_weights_with_k_not_a_multiple_of_the_tile(k):
     _check(x, formats.quantize(w, "int4", granularity="per_channel"))
 
 
+@pytest.mark.parametrize("fmt,k", [("int4", 264), ("int8", 100), ("int8", 260)])
+@pytest.mark.parametrize("m", [1, 4])
+def test_decode_gemv_with_k_not_a_multiple_of_the_tile(fmt, k, m):
+    x, w = _inputs(m, 40, k, torch.float16)
+    _check(x, formats.quantize(w, fmt, granularity="per_channel"))
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", None), ("int8", 64)])
+def test_decode_gemv_decodes_every_code_exactly(fmt, group):
+    """One-hot rows pick single weight columns: the output is the dequantized weight itself,
+    bit for bit, for every code position in a word and every code value."""
+    n, k = 24, 256
+    knobs = {"granularity": "per_group", "group_size": group} if group else {"granularity": "per_channel"}
+    _, w = _inputs(1, n, k, torch.float32)
+    w[:, :16] = torch.arange(-8, 8).float() * w.abs().amax() / 7  # every int4 code value
+    q = formats.quantize(w, fmt, **knobs)
+    dense = q.dequantize(torch.float32)
+    for cols in (torch.arange(0, 4), torch.arange(4, 8), torch.arange(8, 12), torch.tensor([13, 100, 201, 255])):
+        x = torch.zeros(4, k, device=DEVICE)
+        x[torch.arange(4), cols.to(DEVICE)] = 1.0
+        y = registry.get_kernel("triton")(x, q, None, None)
+        assert torch.equal(y, dense[:, cols.to(dense.device)].T)
+
+
+def test_split_k_gemv_is_deterministic_and_resets_its_counts():
+    """The last program of a tile sums the split-K partials in a fixed order and leaves the
+    counts at zero: a second launch gives the same bits (a stale count would leave it unwritten)."""
+    x, w = _inputs(2, 72, 512, torch.float16)
+    q = formats.quantize(w, "int4", granularity="per_group", group_size=64)
+    first = registry.get_kernel("triton")(x, q, None, None)
+    second = registry.get_kernel("triton")(x, q, None, None)
+    assert torch.equal(first, second)
+    _check(x, q)
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES + [(3, 20, 100)])
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
 @pytest.mark.parametrize("dtype", ACT_DTYPES)
