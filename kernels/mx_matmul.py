@@ -7,7 +7,8 @@ values (exact in fp16/bf16) and applies the power-of-two block scale to the fp32
 sum. NVFP4: a 32-wide tile spans two 16-element blocks, so each element is multiplied by
 its E4M3 block scale in registers (fp4 x e4m3 has at most 6 significant bits: exact in
 fp16/bf16) and the tensor scale is applied to the accumulator at the end. ``tl.dot_scaled``
-would take the scales natively on sm_100+; on Hopper this is the path.
+would take the scales natively on sm_100+; on Hopper this is the path. A few rows (decode)
+go to ``kernels.gemv`` instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import gemv
 from kernels.formats import QuantizedTensor
 from kernels.triton_util import Unsupported, as_2d, autotune, check_activations, load_tile
 
@@ -90,6 +92,9 @@ def mx_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | Non
     m = x2.shape[0]
     codes = weight.codes.view(n, k // 2 if ELEMENTS[name] == 0 else k)
     scales = weight.scales.view(n, k // weight.block)
+    if gemv.fits(x2, weight):
+        y = gemv.decode_gemv(x2, weight, scales, weight.block)
+        return (y if bias is None else y + bias).view(*x.shape[:-1], n)
     tensor_scale = weight.tensor_scale if weight.tensor_scale is not None else scales  # unused for MX
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
 

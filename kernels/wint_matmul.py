@@ -5,8 +5,8 @@ Each K tile lies inside one scale group, so the kernel multiplies raw integer co
 (exact in fp16/bf16) and applies the group's scale once per tile to the fp32 partial
 sum. For int4, byte j of a row holds codes 2j (low nibble) and 2j+1 (high nibble): the
 kernel loads the even and odd columns of ``x`` separately instead of interleaving codes.
-``SPLIT_K`` programs share the K loop of one output tile: the MMA kernel adds into an fp32
-buffer; the decode GEMV reduces its partials in the same launch (``store_split_k``).
+``SPLIT_K`` programs share the K loop of one output tile and add into an fp32 buffer. A few
+rows (decode) go to ``kernels.gemv`` instead.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from kernels.formats import QuantizedTensor
-from kernels.triton_util import (Unsupported, as_2d, autotune, check_activations, load_tile, split_k_workspace,
-                                 store_split_k)
+from kernels import gemv
+from kernels.triton_util import Unsupported, as_2d, autotune, check_activations, load_tile
 
 
 def _configs():
@@ -78,78 +78,6 @@ def _wint_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_x
         tl.atomic_add(y, acc, mask=mask)
 
 
-def _gemv_configs():
-    # Decode is a stream over the weights: each program keeps a few words per thread in flight,
-    # and split-K gives N=4096..14336 enough programs to fill 132 SMs. BK above the group size
-    # is pruned (a K tile must lie inside one scale group).
-    return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=w, num_stages=1)
-            for bn, bk, split, w in [(128, 128, 4, 4), (128, 128, 8, 4), (128, 128, 16, 4), (64, 128, 8, 4),
-                                     (64, 128, 16, 4), (256, 128, 4, 8), (256, 128, 8, 8), (32, 128, 8, 4),
-                                     (32, 128, 1, 4), (16, 128, 1, 4), (128, 64, 8, 4), (256, 64, 8, 4),
-                                     (128, 64, 16, 4), (256, 32, 8, 4), (128, 32, 16, 4), (64, 256, 4, 4),
-                                     (64, 256, 8, 4), (128, 256, 4, 8), (32, 512, 4, 4), (64, 256, 1, 4)]]
-
-
-# Bounds over the configs (the interpreter's is inside them), for sizing the split-K workspace.
-_GEMV_MOST_SPLIT = max(c.kwargs["SPLIT_K"] for c in _gemv_configs())
-_GEMV_WIDEST = max(c.kwargs["BN"] for c in _gemv_configs())
-_GEMV_NARROWEST = min(c.kwargs["BN"] for c in _gemv_configs())
-
-
-@triton.jit
-def _signed_field(w, BITS: tl.constexpr, J: tl.constexpr):
-    """Field J of int32 words whose BITS-wide fields hold offset-binary codes (code + 2**(BITS-1))
-    -> the code as fp32, exactly, in two instructions and without an int-to-float conversion
-    (a quarter-rate one): the field is OR-ed into the mantissa of 2**(23-P) (P: the field's bit
-    offset), so the float is 2**(23-P) + field, and a subtraction leaves the code."""
-    HIGH: tl.constexpr = ((23 - BITS) // BITS + 1) * BITS  # fields from here on would reach the exponent:
-    P: tl.constexpr = BITS * J if BITS * J < HIGH else BITS * J - HIGH  # they are shifted down first
-    src = w if BITS * J < HIGH else w >> HIGH
-    MASK: tl.constexpr = ((1 << BITS) - 1) << P
-    EXPONENT: tl.constexpr = (150 - P) << 23
-    OFFSET: tl.constexpr = 2.0 ** (23 - P) + 2 ** (BITS - 1)
-    return ((src & MASK) | EXPONENT).to(tl.float32, bitcast=True) - OFFSET
-
-
-@autotune(configs=_gemv_configs, key=["M", "N", "K", "GROUP", "BITS"], prune=_prune,
-          interpreter_config={"BN": 16, "BK": 32, "SPLIT_K": 2})
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
-@triton.jit
-def _wint_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, partial_ptr, count_ptr, M, N, K, stride_xm, stride_xk,
-                      stride_wn, stride_wk, stride_sn, stride_sg, stride_ym, stride_yn,
-                      GROUP: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """Decode (a few rows): no tensor cores. Codes are loaded as int32 words (128-bit loads);
-    field j of a [BN, words] tile multiplies x at K = 8*word + j (int4), so no register
-    shuffles are needed, and products accumulate elementwise in a [BN, words] tile that is
-    reduced once, after the K loop."""
-    row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    PER_WORD: tl.constexpr = 32 // BITS
-    WORDS: tl.constexpr = BK // PER_WORD
-    FLIP: tl.constexpr = -2004318072 if BITS == 4 else -2139062144  # 0x88888888 / 0x80808080
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN, WORDS), dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        words = tl.multiple_of(k0 // PER_WORD, WORDS) + tl.arange(0, WORDS)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + words[None, :] * stride_wk,
-                    mask=(rn[:, None] < N) & (EVEN_K or (PER_WORD * words[None, :] < K)), other=0,
-                    eviction_policy="evict_first")
-        w = w ^ FLIP  # two's complement -> offset binary in every field; a masked word decodes to 0
-        part = tl.zeros((BN, WORDS), dtype=tl.float32)
-        for j in tl.static_range(PER_WORD):
-            xj = tl.load(x_ptr + row * stride_xm + (PER_WORD * words + j) * stride_xk,
-                         mask=EVEN_K or (PER_WORD * words + j < K), other=0.0)
-            part += _signed_field(w, BITS, j) * xj.to(tl.float32)[None, :]
-        scale = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=rn < N, other=0.0)
-        acc += part * scale[:, None]
-    store_split_k(tl.sum(acc, axis=1), y_ptr + row * stride_ym + rn * stride_yn, rn < N, partial_ptr, count_ptr,
-                  (row * tl.num_programs(1) + pid_n) * BN + tl.arange(0, BN), row * tl.num_programs(1) + pid_n,
-                  pid_k, tl.num_programs(0) * tl.num_programs(1) * BN, SPLIT_K)
-
-
-GEMV_MAX_ROWS = 4  # up to this many rows, re-reading the weights per row beats a 16-row MMA tile
-
-
 def wint_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` for symmetric int4/int8 weights with per-channel or group scales."""
     spec = weight.spec
@@ -166,15 +94,8 @@ def wint_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | N
     scales = weight.scales.expand(n) if weight.block == n * k else weight.scales
     scales = scales.reshape(n, k // group)
     codes = weight.codes.view(n, k // 2 if spec.bits == 4 else k)
-    per_word = 32 // spec.bits
-    if m <= GEMV_MAX_ROWS and k % per_word == 0:
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        words = codes.view(torch.int32)  # one 128-bit load carries 32 int4 or 16 int8 codes
-        partial, count = split_k_workspace(x.device, _GEMV_MOST_SPLIT * m * triton.cdiv(n, _GEMV_WIDEST) * _GEMV_WIDEST,
-                                           m * triton.cdiv(n, _GEMV_NARROWEST))
-        _wint_gemv_kernel[lambda meta: (m, triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])](
-            x2, words, scales, y, partial, count, m, n, k, x2.stride(0), x2.stride(1), words.stride(0),
-            words.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1), GROUP=group, BITS=spec.bits)
+    if gemv.fits(x2, weight):
+        y = gemv.decode_gemv(x2, weight, scales, group)
     else:
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
         _wint_matmul_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])](

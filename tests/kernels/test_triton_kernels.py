@@ -52,21 +52,32 @@ def test_decode_gemv_with_k_not_a_multiple_of_the_tile(fmt, k, m):
     _check(x, formats.quantize(w, fmt, granularity="per_channel"))
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", None), ("int8", 64)])
-def test_decode_gemv_decodes_every_code_exactly(fmt, group):
-    """One-hot rows pick single weight columns: the output is the dequantized weight itself,
-    bit for bit, for every code position in a word and every code value."""
-    n, k = 24, 256
-    knobs = {"granularity": "per_group", "group_size": group} if group else {"granularity": "per_channel"}
+@pytest.mark.parametrize("fmt,knobs", [("int4", {"granularity": "per_group", "group_size": 32}),
+                                       ("int4", {"granularity": "per_channel"}),
+                                       ("int8", {"granularity": "per_group", "group_size": 64}),
+                                       ("mxfp4", {}), ("nvfp4", {}), ("mxfp8_e4m3", {}), ("mxfp8_e5m2", {})])
+def test_decode_gemv_decodes_every_code_exactly(fmt, knobs):
+    """Byte b of row r holds (r + b) % 256, so over 256 rows every field position of a word holds
+    every code (NaN and Inf codes of fp8 included). One-hot rows of x pick single weight columns:
+    the output is the dequantized weight, bit for bit (NVFP4: its two scales may round once in
+    the other order), and NaN where the reference has NaN."""
+    n, k = 256, 64
     _, w = _inputs(1, n, k, torch.float32)
-    w[:, :16] = torch.arange(-8, 8).float() * w.abs().amax() / 7  # every int4 code value
     q = formats.quantize(w, fmt, **knobs)
-    dense = q.dequantize(torch.float32)
-    for cols in (torch.arange(0, 4), torch.arange(4, 8), torch.arange(8, 12), torch.tensor([13, 100, 201, 255])):
+    per_row = q.codes.numel() // n
+    codes = (torch.arange(n)[:, None] + torch.arange(per_row)[None, :]).remainder(256).reshape(-1).to(torch.uint8)
+    if not ON_GPU:  # Triton's interpreter decodes fp8 NaN and Inf codes as finite numbers (e4m3 0x7F as 480)
+        special = {"mxfp8_e4m3": (0x7F, 0x7F), "mxfp8_e5m2": (0x7C, 0x7C)}.get(fmt)
+        if special:
+            codes[codes & special[0] == special[1]] &= 0x83  # a finite code of the same sign
+    q.codes.copy_(codes)
+    dense = q.dequantize(torch.float64)
+    for cols in ([0, 1, 2, 3], [4, 5, 6, 7], [13, 37, 50, 63]):
         x = torch.zeros(4, k, device=DEVICE)
-        x[torch.arange(4), cols.to(DEVICE)] = 1.0
+        x[torch.arange(4), torch.tensor(cols)] = 1.0
         y = registry.get_kernel("triton")(x, q, None, None)
-        assert torch.equal(y, dense[:, cols.to(dense.device)].T)
+        ref = torch.nn.functional.linear(x.double(), dense.to(DEVICE)).float()
+        torch.testing.assert_close(y, ref, rtol=1.2e-7 if fmt == "nvfp4" else 0, atol=0, equal_nan=True)
 
 
 def test_split_k_gemv_is_deterministic_and_resets_its_counts():
