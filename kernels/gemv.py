@@ -17,11 +17,9 @@ import triton
 import triton.language as tl
 
 from kernels.formats import QuantizedTensor
-from kernels.triton_util import autotune, split_k_workspace, store_split_k
+from kernels.triton_util import (FP4, FP8_E4M3, FP8_E5M2, INT, SCALE_E4M3, SCALE_E8M0, SCALE_FP32, autotune, decode_field,
+                                 decode_scale, split_k_workspace, store_split_k)
 
-# Element decoders and scale kinds (constexpr globals: the only globals a compiled kernel may read).
-INT, FP4, FP8_E4M3, FP8_E5M2 = (tl.constexpr(i) for i in range(4))
-SCALE_FP32, SCALE_E8M0, SCALE_E4M3 = (tl.constexpr(i) for i in range(3))
 ELEMENTS = {"int4": INT, "int8": INT, "mxfp4": FP4, "nvfp4": FP4, "mxfp8_e4m3": FP8_E4M3, "mxfp8_e5m2": FP8_E5M2}
 MAX_ROWS = 4  # up to this many rows, re-reading the weights per row (from L2) beats a 16-row MMA tile
 
@@ -42,45 +40,6 @@ def _configs():
 _MOST_SPLIT = max(c.kwargs["SPLIT_K"] for c in _configs())
 _WIDEST = max(c.kwargs["BN"] for c in _configs())
 _NARROWEST = min(c.kwargs["BN"] for c in _configs())
-
-
-@triton.jit
-def _field(w, ELEM: tl.constexpr, BITS: tl.constexpr, J: tl.constexpr):
-    """Field J (BITS wide, from bit BITS*J) of int32 words -> its element value as fp32, exactly."""
-    if ELEM == INT:
-        # The words were XOR-ed to offset binary (code + 2**(BITS-1)). OR-ing the field into the
-        # mantissa of 2**(23-P) (P: its bit offset) makes the float 2**(23-P) + field, and one
-        # subtraction leaves the code: two instructions, no quarter-rate int-to-float conversion.
-        HIGH: tl.constexpr = ((23 - BITS) // BITS + 1) * BITS  # fields from here on would reach the
-        P: tl.constexpr = BITS * J if BITS * J < HIGH else BITS * J - HIGH  # exponent: shift them down
-        src = w if BITS * J < HIGH else w >> HIGH
-        MASK: tl.constexpr = ((1 << BITS) - 1) << P
-        EXPONENT: tl.constexpr = (150 - P) << 23
-        OFFSET: tl.constexpr = 2.0 ** (23 - P) + 2 ** (BITS - 1)
-        return ((src & MASK) | EXPONENT).to(tl.float32, bitcast=True) - OFFSET
-    elif ELEM == FP4:
-        # E2M1 sign to bit 31, exponent and mantissa to bits 23-24 and 22: that fp32 is the value
-        # times 2**-126 (E2M1's subnormal 0.5 becomes an fp32 subnormal; mul.f32 keeps subnormals).
-        sign = (w << (28 - 4 * J)) & -2147483648
-        magnitude = (w << (22 - 4 * J) if 4 * J <= 22 else w >> (4 * J - 22)) & 0x01C00000
-        return (sign | magnitude).to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2**126
-    else:
-        byte = ((w >> (8 * J)) & 0xFF).to(tl.uint8)
-        if ELEM == FP8_E4M3:
-            return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        return byte.to(tl.float8e5, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _scale_value(s, SCALE: tl.constexpr):
-    if SCALE == SCALE_FP32:
-        return s
-    elif SCALE == SCALE_E8M0:  # 2**(e-127); e=0 is the subnormal 2**-127, e=255 is NaN
-        e = s.to(tl.int32)
-        bits = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23))
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
 
 @autotune(configs=_configs, key=["M", "N", "K", "BLOCK", "ELEM", "BITS"],
@@ -107,14 +66,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, partial_ptr, count_ptr, M, 
         part = tl.zeros((BN, WORDS), dtype=tl.float32)
         for j in tl.static_range(PER_WORD):
             xj = tl.load(x_ptr + row * stride_xm + (PER_WORD * words + j) * stride_xk, mask=EVEN_K or (PER_WORD * words < K), other=0.0)
-            part += _field(w, ELEM, BITS, j) * xj.to(tl.float32)[None, :]
+            part += decode_field(w, ELEM, BITS, j) * xj.to(tl.float32)[None, :]
         if BK <= BLOCK:  # the tile lies inside one scale block: one scale per row
             s = tl.load(s_ptr + rn * stride_sn + (k0 // BLOCK) * stride_sb, mask=rn < N, other=0)
-            acc += part * _scale_value(s, SCALE)[:, None]
+            acc += part * decode_scale(s, SCALE)[:, None]
         else:
             s = tl.load(s_ptr + rn[:, None] * stride_sn + (PER_WORD * words // BLOCK)[None, :] * stride_sb,
                         mask=tile_mask, other=0)
-            acc += part * _scale_value(s, SCALE)
+            acc += part * decode_scale(s, SCALE)
     out = tl.sum(acc, axis=1)
     if TENSOR_SCALE:
         out = out * tl.load(ts_ptr)

@@ -1,4 +1,5 @@
-"""What the Triton kernels share: input checks, and autotuning that stays cheap in the interpreter."""
+"""What the Triton kernels share: input checks, autotuning that stays cheap in the interpreter,
+exact in-register decoders of our element and scale formats, and the split-K store."""
 
 from __future__ import annotations
 
@@ -13,8 +14,54 @@ from kernels.catalog import Unsupported
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-__all__ = ["INTERPRETED", "Unsupported", "as_2d", "autotune", "check_activations", "check_device", "load_tile",
+__all__ = ["FP4", "FP8_E4M3", "FP8_E5M2", "INT", "INTERPRETED", "SCALE_E4M3", "SCALE_E8M0", "SCALE_FP32", "Unsupported",
+           "as_2d", "autotune", "check_activations", "check_device", "decode_field", "decode_scale", "load_tile",
            "split_k_workspace", "store_split_k"]
+
+
+# Element decoders and scale kinds (constexpr globals: the only globals a compiled kernel may read).
+INT, FP4, FP8_E4M3, FP8_E5M2 = (tl.constexpr(i) for i in range(4))
+SCALE_FP32, SCALE_E8M0, SCALE_E4M3 = (tl.constexpr(i) for i in range(3))
+
+
+@triton.jit
+def decode_field(w, ELEM: tl.constexpr, BITS: tl.constexpr, J: tl.constexpr):
+    """Field J (BITS wide, from bit BITS*J) of int32 words -> its element value as fp32, exactly.
+    INT fields must be offset binary (the two's-complement code XOR 2**(BITS-1))."""
+    if ELEM == INT:
+        # OR-ing the field into the mantissa of 2**(23-P) (P: its bit offset) makes the float
+        # 2**(23-P) + field, and one subtraction leaves the code: two instructions, no
+        # quarter-rate int-to-float conversion.
+        HIGH: tl.constexpr = ((23 - BITS) // BITS + 1) * BITS  # fields from here on would reach the
+        P: tl.constexpr = BITS * J if BITS * J < HIGH else BITS * J - HIGH  # exponent: shift them down
+        src = w if BITS * J < HIGH else w >> HIGH
+        MASK: tl.constexpr = ((1 << BITS) - 1) << P
+        EXPONENT: tl.constexpr = (150 - P) << 23
+        OFFSET: tl.constexpr = 2.0 ** (23 - P) + 2 ** (BITS - 1)
+        return ((src & MASK) | EXPONENT).to(tl.float32, bitcast=True) - OFFSET
+    elif ELEM == FP4:
+        # E2M1 sign to bit 31, exponent and mantissa to bits 23-24 and 22: that fp32 is the value
+        # times 2**-126 (E2M1's subnormal 0.5 becomes an fp32 subnormal; mul.f32 keeps subnormals).
+        sign = (w << (28 - 4 * J)) & -2147483648
+        magnitude = (w << (22 - 4 * J) if 4 * J <= 22 else w >> (4 * J - 22)) & 0x01C00000
+        return (sign | magnitude).to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2**126
+    else:
+        byte = ((w >> (8 * J)) & 0xFF).to(tl.uint8)
+        if ELEM == FP8_E4M3:
+            return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        return byte.to(tl.float8e5, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def decode_scale(s, SCALE: tl.constexpr):
+    if SCALE == SCALE_FP32:
+        return s
+    elif SCALE == SCALE_E8M0:  # 2**(e-127); e=0 is the subnormal 2**-127, e=255 is NaN
+        e = s.to(tl.int32)
+        bits = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23))
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
 
 @triton.jit

@@ -2,9 +2,11 @@
 group-wise fp32 scales, dequantized in registers, fp32 accumulation.
 
 Each K tile lies inside one scale group, so the kernel multiplies raw integer codes
-(exact in fp16/bf16) and applies the group's scale once per tile to the fp32 partial
-sum. For int4, byte j of a row holds codes 2j (low nibble) and 2j+1 (high nibble): the
-kernel loads the even and odd columns of ``x`` separately instead of interleaving codes.
+(exact in fp16/bf16; decoded without int-to-float conversions, ``decode_field``) and
+applies the group's scale once per tile to the fp32 partial sum (per channel: once, at the
+end). For int4, byte j of a row
+holds codes 2j (low nibble) and 2j+1 (high nibble): both are decoded and interleaved along
+K in registers, so ``x`` is loaded as one contiguous tile.
 ``SPLIT_K`` programs share the K loop of one output tile and add into an fp32 buffer. A few
 rows (decode) go to ``kernels.gemv`` instead.
 """
@@ -17,7 +19,7 @@ import triton.language as tl
 
 from kernels.formats import QuantizedTensor
 from kernels import gemv
-from kernels.triton_util import Unsupported, as_2d, autotune, check_activations, load_tile
+from kernels.triton_util import INT, Unsupported, as_2d, autotune, check_activations, decode_field
 
 
 def _configs():
@@ -41,35 +43,40 @@ def _prune(configs, named_args, **kwargs):
 
 @autotune(configs=_configs, key=["M", "N", "K", "GROUP", "BITS"], prune=_prune, reset_to_zero=["y_ptr"],
           interpreter_config={"BM": 16, "BN": 64, "BK": 32, "SPLIT_K": 2})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
 def _wint_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                         stride_sn, stride_sg, stride_ym, stride_yn,
-                        GROUP: tl.constexpr, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, SPLIT_K: tl.constexpr):
+                        GROUP: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        if BITS == 4:
-            half = k0 // 2 + tl.arange(0, BK // 2)
-            k_even = 2 * half
+        rk = k0 + tl.arange(0, BK)
+        # EVEN_K: no K masks, so the tiles load as 128-bit asynchronous copies
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (EVEN_K or (rk[None, :] < K)), other=0.0)
+        if BITS == 4:  # byte j holds codes 2j (low nibble) and 2j+1: decode both, interleave along K
+            half = tl.multiple_of(k0 // 2, BK // 2) + tl.arange(0, BK // 2)
             w = tl.load(w_ptr + rn[None, :] * stride_wn + half[:, None] * stride_wk,
-                        mask=(rn[None, :] < N) & (k_even[:, None] < K), other=0)
-            lo = ((w & 0xF).to(tl.int8) ^ 8) - 8  # sign-extend the two's-complement nibbles
-            hi = ((w >> 4).to(tl.int8) ^ 8) - 8
-            xe = tl.load(x_ptr + rm[:, None] * stride_xm + k_even[None, :] * stride_xk,
-                         mask=(rm[:, None] < M) & (k_even[None, :] < K), other=0.0)
-            xo = tl.load(x_ptr + rm[:, None] * stride_xm + (k_even + 1)[None, :] * stride_xk,
-                         mask=(rm[:, None] < M) & (k_even[None, :] + 1 < K), other=0.0)
-            part = tl.dot(xe, lo.to(xe.dtype)) + tl.dot(xo, hi.to(xo.dtype))
+                        mask=(rn[None, :] < N) & (EVEN_K or (2 * half[:, None] < K)), other=0)
+            w = w.to(tl.int32) ^ 0x88  # offset binary: decode_field converts without I2F
+            lo = decode_field(w, INT, 4, 0).to(x.dtype)
+            hi = decode_field(w, INT, 4, 1).to(x.dtype)
+            codes = tl.join(lo, hi).permute(0, 2, 1).reshape(BK, BN)
+        else:  # the compiler's own int8 -> fp16/bf16 conversion is packed, two codes per instruction
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+                        mask=(rn[None, :] < N) & (EVEN_K or (rk[:, None] < K)), other=0)
+            codes = w.to(tl.int8).to(x.dtype)
+        if PER_CHANNEL:  # one scale per column: chain the dots, scale once at the end
+            acc = tl.dot(x, codes, acc)
         else:
-            rk = k0 + tl.arange(0, BK)
-            w = load_tile(w_ptr, rk, rn, K, N, stride_wk, stride_wn)
-            x = load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-            part = tl.dot(x, w.to(tl.int8).to(x.dtype))
-        scale = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=rn < N, other=0.0)
-        acc += part * scale[None, :]
+            scale = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=rn < N, other=0.0)
+            acc += tl.dot(x, codes) * scale[None, :]
+    if PER_CHANNEL:
+        acc *= tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0.0)[None, :]
     y = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT_K == 1:
@@ -100,7 +107,8 @@ def wint_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | N
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
         _wint_matmul_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])](
             x2, codes, scales, y, m, n, k, x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1),
-            scales.stride(0), scales.stride(1), y.stride(0), y.stride(1), GROUP=group, BITS=spec.bits)
+            scales.stride(0), scales.stride(1), y.stride(0), y.stride(1), GROUP=group, BITS=spec.bits,
+            PER_CHANNEL=group == k)
         y = y.to(x.dtype)
     if bias is not None:
         y += bias
