@@ -38,6 +38,18 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels import fp8_matmul, gemv, mx_matmul, wint_matmul  # noqa: E402
 from kernels.triton_util import FP4, FP8_E4M3, INT, SCALE_E4M3, SCALE_E8M0, SCALE_FP32  # noqa: E402
 
+# Results per SM per clock for compute capability 9.0 (CUDA C++ Programming Guide, "Arithmetic
+# Instructions"), by SASS opcode: the pipe a warp instruction occupies for 32 / rate clocks.
+# Unlisted opcodes (control, uniform datapath, tensor cores) only take an issue slot.
+PIPE_RATES = {
+    "fp32": (128, {"FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSET", "HFMA2", "HADD2", "HMUL2"}),
+    "int": (64, {"IMAD", "IADD3", "IADD", "LOP3", "SHF", "SGXT", "PRMT", "LEA", "ISETP", "SEL", "FSEL", "MOV",
+                 "VIADD", "IABS", "IMNMX", "BMSK", "P2R", "R2P", "CS2R", "LOP"}),
+    "conversion": (16, {"I2F", "F2I", "F2F", "FRND", "I2FP", "F2FP", "MUFU"}),
+    "memory": (32, {"LDG", "STG", "LDS", "STS", "LDGSTS", "ATOMG", "ATOM", "RED", "LDSM", "STSM", "LD", "ST"}),
+    "shuffle": (32, {"SHFL"}),
+}
+ISSUE_PER_CLOCK = 4  # warp instructions per SM per clock (4 schedulers)
 DIVISIBLE_BY_16 = {"N", "K", "stride_xm", "stride_qm", "stride_wn", "stride_ym"}
 UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_sg", "stride_sb"}
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -135,6 +147,14 @@ def _opcode(ins: str) -> str:
     return (ins.split()[1] if ins.startswith("@") else ins.split()[0]).split(".")[0]
 
 
+def pipe_cycles(ops: collections.Counter) -> dict[str, float]:
+    """SM clocks one warp's pass through the loop occupies on each pipe, and on issue."""
+    cycles = {"issue": sum(ops.values()) / ISSUE_PER_CLOCK}
+    for pipe, (rate, opcodes) in PIPE_RATES.items():
+        cycles[pipe] = sum(n for op, n in ops.items() if op in opcodes) * 32 / rate
+    return cycles
+
+
 def analyse(case: Case, config: triton.Config, arch: int) -> dict:
     row = {"case": case.name, "config": {**config.kwargs, "num_warps": config.num_warps,
                                          "num_stages": config.num_stages}}
@@ -152,10 +172,14 @@ def analyse(case: Case, config: triton.Config, arch: int) -> dict:
     loop = main_loop(_instructions(sass))
     ops = collections.Counter(_opcode(i) for i in loop)
     threads = config.num_warps * 32
+    per_warp = case.tile(config.kwargs) / config.num_warps  # weight elements one warp's pass covers
+    cycles = pipe_cycles(ops)
+    bound = max(cycles, key=cycles.get)
     loads = collections.Counter(re.search(r"\b(LDG\S*)", i).group(1) for i in loop if "LDG" in i)
     return {**row, "registers": resources.get("reg", 0), "spill_bytes": resources.get("local", 0),
             "shared_bytes": kernel.metadata.shared, "loop_instructions": len(loop),
             "per_weight_element": len(loop) / (case.tile(config.kwargs) / threads) if loop else None,
+            "sm_cycles_per_element": cycles[bound] / per_warp if loop else None, "bound_by": bound,
             "loads": dict(loads), "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
             "tensor_core_ops": ops["HGMMA"] + ops["HMMA"] + ops["QGMMA"] + ops["IMMA"],
             "top_opcodes": dict(ops.most_common(8))}
@@ -176,20 +200,22 @@ def main() -> None:
             rows.append(analyse(case, config, args.arch))
     meta = {"arch": args.arch, "triton": triton.__version__}
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"sm_{args.arch}, triton {triton.__version__}; per element: main-loop SASS instructions per weight "
-          "element and thread")
-    print("| kernel | config | regs | spills | smem | loop instrs | per element | loads in the loop | "
-          "layout conversions | tensor-core ops |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"sm_{args.arch}, triton {triton.__version__}. per element: main-loop SASS instructions per weight element "
+          "and thread. SM clocks/element: the busiest pipe's (or issue's) clocks per weight element on one SM, "
+          "from opcode counts and cc 9.0 throughputs; ignores latency and memory")
+    print("| kernel | config | regs | spills | smem | loop instrs | per element | SM clocks/element (bound) "
+          "| loads in the loop | layout conversions | tensor-core ops |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         if "error" in r:
-            print(f"| {r['case']} | {cfg} | does not compile: {r['error']} |||||||")
+            print(f"| {r['case']} | {cfg} | does not compile: {r['error']} ||||||||")
             continue
         per = f"{r['per_weight_element']:.1f}" if r["per_weight_element"] else "-"
+        clocks = f"{r['sm_cycles_per_element']:.3f} ({r['bound_by']})" if r["sm_cycles_per_element"] else "-"
         loads = ", ".join(f"{n}x {op}" for op, n in sorted(r["loads"].items()))
         print(f"| {r['case']} | {cfg} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
-              f"{r['loop_instructions']} | {per} | {loads} | {r['layout_conversions']} | {r['tensor_core_ops']} |")
+              f"{r['loop_instructions']} | {per} | {clocks} | {loads} | {r['layout_conversions']} | {r['tensor_core_ops']} |")
     if any("error" in r for r in rows):
         sys.exit(1)
 
