@@ -10,7 +10,7 @@ Each kernel's output is checked against an fp64 reference with bf16 activations 
 Beside each Triton kernel runs torchao's kernel on the same codes and scales where torchao
 has the scheme (``kernel=torchao``); ``vs torchao`` is torchao's time over ours.
 
-    python benchmarks/kernels.py --json kernels.json
+    python benchmarks/kernels.py --json kernels.json [--shape 1x8192x8192 --shape 2048x8192x8192]
 """
 
 from __future__ import annotations
@@ -62,13 +62,18 @@ def roofline() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=Path("kernels.json"))
+    ap.add_argument("--shape", action="append", type=lambda v: tuple(int(d) for d in v.split("x")),
+                    help="MxNxK to run instead of the default list (repeatable), e.g. the targets' 1x8192x8192")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py times the kernels on a CUDA GPU, and there is none here; "
+                 "benchmarks/kernel_sass.py reads their SASS for one without it")
     roof = roofline()
     print(f"roofline: copy {roof['copy_gbps']:.0f} GB/s, bf16 matmul {roof['bf16_tflops']:.0f} TFLOP/s, "
           f"fp8 _scaled_mm {roof['fp8_tflops']:.0f} TFLOP/s")
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for m, n, k in SHAPES:
+    for m, n, k in args.shape or SHAPES:
         x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
         w = torch.randn(n, k, generator=gen).to("cuda")
         flops = 2 * m * n * k
