@@ -80,13 +80,14 @@ def _gemv(fmt: str, elem, bits: int, scale, block: int) -> Case:
                  "partial_ptr": "*fp32", "count_ptr": "*i32"},
                 {"ELEM": elem.value, "BITS": bits, "SCALE": scale.value, "BLOCK": block,
                  "TENSOR_SCALE": fmt == "nvfp4", "EVEN_K": True},
-                lambda c: c["BN"] * c["BK"], gemv._configs(), default=1)
+                lambda c: c["BN"] * c["BK"], gemv.configs(), default=1)
 
 
 def _wint(fmt: str, bits: int, group: int) -> Case:
     return Case(f"mma {fmt}", wint_matmul._wint_matmul_kernel,
                 {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "y_ptr": "*fp32"},
-                {"GROUP": group, "BITS": bits, "PER_CHANNEL": group == 8192, "EVEN_K": True}, lambda c: c["BN"] * c["BK"], wint_matmul._configs(), default=6)
+                {"GROUP": group, "BITS": bits, "PER_CHANNEL": group == 8192, "EVEN_K": True},
+                lambda c: c["BN"] * c["BK"], wint_matmul._configs(), default=6)
 
 
 def _mx(fmt: str) -> Case:
@@ -181,6 +182,8 @@ def analyse(case: Case, config: triton.Config, arch: int) -> dict:
             "per_weight_element": len(loop) / (case.tile(config.kwargs) / threads) if loop else None,
             "sm_cycles_per_element": cycles[bound] / per_warp if loop else None, "bound_by": bound,
             "loads": dict(loads), "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
+            # a pipelined operand is copied num_stages times: num_stages - 1 in the prologue, once in the loop
+            "async_operands": kernel.asm["ttgir"].count("ttg.async_copy_global_to_local") // config.num_stages,
             "tensor_core_ops": ops["HGMMA"] + ops["HMMA"] + ops["QGMMA"] + ops["IMMA"],
             "top_opcodes": dict(ops.most_common(8))}
 

@@ -7,7 +7,8 @@ K = per_word * word + j (no register shuffles), each field becomes an fp32 value
 integer instructions, products accumulate elementwise in a [BN, words] tile that is reduced
 once after the K loop, and ``SPLIT_K`` programs per output tile are reduced in the same
 launch (``store_split_k``). Scales apply per word (a word never straddles a scale block);
-when a K tile lies inside one block, one scale per row and tile is loaded instead.
+when the block size is a multiple of the K tile (so every tile lies inside one block), one
+scale per row and tile is loaded instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ELEMENTS = {"int4": INT, "int8": INT, "mxfp4": FP4, "nvfp4": FP4, "mxfp8_e4m3": 
 MAX_ROWS = 4  # up to this many rows, re-reading the weights per row (from L2) beats a 16-row MMA tile
 
 
-def _configs():
+def configs() -> list[triton.Config]:
     # Each program keeps a few 128-bit words per thread in flight; split-K gives N=4096..14336
     # enough programs for 132 SMs, and 8 rows per thread (BN=256, 4 warps) amortise the x loads.
     return [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=w, num_stages=1)
@@ -37,12 +38,12 @@ def _configs():
 
 
 # Bounds over the configs (the interpreter's is inside them), for sizing the split-K workspace.
-_MOST_SPLIT = max(c.kwargs["SPLIT_K"] for c in _configs())
-_WIDEST = max(c.kwargs["BN"] for c in _configs())
-_NARROWEST = min(c.kwargs["BN"] for c in _configs())
+_MOST_SPLIT = max(c.kwargs["SPLIT_K"] for c in configs())
+_WIDEST = max(c.kwargs["BN"] for c in configs())
+_NARROWEST = min(c.kwargs["BN"] for c in configs())
 
 
-@autotune(configs=_configs, key=["M", "N", "K", "BLOCK", "ELEM", "BITS"],
+@autotune(configs=configs, key=["M", "N", "K", "BLOCK", "ELEM", "BITS"],
           interpreter_config={"BN": 16, "BK": 64, "SPLIT_K": 2})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
@@ -67,7 +68,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, partial_ptr, count_ptr, M, 
         for j in tl.static_range(PER_WORD):
             xj = tl.load(x_ptr + row * stride_xm + (PER_WORD * words + j) * stride_xk, mask=EVEN_K or (PER_WORD * words < K), other=0.0)
             part += decode_field(w, ELEM, BITS, j) * xj.to(tl.float32)[None, :]
-        if BK <= BLOCK:  # the tile lies inside one scale block: one scale per row
+        if BLOCK % BK == 0:  # the tile lies inside one scale block: one scale per row
             s = tl.load(s_ptr + rn * stride_sn + (k0 // BLOCK) * stride_sb, mask=rn < N, other=0)
             acc += part * decode_scale(s, SCALE)[:, None]
         else:
@@ -87,9 +88,12 @@ def fits(x2: torch.Tensor, weight: QuantizedTensor) -> bool:
     return x2.shape[0] <= MAX_ROWS and weight.shape[1] % (32 // weight.element.bits) == 0
 
 
-def decode_gemv(x2: torch.Tensor, weight: QuantizedTensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+def decode_gemv(x2: torch.Tensor, weight: QuantizedTensor, scales: torch.Tensor, block: int,
+                config: triton.Config | None = None) -> torch.Tensor:
     """``x2 @ dequant(weight).T`` in ``x2``'s dtype. ``scales``: [N, K // block] (fp32, or the E8M0 /
-    E4M3 bytes of MX / NVFP4). The caller has checked the format, the activations and :func:`fits`."""
+    E4M3 bytes of MX / NVFP4). The caller has checked the format, the activations and :func:`fits`.
+    ``config`` (one of :func:`configs`, or any with BN, BK and SPLIT_K inside their bounds) pins the
+    launch instead of autotuning."""
     m, (n, k) = x2.shape[0], weight.shape
     bits = weight.element.bits
     words = weight.codes.view(torch.int32).view(n, k * bits // 32)
@@ -99,9 +103,11 @@ def decode_gemv(x2: torch.Tensor, weight: QuantizedTensor, scales: torch.Tensor,
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     partial, count = split_k_workspace(x2.device, _MOST_SPLIT * m * triton.cdiv(n, _WIDEST) * _WIDEST,
                                        m * triton.cdiv(n, _NARROWEST))
-    _gemv_kernel[lambda meta: (m, triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])](
+    kernel, pinned = (_gemv_kernel, {}) if config is None else (
+        _gemv_kernel.fn, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages})
+    kernel[lambda meta: (m, triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])](
         x2, words, scales, tensor_scale, y, partial, count, m, n, k, x2.stride(0), x2.stride(1), words.stride(0),
         words.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
         ELEM=ELEMENTS[weight.spec.name].value, BITS=bits, SCALE=scale_kind.value, BLOCK=block,
-        TENSOR_SCALE=weight.tensor_scale is not None)
+        TENSOR_SCALE=weight.tensor_scale is not None, **pinned)
     return y

@@ -5,8 +5,8 @@ registers, fp32 accumulation.
 Elements are decoded in registers without table lookups or exp2 (``decode_field``). Each is
 then multiplied by its block scale in registers and the dots chain in the accumulator: exact,
 since an fp4/fp8 value times a power of two (MX) or an E4M3 scale (NVFP4) has at most 6
-significant bits, and bf16 and fp32 have fp32's exponent range (products below bf16's
-smallest subnormal, 2**-133, would flush: blocks of weights near 1e-38). fp16's range is
+significant bits, and bf16 and fp32 have fp32's exponent range; only scaled weights below
+2**-126, in bf16's subnormal range, round (blocks of weights near 1e-38). fp16's range is
 narrower, so with fp16 activations an MX tile is exactly one block and its power-of-two
 scale goes on the fp32 partial sum. NVFP4's tensor scale is applied at the end.
 ``tl.dot_scaled`` would take the scales natively on sm_100+; on Hopper this is the path. A

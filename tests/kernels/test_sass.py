@@ -45,5 +45,6 @@ def test_decode_gemv_streams_weights_in_128_bit_loads_with_few_instructions(sass
                                   "mma mxfp8_e4m3", "fp8 W8A8 GEMM"])
 def test_mma_kernels_copy_tiles_asynchronously_into_tensor_cores(sass, case):
     row = sass[case]
+    assert row["async_operands"] >= 2, row  # activations and weights both, not the activations alone
     assert any(op.startswith("LDGSTS") and op.endswith(".128") for op in row["loads"]), row["loads"]
     assert row["tensor_core_ops"] > 0

@@ -4,7 +4,7 @@ activations, per DESIGN.md's interpreter limits), and on a GPU with bf16 as well
 import pytest
 import torch
 
-from kernels import formats, metrics, registry
+from kernels import formats, gemv, metrics, registry
 from kernels.catalog import Unsupported
 from kernels.fp8_matmul import quantize_fp8_per_token
 
@@ -78,6 +78,35 @@ def test_decode_gemv_decodes_every_code_exactly(fmt, knobs):
         y = registry.get_kernel("triton")(x, q, None, None)
         ref = torch.nn.functional.linear(x.double(), dense.to(DEVICE)).float()
         torch.testing.assert_close(y, ref, rtol=1.2e-7 if fmt == "nvfp4" else 0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("fmt,knobs", [("int4", {"granularity": "per_group", "group_size": 32}),
+                                       ("int8", {"granularity": "per_channel"}), ("mxfp4", {}), ("nvfp4", {}),
+                                       ("mxfp8_e5m2", {})])
+def test_decode_gemv_is_right_in_every_autotune_config(fmt, knobs):
+    """The interpreter runs one config; the GPU picks any: pin each (split-K up to 16, tiles wider
+    than a scale block or than K, ragged N) and check it against the reference."""
+    x, w = _inputs(2, 72, 640, torch.float32)
+    q = formats.quantize(w, fmt, **knobs)
+    n, k = q.shape
+    block = k if q.block in (k, n * k) else q.block
+    scales = q.scales.view(n, k // block)
+    ref = registry.reference_fp64(x, q)
+    for config in gemv.configs():
+        y = gemv.decode_gemv(x, q, scales, block, config)
+        assert metrics.relative_error(ref, y) < 1e-6, config
+
+
+def test_int_weights_with_a_group_that_is_not_a_power_of_two():
+    """A group of 96 (a multiple of 32 that 64-wide tiles straddle), built by hand: quantize()
+    offers powers of two only, but the kernels take any multiple of 32."""
+    _, w = _inputs(1, 40, 192, torch.float32)
+    w[:, 96:] *= 100  # the two groups' scales differ by 100x
+    by_96 = formats.quantize(w.reshape(-1, 96), "int4", granularity="per_channel")
+    q = formats.QuantizedTensor(by_96.codes, by_96.scales, by_96.spec, torch.Size((40, 192)), 96)
+    for m in (1, 5):  # the decode GEMV and the MMA kernel
+        x, _ = _inputs(m, 1, 192, torch.float16)
+        _check(x, q)
 
 
 def test_split_k_gemv_is_deterministic_and_resets_its_counts():
