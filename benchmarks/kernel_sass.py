@@ -218,7 +218,8 @@ def main() -> None:
         clocks = f"{r['sm_cycles_per_element']:.3f} ({r['bound_by']})" if r["sm_cycles_per_element"] else "-"
         loads = ", ".join(f"{n}x {op}" for op, n in sorted(r["loads"].items()))
         print(f"| {r['case']} | {cfg} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
-              f"{r['loop_instructions']} | {per} | {clocks} | {loads} | {r['layout_conversions']} | {r['tensor_core_ops']} |")
+              f"{r['loop_instructions']} | {per} | {clocks} | {loads} | {r['layout_conversions']} | "
+              f"{r['tensor_core_ops']} |")
     if any("error" in r for r in rows):
         sys.exit(1)
 

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from kernels.formats import QuantizedTensor
-from kernels.triton_util import (FP4, FP8_E4M3, FP8_E5M2, INT, SCALE_E4M3, SCALE_E8M0, SCALE_FP32, autotune, decode_field,
-                                 decode_scale, split_k_workspace, store_split_k)
+from kernels.triton_util import (FP4, FP8_E4M3, FP8_E5M2, INT, SCALE_E4M3, SCALE_E8M0, SCALE_FP32, autotune,
+                                 decode_field, decode_scale, split_k_workspace, store_split_k)
 
 ELEMENTS = {"int4": INT, "int8": INT, "mxfp4": FP4, "nvfp4": FP4, "mxfp8_e4m3": FP8_E4M3, "mxfp8_e5m2": FP8_E5M2}
 MAX_ROWS = 4  # up to this many rows, re-reading the weights per row (from L2) beats a 16-row MMA tile
@@ -66,7 +66,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, partial_ptr, count_ptr, M, 
             w = w ^ (-2004318072 if BITS == 4 else -2139062144)  # 0x88888888 / 0x80808080
         part = tl.zeros((BN, WORDS), dtype=tl.float32)
         for j in tl.static_range(PER_WORD):
-            xj = tl.load(x_ptr + row * stride_xm + (PER_WORD * words + j) * stride_xk, mask=EVEN_K or (PER_WORD * words < K), other=0.0)
+            xj = tl.load(x_ptr + row * stride_xm + (PER_WORD * words + j) * stride_xk,
+                         mask=EVEN_K or (PER_WORD * words < K), other=0.0)
             part += decode_field(w, ELEM, BITS, j) * xj.to(tl.float32)[None, :]
         if BLOCK % BK == 0:  # the tile lies inside one scale block: one scale per row
             s = tl.load(s_ptr + rn * stride_sn + (k0 // BLOCK) * stride_sb, mask=rn < N, other=0)
