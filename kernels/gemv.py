@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.catalog import BlockSpec
 from kernels.formats import QuantizedTensor
 from kernels.triton_util import (FP4, FP8_E4M3, FP8_E5M2, INT, SCALE_E4M3, SCALE_E8M0, SCALE_FP32, autotune,
                                  decode_field, decode_scale, split_k_workspace, store_split_k)
@@ -84,6 +85,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, partial_ptr, count_ptr, M, 
                   tile * BN + tl.arange(0, BN), tile, pid_k, tl.num_programs(0) * tl.num_programs(1) * BN, SPLIT_K)
 
 
+def scale_kind(weight: QuantizedTensor) -> tl.constexpr:
+    """How the weight's scales are stored: fp32 values, E8M0 exponents (MX) or E4M3 bytes (NVFP4)."""
+    if not isinstance(weight.spec, BlockSpec):
+        return SCALE_FP32
+    return SCALE_E8M0 if weight.spec.scale == "e8m0" else SCALE_E4M3
+
+
 def fits(x2: torch.Tensor, weight: QuantizedTensor) -> bool:
     """Whether :func:`decode_gemv` takes this call: a few rows, and rows of whole int32 words."""
     return x2.shape[0] <= MAX_ROWS and weight.shape[1] % (32 // weight.element.bits) == 0
@@ -98,8 +106,6 @@ def decode_gemv(x2: torch.Tensor, weight: QuantizedTensor, scales: torch.Tensor,
     m, (n, k) = x2.shape[0], weight.shape
     bits = weight.element.bits
     words = weight.codes.view(torch.int32).view(n, k * bits // 32)
-    scale_kind = SCALE_FP32 if scales.dtype == torch.float32 else (
-        SCALE_E8M0 if weight.spec.scale == "e8m0" else SCALE_E4M3)
     tensor_scale = weight.tensor_scale if weight.tensor_scale is not None else scales  # unused unless NVFP4
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     partial, count = split_k_workspace(x2.device, _MOST_SPLIT * m * triton.cdiv(n, _WIDEST) * _WIDEST,
@@ -109,6 +115,6 @@ def decode_gemv(x2: torch.Tensor, weight: QuantizedTensor, scales: torch.Tensor,
     kernel[lambda meta: (m, triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])](
         x2, words, scales, tensor_scale, y, partial, count, m, n, k, x2.stride(0), x2.stride(1), words.stride(0),
         words.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-        ELEM=ELEMENTS[weight.spec.name].value, BITS=bits, SCALE=scale_kind.value, BLOCK=block,
+        ELEM=ELEMENTS[weight.spec.name].value, BITS=bits, SCALE=scale_kind(weight).value, BLOCK=block,
         TENSOR_SCALE=weight.tensor_scale is not None, **pinned)
     return y

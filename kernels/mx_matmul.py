@@ -21,8 +21,8 @@ import triton.language as tl
 
 from kernels import gemv
 from kernels.formats import QuantizedTensor
-from kernels.triton_util import (FP4, SCALE_E4M3, SCALE_E8M0, Unsupported, as_2d, autotune, check_activations,
-                                 decode_field, decode_scale)
+from kernels.triton_util import (FP4, SCALE_E8M0, Unsupported, as_2d, autotune, check_activations, decode_field,
+                                 decode_scale)
 
 ELEMENTS = ("mxfp4", "nvfp4", "mxfp8_e4m3", "mxfp8_e5m2")
 
@@ -86,13 +86,13 @@ def mx_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | Non
     check_activations(x, k)
     x2 = as_2d(x)
     m = x2.shape[0]
-    codes = weight.codes.view(n, k // 2 if weight.element.bits == 4 else k)
     scales = weight.scales.view(n, k // weight.block)
     if gemv.fits(x2, weight):
         y = gemv.decode_gemv(x2, weight, scales, weight.block)
         return (y if bias is None else y + bias).view(*x.shape[:-1], n)
+    codes = weight.codes.view(n, k // 2 if weight.element.bits == 4 else k)
     tensor_scale = weight.tensor_scale if weight.tensor_scale is not None else scales  # unused for MX
-    scale = SCALE_E8M0 if weight.spec.scale == "e8m0" else SCALE_E4M3
+    scale = gemv.scale_kind(weight)
     on_weights = not (scale is SCALE_E8M0 and x.dtype == torch.float16)  # fp16's range is too narrow for 2**e
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
 

@@ -4,9 +4,8 @@ group-wise fp32 scales, dequantized in registers, fp32 accumulation.
 Each K tile lies inside one scale group, so the kernel multiplies raw integer codes
 (exact in fp16/bf16; decoded without int-to-float conversions, ``decode_field``) and
 applies the group's scale once per tile to the fp32 partial sum (per channel: once, at the
-end). For int4, byte j of a row
-holds codes 2j (low nibble) and 2j+1 (high nibble): both are decoded and interleaved along
-K in registers, so ``x`` is loaded as one contiguous tile.
+end). For int4, byte j of a row holds codes 2j (low nibble) and 2j+1 (high nibble): both
+are decoded and interleaved along K in registers, so ``x`` is loaded as one contiguous tile.
 ``SPLIT_K`` programs share the K loop of one output tile and add into an fp32 buffer. A few
 rows (decode) go to ``kernels.gemv`` instead.
 """
@@ -17,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.formats import QuantizedTensor
 from kernels import gemv
+from kernels.formats import QuantizedTensor
 from kernels.triton_util import INT, Unsupported, as_2d, autotune, check_activations, decode_field
 
 
@@ -100,10 +99,10 @@ def wint_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | N
     m = x2.shape[0]
     scales = weight.scales.expand(n) if weight.block == n * k else weight.scales
     scales = scales.reshape(n, k // group)
-    codes = weight.codes.view(n, k // 2 if spec.bits == 4 else k)
     if gemv.fits(x2, weight):
         y = gemv.decode_gemv(x2, weight, scales, group)
     else:
+        codes = weight.codes.view(n, k // 2 if spec.bits == 4 else k)
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
         _wint_matmul_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])](
             x2, codes, scales, y, m, n, k, x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1),
