@@ -45,7 +45,7 @@ _NARROWEST = min(c.kwargs["BN"] for c in configs())
 
 
 @autotune(configs=configs, key=["M", "N", "K", "BLOCK", "ELEM", "BITS"],
-          interpreter_config={"BN": 16, "BK": 64, "SPLIT_K": 2})
+          interpreter_config={"BN": 64, "BK": 128, "SPLIT_K": 2})  # big tiles: the interpreter pays per program
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, partial_ptr, count_ptr, M, N, K, stride_xm, stride_xk,
