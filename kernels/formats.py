@@ -21,12 +21,19 @@ Scales, by format kind:
 - MX (OCP MX v1.0): blocks of 32 along the last dimension share an E8M0 power-of-two
   scale. ``floor`` is the spec's rule, X = 2**(floor(log2 max|x|) - emax_elem); ``ceil``
   rounds the exponent up when max|x| is not a power of two; ``even`` rounds max|x| to the
-  element's mantissa width first; ``rceil`` (cuBLAS/Blackwell) is 2**ceil(log2(max|x| /
-  max)). Elements beyond max saturate. These follow torchao's ``to_mx`` operation for
-  operation, so the results match it bit for bit.
-- NVFP4: blocks of 16 share an E4M3 scale, under an fp32 per-tensor scale
-  max|x| / (448 * 6), as torchao's ``nvfp4_quantize`` does (an all-zero tensor, where
-  that reference divides by zero, gets per-tensor scale 1).
+  element's mantissa width first (half up, as torchao's EVEN); ``rceil`` (cuBLAS/Blackwell) is
+  2**ceil(log2(max|x| / max)), the quotient in fp32. The exponent is clamped to [-127, 127]:
+  byte 0 is 2**-127, an fp32 subnormal, and elements are divided by exactly the value their
+  byte decodes to. Elements beyond max saturate. A block holding NaN or +-Inf is a NaN block
+  (byte 0xFF, element codes 0): E8M0 has no Inf. Checked bit for bit against an exact
+  reference written from the spec (``tests/kernels/mx_reference.py``); where torchao differs,
+  ``docs/design.md`` says.
+- NVFP4: blocks of 16 share an E4M3 scale (at least E4M3's smallest normal, 2**-6), under an
+  fp32 per-tensor scale max|x| / (448 * 6), as torchao's ``nvfp4_quantize`` does (an all-zero
+  tensor, where that reference divides by zero, gets per-tensor scale 1). The tensor scale
+  is at least 2**-121 so that its reciprocal stays finite (torchao's turns into Inf and NaN
+  there): magnitudes below 2**-129 become signed zeros. A block holding NaN or +-Inf gets the
+  E4M3 NaN scale (0x7F) and codes 0; the tensor scale comes from the finite values.
 
 A last dimension that a group or block does not divide is refused, not padded: a padded
 block changes the scale of the real elements around it.
@@ -48,8 +55,10 @@ from kernels.catalog import (FORMATS, GRANULARITIES, BlockSpec, FloatSpec, Forma
 __all__ = ["FORMATS", "GRANULARITIES", "FormatError", "KnobError", "QuantizedTensor", "cast", "fake_quant",
            "quantize", "value_table"]
 
-F32_MIN_NORMAL = 2.0 ** -126
 MSE_RATIOS = 26  # clipping ratios tried by scale_rule=mse, evenly from 1.0 down to 0.5
+# NVFP4 multiplies by (1 / tensor_scale) / block_scale, as torchao and the MSLK kernel do; with
+# the smallest block scale (E4M3's smallest normal, 2**-6) that stays finite down to here.
+NVFP4_MIN_TENSOR_SCALE = 2.0 ** -121
 
 
 class FormatError(ValueError):
@@ -80,6 +89,16 @@ def value_table(spec: FloatSpec | IntSpec) -> torch.Tensor:
             value = (1 + mant / 2 ** spec.mbits) * 2.0 ** (exp - spec.bias)
         values.append(sign * value)
     return torch.tensor(values, dtype=torch.float32)
+
+
+@functools.cache
+def _e8m0_table(device: torch.device) -> torch.Tensor:
+    """fp32 value of every E8M0 byte, built from bits: 2**(b - 127), b = 0 the fp32 subnormal
+    2**-127, b = 255 NaN. The quantizer divides by these very values, so codes and decoded
+    scales cannot disagree."""
+    b = torch.arange(256, dtype=torch.int32)
+    bits = torch.where(b == 0, 0x00400000, torch.where(b == 255, 0x7FC00000, b << 23))
+    return bits.view(torch.float32).to(device)
 
 
 def _uniform(shape, like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -200,8 +219,7 @@ class QuantizedTensor:
         if not isinstance(self.spec, BlockSpec):
             return self.scales
         if self.spec.scale == "e8m0":
-            pow2 = torch.pow(torch.full_like(self.scales, 2.0, dtype=torch.float32), self.scales.float() - 127)
-            return torch.where(self.scales == 255, float("nan"), pow2)
+            return _e8m0_table(self.scales.device)[self.scales.long()]
         return self.tensor_scale * value_table(FORMATS["fp8_e4m3"]).to(self.scales.device)[self.scales.long()]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -299,41 +317,47 @@ def _element_mbits(element: FloatSpec | IntSpec) -> int:
     return element.mbits if isinstance(element, FloatSpec) else round(-math.log2(element.step))
 
 
+def _shared_exponent(amax: torch.Tensor, element: FloatSpec | IntSpec, rule: str) -> torch.Tensor:
+    """Unbiased E8M0 exponent of each block (int32, clamped to [-127, 127]) from its finite max|x|."""
+    if rule == "rceil":
+        amax = amax / element.max  # the fp32 descale, rounded up to a power of two below
+    mant, exp = torch.frexp(amax)  # amax = mant * 2**exp, mant in [0.5, 1): exact for subnormals too
+    floor_log2 = exp - 1
+    if rule == "floor":
+        e = floor_log2 - element.emax
+    elif rule == "even":  # max|x| rounded (half up) to the element's mantissa width may reach 2**(floor+1)
+        e = floor_log2 + (mant >= 1 - 2.0 ** -(_element_mbits(element) + 2)).int() - element.emax
+    else:  # ceil, rceil: up unless a power of two
+        e = floor_log2 + (mant != 0.5).int() - (element.emax if rule == "ceil" else 0)
+    return torch.where(amax > 0, e, -127).clamp(-127, 127)
+
+
 def _quantize_mx(blocks, spec: BlockSpec, shape, rule: str, rounding: str, overflow: str,
                  seed: int) -> QuantizedTensor:
     element = spec.element
-    amax = blocks.abs().amax(dim=1)  # NaN if the block holds NaN
-    if rule == "rceil":
-        descale = amax / element.max
-        log2 = torch.clamp(torch.ceil(torch.log2(descale)), -127, 127) + 127
-        exponent = torch.where(torch.isnan(descale), 255, torch.where(torch.isinf(descale), 254, log2)).to(torch.uint8)
-        reciprocal = torch.where(exponent == 255, descale, torch.where(
-            exponent == 254, 2.0 ** -127, torch.where(exponent == 0, 1.0, torch.exp2(127 - exponent.float()))))
-        scaled = blocks * reciprocal[:, None]
-    else:
-        bits = amax.view(torch.int32)
-        if rule == "even":  # round max|x| to the element's mantissa width, keep its exponent
-            bits = (bits + (1 << (23 - _element_mbits(element) - 1))) & (0x1FF << 23)
-        pow2 = ((bits >> 23) & 0xFF) - 127
-        if rule == "ceil":
-            pow2 = pow2 + ((bits & 0x7FFFFF) > 0).to(pow2.dtype)
-        exponent = (torch.clamp(pow2 - element.emax, -127, 128) + 127).to(torch.uint8)
-        exponent = torch.where(torch.isnan(amax), 255, exponent).to(torch.uint8)
-        scale = torch.clamp((exponent.to(torch.int32) << 23).view(torch.float32), min=F32_MIN_NORMAL)
-        scaled = blocks / scale[:, None]
+    special = ~torch.isfinite(blocks).all(dim=1)  # E8M0 has no Inf: NaN or Inf makes the block NaN
+    amax = torch.where(special, 0.0, blocks.abs().amax(dim=1))
+    exponent = torch.where(special, 255, _shared_exponent(amax, element, rule) + 127).to(torch.uint8)
+    scaled = blocks / _e8m0_table(blocks.device)[exponent.long()][:, None]
     codes, _ = _round_element(scaled, element, rounding, overflow, seed)
+    codes = torch.where(special[:, None], 0, codes).to(torch.uint8)
     return QuantizedTensor(packing.pack(codes, element.bits), exponent, spec, shape, spec.block)
 
 
 def _quantize_nvfp4(blocks, spec: BlockSpec, shape, rounding: str, seed: int) -> QuantizedTensor:
     e4m3 = FORMATS["fp8_e4m3"]
+    special = ~torch.isfinite(blocks).all(dim=1)  # NaN or Inf makes its block NaN, not the whole tensor
+    blocks = torch.where(special[:, None], 0.0, blocks)
     amax = blocks.abs().amax()
-    tensor_scale = torch.where(amax > 0, amax / (e4m3.max * spec.element.max), torch.ones_like(amax))
+    tensor_scale = torch.where(amax > 0, torch.clamp(amax / (e4m3.max * spec.element.max), min=NVFP4_MIN_TENSOR_SCALE),
+                               torch.ones_like(amax))
     block_scale = blocks.abs().amax(dim=1) / spec.element.max / tensor_scale
     scale_codes, block_scale = _round_float(torch.clamp(block_scale, min=2.0 ** e4m3.emin, max=e4m3.max), e4m3,
                                             "nearest", "saturate", 0)
     scaled = blocks * ((1.0 / tensor_scale) / block_scale)[:, None]
     codes, _ = _round_element(scaled, spec.element, rounding, "saturate", seed)
+    scale_codes = torch.where(special, _nan_code(e4m3), scale_codes).to(torch.uint8)
+    codes = torch.where(special[:, None], 0, codes).to(torch.uint8)
     return QuantizedTensor(packing.pack(codes, spec.element.bits), scale_codes, spec, shape,
                            spec.block, tensor_scale=tensor_scale.reshape(1))
 

@@ -95,8 +95,9 @@ class VllmOptions:
     tensor_parallel_size: int = rule(1, ge=1)
     max_model_len: Optional[int] = rule(None, ge=2)  # None: what the bench and eval need
     enforce_eager: bool = False  # True: no torch.compile and no CUDA graphs (faster start, slower steps)
-    # Fraction of device memory for weights, activations and the KV cache. None: 0.9 on a GPU,
-    # 0.1 on the CPU, where vLLM sizes its KV cache out of host RAM.
+    # Fraction of device memory for weights, activations and the KV cache. None: 0.9 on a GPU;
+    # on the CPU a KV cache sized to the trial's sequences (vLLM's fraction of a NUMA node's RAM
+    # fails on small nodes).
     gpu_memory_utilization: Optional[float] = rule(None, gt=0, le=1)
     # Prompt log-probs per position for KL and top-1: the engine's top-k tokens (plus the
     # actual one). -1: the whole vocabulary (exact KL; slow for large vocabularies).

@@ -148,6 +148,20 @@ def test_block_scaled_weights(m, n, k, fmt, dtype):
     _check(x, formats.quantize(w, fmt))
 
 
+@pytest.mark.parametrize("m", [2, 7])  # the decode GEMV and the MMA kernel
+@pytest.mark.parametrize("fmt,emax", [("mxfp4", 2), ("mxfp8_e4m3", 8), ("mxfp8_e5m2", 15)])
+def test_mx_kernels_decode_scale_byte_0_as_2_to_the_minus_127(m, fmt, emax):
+    """Weights so small that most blocks' shared exponent clamps to -127 (byte 0, an fp32
+    subnormal scale), and activations large enough that the products are normal fp32 numbers:
+    a kernel that decoded byte 0 as 0 or as 2**-126 would be off by 100% on those rows."""
+    x, w = _inputs(m, 40, 256, torch.float32)
+    q = formats.quantize(w.cpu() * 2.0 ** (emax - 130), fmt).to(DEVICE)
+    assert (q.scales == 0).float().mean() > 0.5
+    err = metrics.relative_error(registry.reference_fp64(x * 2.0 ** 100, q), registry.get_kernel("triton")(
+        x * 2.0 ** 100, q, None, None))
+    assert err < 1e-6, err
+
+
 @pytest.mark.parametrize("fmt,knobs,input_knobs,reason", [
     ("fp6_e2m3", {}, None, "no triton kernel for fp6_e2m3"),
     ("int4", {"granularity": "per_group", "group_size": 16}, None, "group size 16 is below"),
