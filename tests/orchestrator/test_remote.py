@@ -3,6 +3,7 @@
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -68,11 +69,14 @@ def test_results_cross_a_remote_server_and_wait_out_its_outage(ray_cluster, mlfl
 @pytest.fixture
 def ray_head(tmp_path_factory, monkeypatch):
     """`ray start --head --block` on 127.0.0.1 in its own process group, stopped by that group's id.
-    Ray's token authentication is on, as on a real cluster: clients send the token (RAY_AUTH_MODE=token)."""
+    Ray's token authentication is on, as on a real cluster: clients send the token (RAY_AUTH_MODE=token).
+    The token is this fixture's own, in RAY_AUTH_TOKEN: `ray start` creates none, and the user's
+    ~/.ray/auth_token is not the tests' to read or write."""
     root = tmp_path_factory.mktemp("ray-head")
     ray_temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     dashboard = free_port()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
