@@ -22,8 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """A QUANTSWEEP_CACHE for the session; the tiny model is built there once and reused."""
-    cache = tmp_path_factory.mktemp("quantsweep-cache")
+    """The QUANTSWEEP_CACHE the tests build the tiny model in. In CI a fresh one per session, so the
+    build runs as on a new machine; elsewhere $QUANTSWEEP_TEST_CACHE (default
+    ~/.cache/quantsweep-tests), so the build (~2 minutes on 2 cores) is paid once per machine, not
+    once per `pytest -m "not slow"`. Builds are keyed by their config's hash and locked, as in use."""
+    if os.environ.get("CI") == "true":
+        cache = tmp_path_factory.mktemp("quantsweep-cache")
+    else:
+        cache = Path(os.environ.get("QUANTSWEEP_TEST_CACHE", Path.home() / ".cache" / "quantsweep-tests"))
+        cache.mkdir(parents=True, exist_ok=True)
     os.environ["QUANTSWEEP_CACHE"] = str(cache)
     return cache
 
@@ -126,9 +133,22 @@ class MlflowServer:
         self.proc = None
 
 
+def _served(root: Path):
+    server = MlflowServer(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
+    yield from _served(tmp_path_factory.mktemp("mlflow-server"))
+
+
+@pytest.fixture(scope="module")
+def shared_mlflow_server(tmp_path_factory):
+    """One server for a module's tests that each make their own sweep and look only at it (a
+    server takes ~12 s to start)."""
+    yield from _served(tmp_path_factory.mktemp("mlflow-server"))

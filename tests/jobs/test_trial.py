@@ -73,6 +73,7 @@ def _run_triton(*overrides):
     return trial.run(trial_spec(compose(*overrides, *TRITON_FAST), overrides))
 
 
+@pytest.mark.slow  # a whole trial through the Triton interpreter: ~45 s
 def test_triton_kernel_trial_is_checked_against_the_reference_then_timed(tiny_model_cfg):
     r = _run_triton("dtype=int4")
     assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))

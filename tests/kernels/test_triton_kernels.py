@@ -80,6 +80,7 @@ def test_decode_gemv_decodes_every_code_exactly(fmt, knobs):
         torch.testing.assert_close(y, ref, rtol=1.2e-7 if fmt == "nvfp4" else 0, atol=0, equal_nan=True)
 
 
+@pytest.mark.slow  # every config through the interpreter: ~70 s on 2 cores
 @pytest.mark.parametrize("fmt,knobs", [("int4", {"granularity": "per_group", "group_size": 32}),
                                        ("int8", {"granularity": "per_channel"}), ("mxfp4", {}), ("nvfp4", {}),
                                        ("mxfp8_e5m2", {})])

@@ -109,25 +109,25 @@ def test_resume_after_the_driver_was_killed(mlflow_server, cli_env, tmp_path, ru
     ({"bench": {"batch_size": -4}}, "bench.batch_size=-4: invalid value; allowed: >= 1"),
     ({"dtype": {"name": "x", "format": "int4", "group_size": "lots"}}, "dtype.group_size"),
 ])
-def test_a_tampered_stored_config_is_refused_and_nothing_runs(mlflow_server, run_cli, tamper, message):
+def test_a_tampered_stored_config_is_refused_and_nothing_runs(shared_mlflow_server, run_cli, tamper, message):
     import yaml
     from mlflow.tracking import MlflowClient
 
-    store = f"tracking.uri={mlflow_server.uri}"
+    store = f"tracking.uri={shared_mlflow_server.uri}"
     first = run_cli("run", "backend=noop", "backend.noop.allocate_gb=1000000", store)
     sweep_id = SUMMARY.search(first.stdout).group(1)
-    client, _, runs = _by_key(mlflow_server.uri)
+    client, _, runs = _by_key(shared_mlflow_server.uri)
     [run] = [r for attempts in runs.values() for r in attempts if r.data.tags["sweep_id"] == sweep_id]
     with tempfile.TemporaryDirectory() as tmp:
         config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text())
     for key, value in tamper.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
-    MlflowClient(mlflow_server.uri).log_text(run.info.run_id, yaml.safe_dump(config), "config.yaml")
+    MlflowClient(shared_mlflow_server.uri).log_text(run.info.run_id, yaml.safe_dump(config), "config.yaml")
 
     refused = run_cli("resubmit", sweep_id, "--failed", "backend.noop.allocate_gb=0", store)
     assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
     assert refused.stderr.startswith("orchestrator: error: ") and message in refused.stderr, refused.stderr
-    _, _, after = _by_key(mlflow_server.uri)
+    _, _, after = _by_key(shared_mlflow_server.uri)
     assert sum(len(a) for a in after.values()) == sum(len(a) for a in runs.values()), "nothing was submitted"
 
 
@@ -135,17 +135,17 @@ def test_a_tampered_stored_config_is_refused_and_nothing_runs(mlflow_server, run
     ("trial_key", "x' OR tags.kind != '", "trial_key tag of run"),
     ("attempt", "two", "attempt tag of run"),
 ])
-def test_a_tampered_stored_tag_is_refused_and_nothing_runs(mlflow_server, run_cli, tag, value, message):
+def test_a_tampered_stored_tag_is_refused_and_nothing_runs(shared_mlflow_server, run_cli, tag, value, message):
     from mlflow.tracking import MlflowClient
 
-    store = f"tracking.uri={mlflow_server.uri}"
+    store = f"tracking.uri={shared_mlflow_server.uri}"
     sweep_id = SUMMARY.search(run_cli("run", "backend=noop", "backend.noop.allocate_gb=1000000", store).stdout).group(1)
-    _, _, runs = _by_key(mlflow_server.uri)
+    _, _, runs = _by_key(shared_mlflow_server.uri)
     [run] = [r for attempts in runs.values() for r in attempts if r.data.tags["sweep_id"] == sweep_id]
-    MlflowClient(mlflow_server.uri).set_tag(run.info.run_id, tag, value)
+    MlflowClient(shared_mlflow_server.uri).set_tag(run.info.run_id, tag, value)
     refused = run_cli("resubmit", sweep_id, "--failed", store)
     assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-3000:]
-    _, _, after = _by_key(mlflow_server.uri)
+    _, _, after = _by_key(shared_mlflow_server.uri)
     assert sum(len(a) for a in after.values()) == sum(len(a) for a in runs.values()), "nothing was submitted"
 
 
