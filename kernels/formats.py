@@ -31,8 +31,9 @@ Scales, by format kind:
 - NVFP4: blocks of 16 share an E4M3 scale (at least E4M3's smallest normal, 2**-6), under an
   fp32 per-tensor scale max|x| / (448 * 6), as torchao's ``nvfp4_quantize`` does (an all-zero
   tensor, where that reference divides by zero, gets per-tensor scale 1). The tensor scale
-  is at least 2**-121 so that its reciprocal stays finite (torchao's turns into Inf and NaN
-  there): magnitudes below 2**-129 become signed zeros. A block holding NaN or +-Inf gets the
+  is at least 2**-121 so that the reciprocal below stays finite (torchao's overflows there:
+  95% error on tensors near 2**-120, NaN near 2**-149): magnitudes below 2**-129 become signed
+  zeros. A block holding NaN or +-Inf gets the
   E4M3 NaN scale (0x7F) and codes 0; the tensor scale comes from the finite values.
 
 A last dimension that a group or block does not divide is refused, not padded: a padded
@@ -320,7 +321,7 @@ def _element_mbits(element: FloatSpec | IntSpec) -> int:
 def _shared_exponent(amax: torch.Tensor, element: FloatSpec | IntSpec, rule: str) -> torch.Tensor:
     """Unbiased E8M0 exponent of each block (int32, clamped to [-127, 127]) from its finite max|x|."""
     if rule == "rceil":
-        amax = amax / element.max  # the fp32 descale, rounded up to a power of two below
+        amax = amax / element.max  # the fp32 descale, which is then rounded up to a power of two
     mant, exp = torch.frexp(amax)  # amax = mant * 2**exp, mant in [0.5, 1): exact for subnormals too
     floor_log2 = exp - 1
     if rule == "floor":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,10 @@ from omegaconf import DictConfig
 
 from orchestrator import schema
 from orchestrator.cli import CONF_DIR
+
+
+# The line a sweep ends with (its id, then trials, finished, failed, unsupported).
+SUMMARY = re.compile(r"^sweep (swp-[0-9a-f]{6}): (\d+) trials, (\d+) finished, (\d+) failed, (\d+) unsupported", re.M)
 
 
 def compose(*overrides: str) -> DictConfig:

@@ -1,6 +1,5 @@
 """End to end: `orchestrator run -m` on an embedded local Ray into a local MLflow store."""
 
-import re
 import signal
 import sqlite3
 import subprocess
@@ -10,10 +9,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import mlflow_runs
+from tests.helpers import SUMMARY, mlflow_runs
 
 FAST = ("bench.warmup=1", "bench.repeats=2", "bench.decode_tokens=8", "eval.max_tokens=4096")
-SUMMARY = re.compile(r"^sweep (swp-[0-9a-f]{6}): (\d+) trials, (\d+) finished, (\d+) failed, (\d+) unsupported", re.M)
 
 pytestmark = pytest.mark.slow
 
