@@ -158,9 +158,9 @@ def test_mx_kernels_decode_scale_byte_0_as_2_to_the_minus_127(m, fmt, emax):
     x, w = _inputs(m, 40, 256, torch.float32)
     q = formats.quantize(w.cpu() * 2.0 ** (emax - 130), fmt).to(DEVICE)
     assert (q.scales == 0).float().mean() > 0.5
-    err = metrics.relative_error(registry.reference_fp64(x * 2.0 ** 100, q), registry.get_kernel("triton")(
-        x * 2.0 ** 100, q, None, None))
-    assert err < 1e-6, err
+    x = x * 2.0 ** 100
+    err = metrics.relative_error(registry.reference_fp64(x, q), registry.get_kernel("triton")(x, q, None, None))
+    assert err < registry.TOLERANCE[x.dtype], err  # fp32's (TF32 dots on a GPU); exact in the interpreter
 
 
 @pytest.mark.parametrize("fmt,knobs,input_knobs,reason", [
