@@ -23,9 +23,10 @@ class Status(str, enum.Enum):
 
 # The config a trial's result depends on: it makes up the trial key. Where it runs and
 # where its results go (cluster, tracking, resources, sweep) do not, except the GPU model
-# it asks for (resources.accelerator_type): an H100 and an A100 time differently.
+# it asks for (resources.accelerator_type): an H100 and an A100 time differently. A trial's
+# config also holds all its resources, so it can be run again as it first ran.
 TRIAL_SECTIONS = ("model", "dtype", "quant", "kernel", "backend", "bench", "eval", "device", "seed")
-TRIAL_RESOURCES = ("accelerator_type",)
+KEYED_RESOURCES = ("accelerator_type",)
 
 
 def context_length(bench: dict, eval_cfg: dict) -> int:

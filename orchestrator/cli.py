@@ -45,7 +45,9 @@ submitted), 130 interrupted."""
 
 
 def _error(message: str) -> int:
-    print(f"orchestrator: error: {message}", file=sys.stderr)
+    from orchestrator.credentials import mask
+
+    print(f"orchestrator: error: {mask(message)}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -126,8 +128,9 @@ def status(args: list[str]) -> int:
               f"sweep {opts.sweep_id}: not in {uri} yet; ray job {job['submission_id']}: {job['status']} "
               f"{job['message']}")
         return 0
-    address = opts.address or state.tags.get("ray_dashboard")
-    job = remote.job_info(address, state.tags["ray_job_submission_id"]) if "ray_job_submission_id" in state.tags else None
+    # The dashboard is the one this command line (or $RAY_ADDRESS) names, never an address read from the store.
+    job = remote.job_info(opts.address, remote.submission_id(opts.sweep_id)) \
+        if "ray_job_submission_id" in state.tags else None
     if opts.json:
         print(state.to_json())
     else:
@@ -194,7 +197,7 @@ def submit(args: list[str]) -> int:
 def resubmit(args: list[str], mode: str | None = None) -> int:
     """`resubmit ID --failed|--unfinished [overrides]`; `resume ID` is `--unfinished`."""
     from jobs.spec import Status
-    from orchestrator import errors
+    from orchestrator import errors, lease
     from orchestrator import resubmit as resubmission
     from orchestrator import status as sweep_status
     from orchestrator import sweep, tracking
@@ -210,25 +213,28 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
         which.add_argument("--unfinished", action="store_const", const="unfinished", dest="mode",
                            help="every trial with no FINISHED attempt (after a driver died)")
     parser.add_argument("--force", action="store_true", help="re-run FINISHED trials too")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="Ray dashboard URL of a sweep submitted as a Ray Job, to tell whether its driver still runs")
     parser.add_argument("overrides", nargs="*", help="overrides for the re-run trials (bench.batch_size=8), "
                                                      "or cluster.* for where they run")
     opts = parser.parse_intermixed_args(args)
     mode = mode or opts.mode
+    holder = None
     try:
-        client = tracking.client(uri)
-        # Read every run, not the index: what is re-run must be what the store holds now.
         state = sweep_status.load(uri, opts.sweep_id, refresh=True)
+        client = tracking.client(uri)
+        # One driver per sweep: taken before anything is read for re-running or closed.
+        holder = lease.take(client, opts.sweep_id, state.parent_run_id, opts.address)
         if state.sweep_status == "RUNNING":
-            alive = resubmission.driver_alive(state.tags)
-            if alive:
-                return _error(f"sweep={opts.sweep_id}: still running ({alive}); allowed: a sweep whose driver "
-                              f"has ended (orchestrator cancel {opts.sweep_id})")
             closed = sweep_status.close_open_runs(client, state, Status.FAILED, "driver lost: the sweep's driver died")
             print(f"sweep {opts.sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
-            state = sweep_status.load(uri, opts.sweep_id, refresh=True)
+        # Read every run, not the index: what is re-run must be what the store holds now.
+        state = sweep_status.load(uri, opts.sweep_id, refresh=True)
         settings, trials, skipped = resubmission.plan_trials(client, state, mode,
                                                              [f"tracking.uri={uri}", *opts.overrides], opts.force)
     except Exception as exc:
+        if holder is not None:
+            lease.release(client, state.parent_run_id, holder)
         config_error = errors.from_hydra(exc)
         if config_error is None:
             raise
@@ -239,10 +245,11 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
     if unrun := sum(t.spec.trial_key not in recorded for t in trials):
         print(f"{unrun} planned trials have no run (the driver died before making them): run as attempt 1")
     if not trials:
+        lease.release(client, state.parent_run_id, holder)
         print(f"sweep {opts.sweep_id}: nothing to re-run")
         return 0
     summary = sweep.execute(settings, trials, reopen=state.parent_run_id,
-                            prior_rows=[dataclasses.asdict(t) for t in state.trials])
+                            prior_rows=[dataclasses.asdict(t) for t in state.trials], holder=holder)
     whole = sweep_status.load(uri, opts.sweep_id)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
     print(f"sweep {opts.sweep_id} now: {len(whole.trials)} trials ({counts})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -16,13 +17,18 @@ class ConfigError(ValueError):
 
 def from_hydra(exc: BaseException) -> ConfigError | None:
     """A :class:`ConfigError` for a Hydra/OmegaConf composition error, or None if not one."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
     from orchestrator import schema
 
     if isinstance(exc, ConfigError):
         return exc
+    if isinstance(exc, OverrideParseException):
+        key, _, value = (exc.override or "?").partition("=")
+        return ConfigError(key, value or "?", "allowed: key=value in Hydra's override syntax; quote a value with "
+                           "spaces or non-ASCII letters (key='a b'), sweep with commas (key=1,2) or range(1,4)",
+                           problem="cannot be parsed")
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
         group, _, option = exc.missing_cfg_file.rpartition("/")
         # base_<group> are the schemas registered for the YAML files to extend, not choices.
@@ -38,7 +44,20 @@ def from_hydra(exc: BaseException) -> ConfigError | None:
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return ConfigError(cause.full_key, getattr(cause, "value", "?"),
                            f"allowed: {schema.type_name(cause.full_key)}", problem="wrong type")
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        # Any other composition error is bad input too: its own first line, named by the override it quotes.
+        text = str(exc).strip()
+        quoted = _NO_MATCH.search(text)
+        if quoted:
+            return ConfigError(quoted["key"], _override_value(exc, quoted["key"]),
+                               f"allowed: +{quoted['key']}=... to add a config that the defaults do not have",
+                               problem="not in the defaults list")
+        return ConfigError("overrides", "?", "see orchestrator run --help",
+                           problem=(text.splitlines() or [type(exc).__name__])[0][:300])
     return None
+
+
+_NO_MATCH = re.compile(r"Could not override '(?P<key>[^']+)'\. No match in the defaults list")
 
 
 def _override_value(exc: BaseException, key: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.spec import TRIAL_RESOURCES, TRIAL_SECTIONS, TrialSpec, context_length
+from jobs.spec import KEYED_RESOURCES, TRIAL_SECTIONS, TrialSpec, context_length
 from kernels import catalog
 from orchestrator import schema
 from orchestrator.errors import ConfigError
@@ -18,13 +18,13 @@ SWEEP_SECTIONS = ("cluster", "tracking", "sweep")
 
 
 def trial_config(cfg: DictConfig | dict) -> dict[str, Any]:
-    """The resolved, plain TRIAL_SECTIONS of a composed config, and its TRIAL_RESOURCES."""
+    """The resolved, plain TRIAL_SECTIONS of a composed config, and its resources."""
     plain = _plain(cfg)
     config = {k: plain[k] for k in TRIAL_SECTIONS}
     # Only the trial's own backend's options: they are part of what it computes, the others' are not.
     backend = config["backend"]
     config["backend"] = {"name": backend["name"], **{k: v for k, v in backend.items() if k == backend["name"]}}
-    config["resources"] = {k: plain["resources"][k] for k in TRIAL_RESOURCES}
+    config["resources"] = dict(plain["resources"])
     return config
 
 
@@ -37,8 +37,11 @@ def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
 
 
 def trial_key(config: dict[str, Any]) -> str:
-    """A stable hash of the canonical resolved config: same cell, same key, whatever the overrides."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    """A stable hash of the canonical resolved config: same cell, same key, whatever the overrides.
+    Of the resources only the GPU model counts: more CPUs or a longer timeout is the same trial."""
+    keyed = {**{k: config[k] for k in TRIAL_SECTIONS},
+             "resources": {k: config["resources"][k] for k in KEYED_RESOURCES}}
+    canonical = json.dumps(keyed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -53,7 +56,18 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
     if plain["backend"]["name"] == "vllm":
         _check_vllm(plain)
     config = trial_config(plain)
-    return TrialSpec(trial_key=trial_key(config), config=config, overrides=tuple(overrides))
+    return TrialSpec(trial_key=trial_key(config), config=config, overrides=cell_overrides(overrides))
+
+
+def cell_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
+    """The overrides that make a cell what it is, for its run name and tags: not the sweep-level
+    ones (the same for every cell; tracking.uri may hold a password), and with secrets masked."""
+    from orchestrator.credentials import mask
+
+    def root(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0].split(".", 1)[0]
+
+    return tuple(mask(o) for o in overrides if root(o) not in (*SWEEP_SECTIONS, "hydra"))
 
 
 def _check_dtype(dtype: DictConfig, quant: DictConfig) -> None:

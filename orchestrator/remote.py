@@ -78,11 +78,6 @@ def job_info(address: Optional[str], job_id: str) -> Optional[dict[str, Any]]:
             "message": info.message or ""}
 
 
-def _job_of(state: Optional[sweep_status.SweepState], sweep_id: str, address: Optional[str]) -> tuple:
-    tags = state.tags if state else {}
-    return address or tags.get("ray_dashboard"), tags.get("ray_job_submission_id", submission_id(sweep_id))
-
-
 def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sweep_status.SweepState:
     """Stop a running sweep; returns its state afterwards. Raises ConfigError if there is no such sweep."""
     client = tracking.client(uri)
@@ -97,7 +92,8 @@ def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sw
         if client.get_run(state.parent_run_id).info.status != "RUNNING":
             return sweep_status.load(uri, sweep_id)
         time.sleep(1)
-    job_address, job_id = _job_of(state, sweep_id, address)
+    # The dashboard is the one the user names, never an address read from the store.
+    job_address, job_id = address, submission_id(sweep_id)
     job = job_info(job_address, job_id)
     if job is None:
         print(f"the driver of sweep {sweep_id} did not stop within {wait_s:g} s and it is not a Ray Job this "

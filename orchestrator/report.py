@@ -25,6 +25,7 @@ import html
 import io
 import json
 import math
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from orchestrator import tracking
+from orchestrator.errors import ConfigError
 
 # The sections a trial varies against its baseline; everything else must match.
 COMPARED_SECTIONS = ("dtype", "quant", "kernel", "backend")
@@ -51,12 +53,29 @@ COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "d
 
 
 def pair_key(params: dict[str, str]) -> tuple:
-    """What a trial and its baseline share: every param outside COMPARED_SECTIONS."""
-    return tuple(sorted((k, v) for k, v in params.items() if k.split(".", 1)[0] not in COMPARED_SECTIONS))
+    """What a trial and its baseline share: every param outside COMPARED_SECTIONS, and of the
+    resources only the GPU model (what is in the trial key)."""
+    return tuple(sorted((k, v) for k, v in params.items() if k.split(".", 1)[0] not in COMPARED_SECTIONS
+                        and (not k.startswith("resources.") or k == "resources.accelerator_type")))
 
 
 def is_baseline(params: dict[str, str], baseline: dict[str, str]) -> bool:
     return all(params.get(f"{section}.name") == str(name) for section, name in baseline.items())
+
+
+def stored_baseline(tags: dict[str, str]) -> dict[str, str]:
+    """The sweep's ``baseline`` tag, checked as untrusted input (ConfigError)."""
+    try:
+        baseline = json.loads(tags["baseline"])
+    except ValueError:
+        baseline = None
+    if not (isinstance(baseline, dict) and baseline and all(
+            k in COMPARED_SECTIONS and isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", v)
+            for k, v in baseline.items())):
+        raise ConfigError("baseline tag of the sweep", tags["baseline"][:100],
+                          f"a JSON object of {', '.join(COMPARED_SECTIONS)} to config names",
+                          problem="stored tag is malformed")
+    return baseline
 
 
 def describe(baseline: dict[str, str]) -> str:
@@ -167,7 +186,7 @@ def load(client, parent) -> tuple[list[Row], dict[str, str]]:
                         dict(run.data.params), dict(run.data.metrics), dict(run.data.tags)))
     rows.sort(key=lambda r: (r.params.get("model.name", ""), r.overrides))
     # Sweeps from before the tag was written were compared with the default.
-    baseline = json.loads(parent.data.tags.get("baseline", "null")) or schema.SweepConfig().baseline
+    baseline = stored_baseline(parent.data.tags) if "baseline" in parent.data.tags else schema.SweepConfig().baseline
     compare(rows, baseline)
     return rows, baseline
 

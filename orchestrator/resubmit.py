@@ -1,80 +1,82 @@
 """Re-run trials of an earlier sweep, into the same sweep: the next attempt of each trial key.
 
-What is re-run is read back from MLflow (each trial's stored ``config.yaml``), so before
-anything is submitted every stored config is checked as a user's input would be: merged
-into the typed schema (unknown keys and wrong types refused), no ``_target_`` outside
-this project, every value rule. Extra overrides (``bench.batch_size=8``) apply to the
-resubmitted trials only and are recorded on them (tag ``resubmit_overrides``).
+Each trial is run again as it first ran: its stored ``config.yaml`` holds its resources
+(CPUs, GPUs, memory, GPU model, timeout) and the sweep's plan its cluster settings. Extra
+overrides (``bench.batch_size=8``, ``resources.timeout_s=600``,
+``cluster.max_concurrent_trials=4``) apply to the resubmitted trials only; they are printed
+where they change what the trial first ran with, and recorded on them (tag
+``resubmit_overrides``).
 
-A sweep whose driver died (even by SIGKILL) leaves runs RUNNING; they are closed FAILED
-with the reason "driver lost" first. A driver that is still alive is never overridden:
-resubmission refuses until it ends or is cancelled.
+What the store holds is untrusted input, checked as strictly as a new command line before
+anything is submitted: plain data only (no interpolation, no ``_target_``), the typed
+schema and every value rule, each trial key recomputed from its config and compared, and
+the model's source (``model.source``, ``model.path``, ``model.trust_remote_code``) taken
+from the store only where it matches the local ``conf/model`` file or this command line
+repeats it. The cluster's and the store's addresses come from this command line, never
+from the store.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import socket
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from jobs.spec import TRIAL_SECTIONS, Status
-from orchestrator import plan, remote, tracking
+from orchestrator import plan, report
 from orchestrator import status as sweep_status
+from orchestrator.credentials import mask
 from orchestrator.errors import ConfigError
 
-PROJECT_PACKAGES = ("orchestrator.", "jobs.", "kernels.", "hydra_plugins.")
 TRIAL_KEY = re.compile(r"[0-9a-f]{16}")
-HEARTBEAT_STALE_S = 180  # a driver on another host is lost once its heartbeat is this old
 SWEEP_LEVEL = ("cluster.", "tracking.", "hydra.")
+MODEL_SOURCE = ("source", "path", "trust_remote_code")
+_OPTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 SELECT = {  # mode -> which trial keys are re-run, from the latest attempt's status
     "failed": {Status.FAILED.value, Status.TIMEOUT.value},
     "unfinished": {s.value for s in Status} - {Status.FINISHED.value},
 }
 
 
-def driver_alive(tags: dict[str, str]) -> Optional[str]:
-    """Where the sweep's driver still runs ("pid 123 on host h", "ray job ..."), or None if it is gone."""
-    if tags.get("ray_job_submission_id") and tags.get("ray_dashboard"):
-        job = remote.job_info(tags["ray_dashboard"], tags["ray_job_submission_id"])
-        return None if job is None or job["status"] in ("STOPPED", "SUCCEEDED", "FAILED") else \
-            f"ray job {tags['ray_job_submission_id']} ({job['status']})"
-    host, pid = tags.get("driver_host"), int(tags.get("driver_pid", "0"))
-    if host == socket.gethostname() and pid:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        return f"pid {pid} on {host}" if b"orchestrator" in cmdline else None
-    heartbeat = float(tags.get("heartbeat", "0"))
-    return f"host {host} (heartbeat {time.time() - heartbeat:.0f} s ago)" if time.time() - heartbeat < \
-        HEARTBEAT_STALE_S else None
+def check_plain(node: Any, where: str, path: str = "") -> None:
+    """Refuse stored data that is more than plain values: OmegaConf interpolations (``${...}``
+    would be resolved here, in this user's environment), ``???``, ``_target_``, odd keys, NaN."""
+    import math
+
+    def refuse(key: str, value: Any, problem: str) -> ConfigError:
+        return ConfigError(key, value, "allowed: plain values, as this project stores them",
+                           problem=f"stored {where} {problem}")
+
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str) or not _KEY.fullmatch(key) or key == "_target_":
+                raise refuse(f"{path}{key}", value, "has a key this project never writes")
+            check_plain(value, where, f"{path}{key}.")
+    elif isinstance(node, list):
+        for item in node:
+            check_plain(item, where, path)
+    elif isinstance(node, str):
+        if "${" in node or node == "???":
+            raise refuse(path.rstrip("."), node, "holds an interpolation")
+    elif isinstance(node, float):
+        if not math.isfinite(node):
+            raise refuse(path.rstrip("."), node, "holds a number that is not finite")
+    elif not (node is None or isinstance(node, (bool, int))):
+        raise refuse(path.rstrip("."), type(node).__name__, "holds a value that is not plain data")
 
 
-def _check_safe(stored: Any, where: str) -> dict:
+def _check_sections(stored: Any, where: str) -> dict:
     """Refuse a stored config that is not what this project writes."""
     expected = {*TRIAL_SECTIONS, "resources"}
     if not isinstance(stored, dict) or set(stored) != expected:
-        odd = sorted(set(stored) ^ expected) if isinstance(stored, dict) else [type(stored).__name__]
-        raise ConfigError(f"config.yaml of {where}", ", ".join(map(str, odd)),
+        odd = sorted(map(str, set(stored) ^ expected)) if isinstance(stored, dict) else [type(stored).__name__]
+        raise ConfigError(f"config.yaml of {where}", ", ".join(odd),
                           f"allowed sections: {', '.join((*TRIAL_SECTIONS, 'resources'))}",
                           problem="stored config has unexpected contents")
-
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "_target_" and not (isinstance(value, str) and value.startswith(PROJECT_PACKAGES)):
-                    raise ConfigError(f"{path}{key}", value, f"a target inside this project "
-                                                             f"({', '.join(p + '*' for p in PROJECT_PACKAGES)})",
-                                      problem=f"stored config of {where} instantiates code outside the project")
-                walk(value, f"{path}{key}.")
-        elif isinstance(node, list):
-            for item in node:
-                walk(item, path)
-    walk(stored, "")
+    check_plain(stored, f"config of {where}")
     return stored
 
 
@@ -94,7 +96,54 @@ def _stored_config(client, run_id: str) -> Any:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "config.yaml", tmp)
-        return yaml.safe_load(Path(path).read_text())
+        try:
+            return yaml.safe_load(Path(path).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config.yaml of run {run_id}", type(error).__name__, "plain YAML, as this project "
+                              "writes it", problem="stored config is not plain YAML") from None
+
+
+class _ModelSources:
+    """What ``conf/model/<name>.yaml`` says of a model's source, to hold a stored one against."""
+
+    def __init__(self, compose, command_line: set[str]):
+        self.compose, self.command_line, self.configured = compose, command_line, {}
+
+    def check(self, model: dict, where: str) -> None:
+        name = model.get("name")
+        if name not in self.configured:
+            self.configured[name] = None
+            if isinstance(name, str) and _OPTION_NAME.fullmatch(name):
+                try:
+                    found = self.compose(config_name="config", overrides=[f"model={name}"]).model
+                    self.configured[name] = {k: found[k] for k in MODEL_SOURCE}
+                except Exception:  # no conf/model file of that name: only this command line vouches
+                    pass
+        configured = self.configured[name]
+        for key in MODEL_SOURCE:
+            if f"model.{key}" in self.command_line or (configured and configured[key] == model.get(key)):
+                continue
+            allowed = (f"conf/model/{name}.yaml's value ({configured[key]})" if configured else
+                       f"no conf/model file is named {name}")
+            raise ConfigError(f"model.{key}", model.get(key), f"allowed: {allowed}, or the value repeated on this "
+                              f"command line (model.{key}=...)",
+                              problem=f"stored in {where}, not taken from the store unless this command line says so")
+
+
+def _restore_settings(base, stored: dict, command_line: set[str]) -> list[str]:
+    """Put the sweep's stored settings into ``base`` where this command line does not set them;
+    the lines saying what the command line changes."""
+    from omegaconf import open_dict
+
+    changes = []
+    with open_dict(base):
+        for section, values in stored.items():
+            for key, value in values.items():
+                if f"{section}.{key}" not in command_line:
+                    base[section][key] = value
+                elif base[section][key] != value:
+                    changes.append(f"{section}.{key}={base[section][key]} (the sweep ran with {value})")
+    return changes
 
 
 def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: list[str], force: bool):
@@ -110,49 +159,61 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
 
     sweep_level = [o for o in overrides if o.startswith(SWEEP_LEVEL)]
     trial_level = [o for o in overrides if not o.startswith(SWEEP_LEVEL)]
-    parsed = OverridesParser.create().parse_overrides(trial_level)
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(trial_level)
+    command_line = {o.key_or_group for o in [*parsed, *parser.parse_overrides(sweep_level)]}
+    stored_plan = sweep_status.stored_plan(client, state.parent_run_id)
+    experiment = client.get_experiment(state.experiment_id).name
+    check_plain({"name": experiment}, "experiment name")
     schema.register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        experiment = client.get_experiment(state.experiment_id).name
-        base = compose(config_name="config", overrides=[*sweep_level, f"sweep.id={state.sweep_id}",
-                                                        f"sweep.name={experiment}"])
-    if "baseline" in state.tags:  # the sweep's own, not today's default
+        base = compose(config_name="config", overrides=sweep_level)
+        models = _ModelSources(compose, command_line)
         with open_dict(base):
-            base.sweep.baseline = json.loads(state.tags["baseline"])
-    # Cells with no run yet (never started by a driver that died) come from the sweep's plan, below.
-    chosen = [t for t in state.trials if t.run_id and
-              (t.status in SELECT[mode] or (force and t.status == Status.FINISHED.value))]
-    # (trial key, its overrides, its stored config, the attempt to run, where the config came from)
-    sources = []
-    for row in chosen:
-        if not TRIAL_KEY.fullmatch(row.trial_key):
-            raise ConfigError(f"trial_key tag of run {row.run_id}", row.trial_key, "16 hex digits",
-                              problem="stored tag is not a trial key")
-        if row.latest_attempt < 1:
-            raise ConfigError(f"attempt tag of run {row.run_id}", "?", "a positive integer",
-                              problem="stored tag is not an attempt number")
-        sources.append((row.trial_key, row.overrides, _stored_config(client, row.run_id),
-                        max(row.attempts, row.latest_attempt) + 1, f"trial {row.trial_key} (run {row.run_id})"))
-    if mode == "unfinished":
-        have = {t.trial_key for t in state.trials if t.run_id}
-        sources += [(key, overrides, config, 1, f"planned trial {key} (no run)")
-                    for key, overrides, config in sweep_status.planned_without_run(client, state.parent_run_id, have)]
-    trials = []
-    for key, overrides, stored, attempt, where in sources:
-        if not TRIAL_KEY.fullmatch(key):
-            raise ConfigError(f"trial key in the plan of sweep {state.sweep_id}", key, "16 hex digits",
-                              problem="stored plan has a bad trial key")
-        stored = _nest_backend_options(_check_safe(stored, where))
-        cell = OmegaConf.merge(base, {k: v for k, v in stored.items() if k != "resources"})
-        with open_dict(cell):
-            cell.resources = OmegaConf.merge(cell.resources, stored["resources"])
-        ConfigLoaderImpl._apply_overrides_to_config(parsed, cell)
-        original = overrides.split() if overrides else []
-        planned = plan.planned_trial(cell, [*original, *trial_level])
-        spec = planned.spec.__class__(trial_key=key, config=planned.spec.config, overrides=planned.spec.overrides,
-                                      attempt=attempt, resubmit_overrides=tuple(trial_level))
-        trials.append(planned.__class__(spec, planned.ray_options, planned.timeout_s, planned.baseline))
+            base.sweep.id, base.sweep.name = state.sweep_id, experiment
+            if "baseline" in state.tags:  # the sweep's own, not today's default
+                base.sweep.baseline = report.stored_baseline(state.tags)
+        changes = _restore_settings(base, stored_plan.settings, command_line) if stored_plan else []
+        # Cells with no run yet (never started by a driver that died) come from the sweep's plan, below.
+        chosen = [t for t in state.trials if t.run_id and
+                  (t.status in SELECT[mode] or (force and t.status == Status.FINISHED.value))]
+        # (trial key, its overrides, its stored config, the attempt to run, where the config came from)
+        sources = []
+        for row in chosen:
+            if not TRIAL_KEY.fullmatch(row.trial_key):
+                raise ConfigError(f"trial_key tag of run {row.run_id}", row.trial_key, "16 hex digits",
+                                  problem="stored tag is not a trial key")
+            if row.latest_attempt < 1:
+                raise ConfigError(f"attempt tag of run {row.run_id}", "?", "a positive integer",
+                                  problem="stored tag is not an attempt number")
+            sources.append((row.trial_key, row.overrides, _stored_config(client, row.run_id),
+                            max(row.attempts, row.latest_attempt) + 1, f"trial {row.trial_key} (run {row.run_id})"))
+        if mode == "unfinished" and stored_plan:
+            have = {t.trial_key for t in state.trials if t.run_id}
+            sources += [(c.trial_key, c.overrides, c.config, 1, f"planned trial {c.trial_key} (no run)")
+                        for c in stored_plan.trials if c.trial_key not in have]
+        trials = []
+        for key, overrides, stored, attempt, where in sources:
+            _check_sections(stored, where)
+            if plan.trial_key(stored) != key:
+                raise ConfigError(f"trial key of {where}", key, f"the key of its stored config "
+                                  f"({plan.trial_key(stored)})", problem="stored config and key disagree")
+            models.check(stored["model"], where)
+            stored = _nest_backend_options(stored)
+            cell = OmegaConf.merge(base, {k: v for k, v in stored.items() if k != "resources"})
+            with open_dict(cell):
+                cell.resources = OmegaConf.merge(cell.resources, stored["resources"])
+            before = {f"resources.{k}": v for k, v in OmegaConf.to_container(cell.resources).items()}
+            ConfigLoaderImpl._apply_overrides_to_config(parsed, cell)
+            changes += [f"{k}={cell.resources[k.split('.')[1]]} (trial {key} ran with {v})"
+                        for k, v in before.items() if k in command_line and cell.resources[k.split('.')[1]] != v]
+            planned = plan.planned_trial(cell, [*(overrides.split() if overrides else []), *trial_level])
+            spec = planned.spec.__class__(trial_key=key, config=planned.spec.config,
+                                          overrides=planned.spec.overrides, attempt=attempt,
+                                          resubmit_overrides=(*trial_level, *(mask(o) for o in sweep_level
+                                                                                 if not o.startswith("tracking.uri="))))
+            trials.append(planned.__class__(spec, planned.ray_options, planned.timeout_s, planned.baseline))
     skipped = [t.trial_key for t in state.trials if t.status == Status.FINISHED.value and not force]
+    for change in dict.fromkeys(changes):
+        print(f"resubmit: {change}")
     return plan.sweep_settings([base]), trials, skipped
-
-

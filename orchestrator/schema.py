@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import tempfile
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -46,7 +46,7 @@ class TinyModelBuild:
     train_batch_size: int = rule(16, ge=1)
     train_seq_len: int = rule(128, ge=8)
     lr: float = rule(3e-3, gt=0)
-    seed: int = 0
+    seed: int = rule(0, ge=0, le=2 ** 32 - 1)
 
 
 @dataclass
@@ -149,9 +149,10 @@ class ResourcesConfig:
     A trial is one Ray task, so its GPUs are always on one node (what a tensor-parallel
     trial needs); Ray sets CUDA_VISIBLE_DEVICES to exactly those GPUs.
     """
-    num_cpus: float = rule(1.0, ge=0)
-    num_gpus: float = rule(0.0, ge=0)
-    memory_gb: Optional[float] = rule(None, gt=0)  # Ray's logical `memory` resource
+    # Upper bounds: what one Ray node could hold (Ray keeps resource amounts as fixed-point int64).
+    num_cpus: float = rule(1.0, ge=0, le=100_000)
+    num_gpus: float = rule(0.0, ge=0, le=1_000)
+    memory_gb: Optional[float] = rule(None, gt=0, le=100_000)  # Ray's logical `memory` resource
     accelerator_type: Optional[str] = None         # e.g. H100, A100 (Ray's accelerator_type:<name>)
     timeout_s: Optional[float] = rule(None, gt=0)  # from the trial's start; then TIMEOUT, its worker killed
 
@@ -207,7 +208,7 @@ class RootConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     device: str = rule("auto", choices=("auto", "cpu", "cuda"))
-    seed: int = 0
+    seed: int = rule(0, ge=0, le=2 ** 32 - 1)  # numpy's seeds are 32-bit
 
 
 GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "quant": QuantConfig, "kernel": KernelConfig,
@@ -216,9 +217,7 @@ GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "quant": QuantConfi
 
 
 def register() -> None:
-    """Register the root schema, one schema per group (``base_<group>``), and resolvers."""
-    if not OmegaConf.has_resolver("tmpdir"):
-        OmegaConf.register_new_resolver("tmpdir", tempfile.gettempdir)
+    """Register the root schema and one schema per group (``base_<group>``)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RootConfig)
     for group, schema in GROUP_SCHEMAS.items():
@@ -254,6 +253,8 @@ def validate(cfg: DictConfig | dict, schema: type = RootConfig, prefix: str = ""
             continue
         if isinstance(value, list):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, value, "allowed: a finite number")
         choices, ge, gt, le = (f.metadata.get(k) for k in ("choices", "ge", "gt", "le"))
         if choices is not None and value not in choices:
             raise ConfigError(key, value, f"allowed: {_fmt_choices(choices)}")

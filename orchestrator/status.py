@@ -10,8 +10,10 @@ attempt (resubmissions); its row shows the latest attempt.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections import Counter
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -105,6 +107,13 @@ def attempt_of(run) -> int:
     return int(text) if text.isdigit() and int(text) > 0 else -1
 
 
+def _count_tag(run, tag: str) -> int:
+    text = run.data.tags.get(tag, "0")
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise ConfigError(f"{tag} tag of run {run.info.run_id}", text, "a count", problem="stored tag is malformed")
+    return int(text)
+
+
 def _indexed_rows(client, parent) -> Optional[list[TrialRow]]:
     """The rows of a finished sweep from its ``trials.json``, if the parent's tag still vouches for it."""
     token = parent.data.tags.get(tracking.INDEX_TAG)
@@ -115,32 +124,90 @@ def _indexed_rows(client, parent) -> Optional[list[TrialRow]]:
             index = json.loads(Path(client.download_artifacts(parent.info.run_id, tracking.INDEX_FILE, tmp)).read_text())
         except Exception:  # missing or unreadable: read the runs instead
             return None
-    if index.get("token") != token:
+    rows = index.get("trials") if isinstance(index, dict) and index.get("token") == token else None
+    fields = {f.name: f.type for f in dataclasses.fields(TrialRow)}
+    # A cache of the runs: anything unlike what the driver writes, and the runs are read instead.
+    if not isinstance(rows, list) or not all(
+            isinstance(row, dict) and set(row) == set(fields) and all(
+                isinstance(row[k], int if t == "int" else str) and not isinstance(row[k], bool) for k, t in fields.items())
+            for row in rows):
         return None
-    return [TrialRow(**row) for row in index["trials"]]
+    return [TrialRow(**row) for row in rows]
 
 
-def planned_without_run(client, parent_run_id: str, have: set[str]) -> list[tuple[str, str, Any]]:
-    """The cells of the sweep's plan (``plan.json`` on its parent run) with no run yet: not
-    started, or never started by a driver that died. (key, overrides, config) each."""
+@dataclass(frozen=True)
+class PlannedCell:
+    trial_key: str
+    overrides: str
+    config: dict
+
+
+@dataclass(frozen=True)
+class StoredPlan:
+    """``plan.json`` on a sweep's parent run: every cell, and the sweep's settings (tracking.STORED_SETTINGS)."""
+    trials: list[PlannedCell]
+    settings: dict[str, dict[str, Any]]
+
+
+_TRIAL_KEY = re.compile(r"[0-9a-f]{16}")
+
+
+def stored_plan(client, parent_run_id: str) -> Optional[StoredPlan]:
+    """The sweep's plan, checked as untrusted input (ConfigError); None for a sweep from before plans."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(parent_run_id, tracking.PLAN_FILE, tmp)
         except Exception:  # a sweep from before plans were stored: its runs are all there is
-            return []
-        planned = json.loads(Path(path).read_text())["trials"]
-    return [(c["trial_key"], c["overrides"], c["config"]) for c in planned if c["trial_key"] not in have]
+            return None
+        try:
+            data = json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ConfigError(f"plan.json of run {parent_run_id}", type(error).__name__, "the JSON this project "
+                              "writes", problem="stored plan is not JSON") from None
+
+    def bad(what: str, value: Any) -> ConfigError:
+        return ConfigError(f"plan.json of run {parent_run_id}", str(value)[:80], "the plan this project writes",
+                           problem=f"stored plan has {what}")
+
+    if not isinstance(data, dict) or not set(data) <= {"trials", "settings"} or not isinstance(data.get("trials"), list):
+        raise bad("unexpected contents", sorted(data) if isinstance(data, dict) else type(data).__name__)
+    cells = []
+    for cell in data["trials"]:
+        if not isinstance(cell, dict) or set(cell) != {"trial_key", "overrides", "config"}:
+            raise bad("a cell with unexpected contents", cell)
+        if not isinstance(cell["trial_key"], str) or not _TRIAL_KEY.fullmatch(cell["trial_key"]):
+            raise bad("a bad trial key", cell["trial_key"])
+        if not isinstance(cell["overrides"], str) or not isinstance(cell["config"], dict):
+            raise bad("a cell with unexpected contents", cell)
+        cells.append(PlannedCell(cell["trial_key"], cell["overrides"], cell["config"]))
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict) or any(not isinstance(v, dict) or section not in tracking.STORED_SETTINGS or
+                                             not set(v) <= set(tracking.STORED_SETTINGS[section])
+                                             for section, v in settings.items()):
+        raise bad("settings this project does not store", settings)
+    return StoredPlan(cells, settings)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def open_sweep(uri: str, sweep_id: str) -> tuple[Any, Any]:
     """(client, parent run) of ``sweep_id``; raises ConfigError if the store holds no such sweep."""
     tracking.check_sweep_id(sweep_id, "sweep")
-    client = tracking.client(uri)
-    parent = tracking.retrying(lambda: find_parent(client, sweep_id), 30, "find the sweep")
+    client = tracking.connect(uri)
+    parent = find_parent(client, sweep_id)
     if parent is None:
         raise ConfigError("sweep", sweep_id, f"a sweep id recorded in {uri} (see the sweep's summary line)",
                           problem="no such sweep")
     return client, parent
+
+
+def _planned_without_run(client, parent_run_id: str, have: set[str]) -> list[tuple[str, str]]:
+    """(key, overrides) of the plan's cells with no run yet: not started, or never started by a
+    driver that died."""
+    planned = stored_plan(client, parent_run_id)
+    return [(c.trial_key, c.overrides) for c in planned.trials if c.trial_key not in have] if planned else []
 
 
 def runs_by_key(client, parent, sweep_id: str) -> dict[str, list]:
@@ -162,14 +229,14 @@ def load(uri: str, sweep_id: str, refresh: bool = False) -> SweepState:
     by_key = runs_by_key(client, parent, sweep_id)
     rows = [TrialRow(trial_key=key, overrides=overrides, status=Status.PENDING.value, attempts=0, latest_attempt=0,
                      reason="not started", run_id="", executions=0)
-            for key, overrides, _ in planned_without_run(client, parent.info.run_id, set(by_key))]
+            for key, overrides in _planned_without_run(client, parent.info.run_id, set(by_key))]
     for key, runs in by_key.items():
         latest = max(runs, key=attempt_of)
         tags = latest.data.tags
         rows.append(TrialRow(trial_key=key, overrides=tags.get("overrides", ""), status=tags.get("status", "?"),
                              attempts=len(runs), latest_attempt=attempt_of(latest), reason=tags.get("reason", ""),
                              run_id=latest.info.run_id,
-                             executions=int(tags.get("ray_executions", "0"))))
+                             executions=_count_tag(latest, "ray_executions")))
     rows.sort(key=lambda r: r.overrides)
     return SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,
                       dict(parent.data.tags), rows)

@@ -31,7 +31,9 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig
 
 from jobs.spec import Status, TrialResult, TrialSpec
-from orchestrator import remote, report, tracking
+from orchestrator import lease, remote, report, tracking
+from orchestrator.credentials import mask
+from orchestrator.errors import ConfigError
 
 POLL_S = 0.5
 STARTS_POLL_S = 0.25  # how often the driver reads which trials started (a round trip to the board actor)
@@ -340,18 +342,26 @@ class _SweepLoop:
 
 
 def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[str] = None,
-            prior_rows: Sequence[dict] = ()) -> SweepSummary:
+            prior_rows: Sequence[dict] = (), holder: Optional[lease.Holder] = None) -> SweepSummary:
     """Run ``trials`` as one sweep; prints and returns its summary. ``reopen``: the parent run
-    of an earlier sweep (``settings.sweep.id``) that these trials are new attempts of, and
-    ``prior_rows`` that sweep's trial rows before them."""
+    of an earlier sweep (``settings.sweep.id``) that these trials are new attempts of, ``prior_rows``
+    that sweep's trial rows before them, and ``holder`` the lease on it this process took."""
     import ray
+    from omegaconf import OmegaConf
+
+    from orchestrator import status as sweep_status
 
     # Baselines first: the comparisons need them, and a capped sweep should not end without them.
     trials = sorted(_dedupe(trials), key=lambda t: not t.baseline)
     started_at = time.perf_counter()
     uri = tracking.resolve_uri(settings.tracking.uri)
+    store = tracking.connect(uri)  # a dead or wrong store: one line, before anything is made
     sweep_id = settings.sweep.id or new_sweep_id()
-    tags = {"command": " ".join(sys.argv), **remote.job_tags(), "driver_host": socket.gethostname(),
+    if reopen is None and settings.sweep.id and sweep_status.find_parent(store, sweep_id) is not None:
+        raise ConfigError("sweep.id", sweep_id, f"a new id; more attempts of that sweep: orchestrator resubmit "
+                                                f"{sweep_id} --failed, or orchestrator resume {sweep_id}",
+                          problem="a sweep with this id exists")
+    tags = {"command": mask(" ".join(sys.argv)), **remote.job_tags(), "driver_host": socket.gethostname(),
             "driver_pid": str(os.getpid())}
     if reopen is None:  # a resubmission keeps the sweep's own baseline
         tags["trials"] = str(len(trials))
@@ -362,7 +372,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
                                     prior_rows=prior_rows)
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
     if reopen is None:
-        tracker.write_plan([t.spec for t in trials])
+        holder = lease.claim_new(tracker.client, tracker.parent_id)
+        tracker.write_plan([t.spec for t in trials], OmegaConf.to_container(settings, resolve=True))
     if settings.sweep.reuse:
         trials = _reuse_finished(tracker, trials, summary)
 
@@ -421,6 +432,9 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
                 summary.counts[Status.FAILED.value] += 1
         summary.elapsed_s = time.perf_counter() - started_at
         tracker.finish_sweep(status)
+        if holder is not None:
+            tracker.writer.submit("release the sweep's lease", lease.release, tracker.client, tracker.parent_id,
+                                  holder)
         if we_started_ray:
             ray.shutdown()
         _flush(tracker, settings.tracking.flush_timeout_s, summary)

@@ -38,6 +38,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CANCEL_TAG = "cancel_requested"
 INDEX_FILE, INDEX_TAG = "trials.json", "trial_index"
 PLAN_FILE = "plan.json"  # every cell of a sweep, written before any of its trial runs
+# The sweep's settings stored with its plan, so a resubmission runs as the sweep did. Not where
+# the cluster and the store are (an address read back from the store is never followed), nor the
+# sweep's name and id, which the store itself gives.
+STORED_SETTINGS = {
+    "cluster": ("name", "num_cpus", "max_retries", "max_concurrent_trials", "autoscaling", "fresh_worker_per_trial"),
+    "tracking": ("flush_timeout_s", "system_metrics_interval_s"),
+    "sweep": ("report",),
+}
 # Tags that place a run in the layout (which sweep, which trial, what state), not results.
 RUN_LAYOUT_TAGS = {"sweep_id", "trial_key", "attempt", "status", "overrides", "kind", "git_sha", "git_dirty",
                    "resubmit_overrides", "reason", "reused_from", "reused_from_sweep"}
@@ -45,10 +53,14 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 
 
 def resolve_uri(configured: Optional[str]) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite file in the working directory;
+    without its credentials, which go to MLflow's environment variables (orchestrator.credentials)."""
+    from orchestrator import credentials
+
     if configured:
-        return configured
+        return credentials.take_from_uri(configured)
     if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = credentials.take_from_uri(os.environ["MLFLOW_TRACKING_URI"])
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
@@ -202,9 +214,46 @@ def client(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
-    _use_wal(Path(uri[len("sqlite:///"):]))
-    mlflow_client = MlflowClient(tracking_uri=uri)
-    _sync_wal_at_checkpoints(mlflow_client)
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates a new store's tables on first use; two drivers doing that at once on one
+    # new file crash in its schema migration. One at a time (the lock is a file beside it).
+    with FileLock(str(db.parent / f".{db.name}.init-lock")):
+        _use_wal(db)
+        mlflow_client = MlflowClient(tracking_uri=uri)
+        _sync_wal_at_checkpoints(mlflow_client)
+    return mlflow_client
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def connect(uri: str):
+    """A client of ``uri`` once the store has answered: a dead or wrong store is bad input, one
+    line (ConfigError) within seconds, before anything is submitted. An outage later in a sweep
+    is retried (:class:`Writer`)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from orchestrator.errors import ConfigError
+
+    allowed = "allowed: a reachable MLflow tracking server (http[s]://host:port), a sqlite:///path file, or unset"
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        try:
+            socket.create_connection((parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)),
+                                     timeout=PROBE_TIMEOUT_S).close()
+        except OSError as error:
+            raise ConfigError("tracking.uri", uri, allowed,
+                              problem=f"unreachable ({error.strerror or type(error).__name__})") from None
+    try:
+        mlflow_client = client(uri)
+        mlflow_client.search_experiments(max_results=1)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError("tracking.uri", uri, allowed, problem=f"not a store this can use ({first})") from None
     return mlflow_client
 
 
@@ -214,7 +263,6 @@ def _use_wal(db: Path) -> None:
     never block the sweep's writer, nor it them."""
     import sqlite3
 
-    db.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
 
@@ -240,6 +288,26 @@ def _synchronous_normal(dbapi_connection, _record) -> None:
 START_DEADLINE_S = 120.0  # how long the start of a sweep waits for an unreachable store
 
 
+def open_experiment(mlflow_client, name: str) -> str:
+    """The id of experiment ``name``, made if new; safe when other drivers make it at the same moment."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.errors import ConfigError
+
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return mlflow_client.create_experiment(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = mlflow_client.get_experiment_by_name(name)  # another driver made it first
+    if found.lifecycle_stage != "active":
+        raise ConfigError("sweep.name", name, "a new name, or restore the experiment (mlflow experiments restore "
+                          f"--experiment-id {found.experiment_id})", problem="its experiment is deleted in the store")
+    return found.experiment_id
+
+
 class SweepTracker:
     """The sweep's parent run, created at once; child runs and results written by a :class:`Writer`."""
 
@@ -254,9 +322,8 @@ class SweepTracker:
         self.common_tags = {"sweep_id": sweep_id, **code_version()}
         tags = {**tags, "heartbeat": str(time.time())}
         if parent_id is None:
-            found = retrying(lambda: self.client.get_experiment_by_name(experiment), START_DEADLINE_S,
-                             "open experiment")
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            self.experiment_id = retrying(lambda: open_experiment(self.client, experiment), START_DEADLINE_S,
+                                          "open experiment")
             parent = self.client.create_run(self.experiment_id, run_name=sweep_id,
                                             tags={**self.common_tags, **tags, "kind": "sweep"})
         else:
@@ -316,11 +383,14 @@ class SweepTracker:
         self._upload_to_parent(INDEX_FILE, json.dumps({"token": token, "trials": rows}))
         self.client.set_tag(self.parent_id, INDEX_TAG, token)
 
-    def write_plan(self, specs: Sequence[TrialSpec]) -> None:
+    def write_plan(self, specs: Sequence[TrialSpec], settings: dict[str, dict[str, Any]]) -> None:
         """``plan.json`` on the parent run, ahead of any trial's run: every cell's key, overrides and
-        config, so that `orchestrator resume` finds the trials a killed driver never made runs for."""
+        config, so that `orchestrator resume` finds the trials a killed driver never made runs for, and
+        the sweep's settings (``settings``: a composed config's sections), to run them as the sweep did."""
         plan = [{"trial_key": s.trial_key, "overrides": " ".join(s.overrides), "config": s.config} for s in specs]
-        self.writer.submit("store the sweep's plan", self._upload_to_parent, PLAN_FILE, json.dumps({"trials": plan}))
+        stored = {section: {k: settings[section][k] for k in keys} for section, keys in STORED_SETTINGS.items()}
+        self.writer.submit("store the sweep's plan", self._upload_to_parent, PLAN_FILE,
+                           json.dumps({"trials": plan, "settings": stored}))
 
     def _upload_to_parent(self, name: str, text: str) -> None:
         upload_texts(self._parent_artifacts, self.uri, {name: text})

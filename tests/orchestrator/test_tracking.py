@@ -3,9 +3,11 @@
 import threading
 
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from jobs.spec import Status, TrialResult, TrialSpec
 from orchestrator import tracking
+from tests.helpers import compose
 
 
 def test_a_result_that_overtakes_its_runs_creation_makes_one_complete_run(tmp_path):
@@ -47,7 +49,7 @@ def test_a_started_trial_has_its_run_and_config_before_its_result(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = tracking.SweepTracker(uri, "writer", "swp-222222", tags={})
     spec = TrialSpec(trial_key="fedcba9876543210", config={"seed": 2}, overrides=("seed=2",))
-    tracker.write_plan([spec])
+    tracker.write_plan([spec], OmegaConf.to_container(compose(), resolve=True))
     tracker.mark_running(spec, "node-1", 1)
     assert tracker.writer.flush(60) and tracker.writer.errors == []
     client = MlflowClient(uri)
