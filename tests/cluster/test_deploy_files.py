@@ -7,9 +7,13 @@ manifests by their structure, the Dockerfiles by their instructions.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import posixpath
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +92,33 @@ def containers_of(obj: dict) -> list[dict]:
     spec = cluster_spec(obj)
     groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def header_commands(path: Path) -> list[str]:
+    """The shell commands a file's comments show, continuation lines joined."""
+    commands, pending = [], ""
+    for line in path.read_text().splitlines():
+        if not line.lstrip().startswith("#"):
+            continue
+        text = line.lstrip()[1:].strip()
+        if text.endswith("\\"):
+            pending += text[:-1] + " "
+            continue
+        if pending or text:
+            commands.append((pending + text).strip())
+        pending = ""
+    return commands
+
+
+def documented_secrets(path: Path) -> dict[str, dict[str, str]]:
+    """{Secret name: {key: value}} of the `kubectl create secret generic` commands a file's comments show."""
+    secrets = {}
+    for command in header_commands(path):
+        match = re.search(r"kubectl create secret generic ([\w.-]+)", command)
+        if match:
+            literals = [arg.split("=", 2)[1:] for arg in shlex.split(command) if arg.startswith("--from-literal=")]
+            secrets.setdefault(match.group(1), {}).update(literals)
+    return secrets
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------
@@ -295,8 +326,7 @@ def test_accelerator_names_are_the_ones_ray_detects():
 def test_launcher_starts_ray_in_the_image(path):
     config = load_one(path)
     head = " ".join(config["head_start_ray_commands"])
-    assert "ray start --head" in head and "--dashboard-host=0.0.0.0" in head, \
-        f"{rel(path)}: the head must serve the dashboard (Jobs API) beyond localhost"
+    assert "ray start --head" in head
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
     assert "$RAY_HEAD_IP:6379" in " ".join(config["worker_start_ray_commands"])
     assert config["docker"]["container_name"]
@@ -342,7 +372,6 @@ def test_kuberay_cluster_spec(path):
     for obj in load_docs(path):
         spec = cluster_spec(obj)
         head = spec["headGroupSpec"]
-        assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
         assert head["rayStartParams"].get("num-cpus") == "0", "keep trials off the head"
         head_container = head["template"]["spec"]["containers"][0]
         assert head_container["name"] == "ray-head"
@@ -423,7 +452,7 @@ def test_mlflow_manifests_are_kubernetes_objects():
         assert obj.get("apiVersion") and obj.get("kind") and obj.get("metadata", {}).get("name"), \
             f"{rel(path)}: an object without apiVersion/kind/metadata.name: {obj.get('kind')}"
     kinds = [o["kind"] for _, o in MLFLOW_K8S]
-    for kind in ("Namespace", "Secret", "StatefulSet", "Service", "Deployment"):
+    for kind in ("Namespace", "StatefulSet", "Service", "Deployment"):
         assert kind in kinds, f"cluster/mlflow has no {kind}"
     namespaces = {o["metadata"]["name"] for _, o in MLFLOW_K8S if o["kind"] == "Namespace"}
     for path, obj in MLFLOW_K8S:
@@ -445,7 +474,11 @@ def test_mlflow_selectors_and_references_resolve():
             f"Service {name} selects no pod"
     for name, sts in by_kind.get("StatefulSet", {}).items():
         assert sts["spec"]["serviceName"] in by_kind["Service"]
-    secrets = {name: set(s.get("stringData", {})) | set(s.get("data", {})) for name, s in by_kind["Secret"].items()}
+    # The Secrets are the user's, made with the `kubectl create secret` lines of the header.
+    secrets = {}
+    for path in MLFLOW_FILES:
+        for name, keys in documented_secrets(path).items():
+            secrets.setdefault(name, set()).update(keys)
     for w in workloads.values():
         for c in w["spec"]["template"]["spec"]["containers"]:
             for ref in c.get("envFrom", []):
@@ -523,3 +556,348 @@ def test_ray_version_agrees():
     assert match, f"cluster/Dockerfile: BASE_IMAGE is not a versioned rayproject/ray image: {base}"
     for path, obj in k8s_objects(KUBERAY_FILES):
         assert cluster_spec(obj)["rayVersion"] == match.group(1), f"{rel(path)}: rayVersion != image's Ray"
+
+
+# --- Who can reach what: Ray token auth, the dashboard's address, MLflow's login -------------
+
+COMPOSE = CLUSTER / "mlflow" / "docker-compose.yaml"
+ENV_EXAMPLE = CLUSTER / "mlflow" / "env.example"
+MLFLOW_YAML = CLUSTER / "mlflow" / "mlflow.yaml"
+CLUSTER_FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file() and p.name != ".env"
+                       and "__pycache__" not in p.parts)
+# A variable that holds a secret (not the path of a file that does).
+SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN)(?!_PATH|_FILE)", re.I)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+POD_ADDRESS = {"$POD_IP", "${POD_IP}"}  # expanded by the bash that runs KubeRay's `ray start`
+HEAD_HOME = "/home/ray"  # $HOME of the image's user (rayproject/ray's `ray`), on head and workers
+
+
+def docker_run_words(config: dict, head: bool) -> list[str]:
+    """The `docker run` command Ray's cluster launcher starts a head's or a worker's container with."""
+    docker = config["docker"]
+    options = docker.get("run_options", []) + docker.get("head_run_options" if head else "worker_run_options", [])
+    try:
+        from ray.autoscaler._private.docker import docker_start_cmds
+    except ImportError:  # a private module: the options as written
+        return shlex.split(" ".join(options))
+    return shlex.split(docker_start_cmds(config["auth"]["ssh_user"], docker["image"], {}, docker["container_name"],
+                                         options, config["cluster_name"], HEAD_HOME, "docker"))
+
+
+def flag_values(words: list[str], *flags: str) -> list[str]:
+    values = [words[i + 1] for i, word in enumerate(words[:-1]) if word in flags]
+    return values + [word.split("=", 1)[1] for word in words if word.split("=", 1)[0] in flags and "=" in word]
+
+
+def container_env(config: dict, head: bool) -> dict[str, str]:
+    return dict(value.partition("=")[::2] for value in flag_values(docker_run_words(config, head), "-e", "--env"))
+
+
+def worker_host_path(config: dict, path: str) -> str:
+    """Where Ray puts a `cluster_synced_files` path on a worker's host (docker clusters).
+
+    The head's NodeUpdater syncs each path to the same path with docker_mount_if_possible=True;
+    Ray's DockerCommandRunner then writes it under its host mount location, not into the container.
+    """
+    try:
+        from ray.autoscaler._private.command_runner import DockerCommandRunner
+    except ImportError:
+        pytest.skip("this Ray has no ray.autoscaler._private.command_runner")
+    runner = DockerCommandRunner(config["docker"], log_prefix="", node_id="worker", provider=None,
+                                 auth_config=config["auth"], cluster_name=config["cluster_name"],
+                                 process_runner=None, use_internal_ip=True)
+    synced = []
+
+    class HostShell:  # records what would run on the worker's host
+        ssh_user, cluster_name = config["auth"]["ssh_user"], config["cluster_name"]
+
+        def run(self, cmd, **kwargs):
+            pass
+
+        def run_rsync_up(self, source, target, options=None):
+            synced.append(target)
+
+    runner.ssh_command_runner = HostShell()
+    runner._check_container_status = lambda: False  # a new worker: no container yet
+    runner.run_rsync_up(path, path, options={"docker_mount_if_possible": True})
+    (target,) = synced
+    return target
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=rel)
+def test_launcher_dashboard_listens_on_the_heads_loopback(path):
+    """The dashboard serves the Jobs API, which runs any code: `ray dashboard FILE` tunnels to it."""
+    config = load_one(path)
+    hosts = re.findall(r"--dashboard-host[= ](\S+)", " ".join(config["head_start_ray_commands"]))
+    assert hosts and set(hosts) <= LOOPBACK, f"{rel(path)}: --dashboard-host {hosts or 'missing'}; want 127.0.0.1"
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=rel)
+def test_launcher_turns_ray_token_auth_on_for_head_and_workers(path):
+    config = load_one(path)
+    for head, commands in ((True, "head_start_ray_commands"), (False, "worker_start_ray_commands")):
+        env = container_env(config, head)
+        start = " ".join(config[commands])
+        assert env.get("RAY_AUTH_MODE") == "token" or "RAY_AUTH_MODE=token" in start, \
+            f"{rel(path)}: the {'head' if head else 'workers'} must run with RAY_AUTH_MODE=token"
+        assert env.get("RAY_AUTH_MODE", "token") == "token" and "RAY_AUTH_MODE=disabled" not in start
+    assert not re.search(r"\bRAY_AUTH_TOKEN\b\s*[=:]", path.read_text()), f"{rel(path)}: a literal Ray token"
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=rel)
+def test_launcher_token_is_made_on_the_head_and_reaches_every_worker(path, monkeypatch):
+    config = load_one(path)
+    generate = [c for c in config["head_setup_commands"] if re.search(r"\bray get-auth-token\b.*--generate", c)]
+    assert generate, f"{rel(path)}: head_setup_commands must generate the token (ray get-auth-token --generate)"
+    assert all(re.search(r">\s*/dev/null", c) for c in generate), \
+        f"{rel(path)}: `ray get-auth-token` prints the token: send it to /dev/null, not into `ray up`'s output"
+
+    # Where `ray get-auth-token --generate` saves it on the head, whose autoscaler expands
+    # cluster_synced_files there too.
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    monkeypatch.setenv("HOME", HEAD_HOME)
+    token_path = str(_get_default_token_path())
+    synced = [os.path.expanduser(p) for p in config.get("cluster_synced_files", [])]
+    assert token_path in synced, f"{rel(path)}: cluster_synced_files must copy {token_path} to the workers"
+
+    # The worker's container sees that host file where its RAY_AUTH_TOKEN_PATH says.
+    host_path = worker_host_path(config, token_path)
+    words = docker_run_words(config, head=False)
+    env = container_env(config, head=False)
+    assert "RAY_AUTH_TOKEN_PATH" in env, f"{rel(path)}: workers need RAY_AUTH_TOKEN_PATH (their ~/.ray has no token)"
+    seen_at = []
+    for volume in flag_values(words, "-v", "--volume"):
+        source, target = volume.split(":")[:2]
+        if host_path.startswith(source.rstrip("/") + "/"):
+            seen_at.append(posixpath.join(target, posixpath.relpath(host_path, source)))
+    assert env["RAY_AUTH_TOKEN_PATH"] in seen_at, \
+        f"{rel(path)}: the head's token lands on the worker host at {host_path}, mounted at {seen_at or 'nowhere'}"
+
+
+def k8s_env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=rel)
+def test_kuberay_token_auth_and_a_dashboard_inside_the_cluster(path):
+    for obj in load_docs(path):
+        spec = cluster_spec(obj)
+        # KubeRay generates the token into a Secret and gives it to every Ray container.
+        assert (spec.get("authOptions") or {}).get("mode") == "token", f"{rel(path)}: authOptions: {{mode: token}}"
+        for container in containers_of(obj):
+            env = k8s_env(container)
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", \
+                f"{rel(path)} {container['name']}: RAY_AUTH_MODE=token (fails closed under an operator without authOptions)"
+            token = env.get("RAY_AUTH_TOKEN")
+            assert token is None or "secretKeyRef" in token.get("valueFrom", {}), f"{rel(path)}: a literal Ray token"
+
+        head = spec["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress"), \
+            f"{rel(path)}: the head Service (dashboard, Jobs API) stays inside the cluster"
+        # KubeRay makes an absent dashboard-host 0.0.0.0.
+        host = head["rayStartParams"].get("dashboard-host")
+        if obj["kind"] == "RayJob":
+            # The operator polls the job, and the submitter submits it, through the head Service.
+            assert host in POD_ADDRESS, f"{rel(path)}: dashboard-host {host}; want the pod's address"
+        else:
+            assert host in LOOPBACK | POD_ADDRESS, f"{rel(path)}: dashboard-host {host}"
+        if host in POD_ADDRESS:
+            pod_ip = k8s_env(head["template"]["spec"]["containers"][0]).get("POD_IP", {})
+            assert pod_ip.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP", \
+                f"{rel(path)}: dashboard-host {host} needs POD_IP from status.podIP on the head container"
+
+
+def test_kuberay_files_ask_for_an_operator_with_auth_options():
+    """authOptions came with KubeRay 1.5.1; an older CRD drops it."""
+    for path in KUBERAY_FILES:
+        match = re.search(r"KubeRay operator >= (\d+)\.(\d+)\.(\d+)", path.read_text())
+        assert match and tuple(map(int, match.groups())) >= (1, 5, 1), f"{rel(path)}: name KubeRay >= 1.5.1"
+
+
+def env_file(path: Path) -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def compose_interpolate(text: str, env: dict[str, str]) -> str:
+    """docker compose's interpolation: $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}."""
+    missing = []
+
+    def value(match):
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group("name") or match.group("bare"), match.group("op"), match.group("arg")
+        current = env.get(name)
+        if op in (":?", "?") and (current is None or (op == ":?" and current == "")):
+            missing.append(name)
+            return ""
+        if op == ":-" and not current or op == "-" and current is None:
+            return arg
+        assert op in (None, ":-", "-", ":?", "?"), f"unhandled ${{{name}{op}...}}"
+        return current or ""
+
+    out = re.sub(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}|\$(?P<bare>\w+)", value, text)
+    if missing:
+        raise ValueError(f"required variables unset: {sorted(set(missing))}")
+    return out
+
+
+def test_mlflow_compose_needs_every_secret_and_listens_on_loopback():
+    raw = COMPOSE.read_text()
+    example = env_file(ENV_EXAMPLE)
+    secrets = {name for name in example if SECRET_NAME.search(name)}
+    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= secrets
+
+    # Every use of a secret variable is a required one, so compose stops while it is unset.
+    for name, op in re.findall(r"\$\{(\w+)(:?[-?+])?", raw):
+        if SECRET_NAME.search(name):
+            assert op == ":?", f"docker-compose.yaml: ${{{name}{op}...}}; use ${{{name}:?message}}"
+    raw_services = yaml.safe_load(raw)["services"]
+    for name, service in raw_services.items():
+        environment = service.get("environment") or {}
+        assert isinstance(environment, dict), f"{name}: write environment as a mapping"
+        for key, val in environment.items():
+            if SECRET_NAME.search(key):
+                assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(val)), f"{name}: {key} must come from a required variable"
+
+    # env.example copied as it is (empty passwords): compose refuses.
+    with pytest.raises(ValueError, match="required variables unset") as unset:
+        compose_interpolate(raw, example)
+    assert all(name in str(unset.value) for name in secrets)
+
+    # Filled in, MLFLOW_BIND_ADDRESS left empty: every published port is on this VM's loopback.
+    filled = {key: val or (f"{key.lower()}-generated" if key in secrets else val) for key, val in example.items()}
+    services = yaml.safe_load(compose_interpolate(raw, filled))["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            parts = str(port).rsplit(":", 2)
+            assert len(parts) == 3 and parts[0] in LOOPBACK, f"{name} publishes {port} on every interface"
+    assert services["mlflow"]["ports"], "the MLflow server publishes its port"
+
+    mlflow_server = services["mlflow"]
+    assert server_command(mlflow_server["command"]).get("--app-name") == "basic-auth"
+    env, postgres = mlflow_server["environment"], services["postgres"]["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] and env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    # The basic-auth app's user store (basic_auth.ini: postgresql://) is the compose Postgres.
+    assert env["PGHOST"] == "postgres" and (env["PGUSER"], env["PGPASSWORD"], env["PGDATABASE"]) == \
+        (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"])
+
+
+def test_mlflow_compose_config_with_docker(tmp_path):
+    """`docker compose config` agrees, where docker compose exists."""
+    docker = shutil.which("docker")
+    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("no docker compose here")
+    example = env_file(ENV_EXAMPLE)
+    (tmp_path / "unfilled.env").write_text(ENV_EXAMPLE.read_text())
+    (tmp_path / "filled.env").write_text("".join(
+        f"{key}={val or (key.lower() + '-generated' if SECRET_NAME.search(key) else '')}\n" for key, val in example.items()))
+
+    def config(env_file_path):
+        return subprocess.run([docker, "compose", "-f", str(COMPOSE), "--env-file", str(env_file_path), "config",
+                               "--format", "json"], capture_output=True, text=True, timeout=60)
+
+    assert config(tmp_path / "unfilled.env").returncode != 0, "compose must refuse empty passwords"
+    filled = config(tmp_path / "filled.env")
+    assert filled.returncode == 0, filled.stderr
+    for port in json.loads(filled.stdout)["services"]["mlflow"]["ports"]:
+        assert port.get("host_ip") in LOOPBACK, port
+
+
+def test_mlflow_kubernetes_runs_basic_auth_with_generated_secrets():
+    (deployment,) = [o for _, o in MLFLOW_K8S if o["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert server_command(container["command"]).get("--app-name") == "basic-auth"
+    assert not [o for _, o in MLFLOW_K8S if o["kind"] == "Secret"], \
+        "a Secret in the manifest holds its password in the file: create it with kubectl instead"
+    secrets = documented_secrets(MLFLOW_YAML)
+    env = k8s_env(container)
+    for var in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
+        ref = env[var]["valueFrom"]["secretKeyRef"]
+        assert not ref.get("optional"), f"{var}: a required Secret key"
+        generated = secrets.get(ref["name"], {}).get(ref["key"], "")
+        assert re.fullmatch(r"\$\(openssl rand -(hex|base64) \d+\)", generated), \
+            f"{var}: the header's `kubectl create secret` should generate {ref['name']}/{ref['key']}, not {generated!r}"
+
+    # The auth app's user store (libpq's PG* variables) is the Postgres of the StatefulSet.
+    (postgres,) = [c for _, o in MLFLOW_K8S if o["kind"] == "StatefulSet" for c in o["spec"]["template"]["spec"]["containers"]]
+    pg_env = k8s_env(postgres)
+    assert env["PGPASSWORD"]["valueFrom"] == pg_env["POSTGRES_PASSWORD"]["valueFrom"]
+    assert (env["PGUSER"]["value"], env["PGDATABASE"]["value"]) == \
+        (pg_env["POSTGRES_USER"]["value"], pg_env["POSTGRES_DB"]["value"])
+    services = {f"{o['metadata']['name']}.{o['metadata']['namespace']}.svc" for _, o in MLFLOW_K8S if o["kind"] == "Service"}
+    assert env["PGHOST"]["value"] in services
+
+    for _, obj in MLFLOW_K8S:
+        assert obj["kind"] != "Ingress", "no Ingress in front of MLflow"
+        if obj["kind"] == "Service":
+            assert obj["spec"].get("type", "ClusterIP") == "ClusterIP", f"Service {obj['metadata']['name']}"
+
+
+def test_mlflow_image_carries_the_basic_auth_app_without_a_password(monkeypatch):
+    instructions = dockerfile_instructions(MLFLOW_DOCKERFILE)
+    runs = " ".join(args for word, args in instructions if word == "RUN")
+    assert re.search(r"mlflow\[[^\]]*\bauth\b", runs), "pip install mlflow[auth] (Flask-WTF, for the basic-auth app)"
+    env = dict(pair.split("=", 1) for word, args in instructions if word == "ENV" for pair in shlex.split(args))
+    copies = {shlex.split(args)[-1]: shlex.split(args)[-2] for word, args in instructions if word == "COPY"}
+    ini = MLFLOW_DOCKERFILE.parent / copies[env["MLFLOW_AUTH_CONFIG_PATH"]]
+    cmd = json.loads(next(args for word, args in instructions if word == "CMD"))
+    assert server_command(cmd).get("--app-name") == "basic-auth", "the image's own command runs the auth app too"
+
+    # As MLflow reads it: no admin password in the file, a user store URI without one. Its
+    # reader alone: the mlflow.server.auth package needs Flask-WTF, which the client lacks.
+    from sqlalchemy.engine import make_url
+
+    spec = importlib.util.find_spec("mlflow")
+    reader = importlib.util.spec_from_file_location(
+        "mlflow_auth_config", Path(spec.origin).parent / "server" / "auth" / "config.py")
+    auth_config = importlib.util.module_from_spec(reader)
+    reader.loader.exec_module(auth_config)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(ini))
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_USERNAME", raising=False)
+    config = auth_config.read_auth_config()
+    assert config.admin_username and config.admin_password is None
+    url = make_url(config.database_uri)
+    assert url.get_backend_name() == "postgresql" and url.password is None, config.database_uri
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=rel)
+def test_no_literal_secret_in_the_deploy_files(path):
+    text = path.read_text()
+    assert not re.search(r"change[-_]?me\b", text, re.I), f"{rel(path)}: a CHANGE-ME placeholder deploys as it is"
+    for match in re.finditer(r"://([^/\s:@]+):([^@\s/]+)@", text):
+        assert match.group(2).startswith("$"), f"{rel(path)}: a password in {match.group(0)}"
+    assert not re.search(r"\b[0-9a-fA-F]{32,}\b", text), f"{rel(path)}: a literal token or key"
+    if path.suffix in (".yaml", ".yml"):
+        for doc in load_docs(path):
+            assert doc.get("kind") != "Secret", f"{rel(path)}: create Secrets with generated values, not in a file"
+            for entry in env_entries(doc):
+                if SECRET_NAME.search(str(entry.get("name", ""))):
+                    assert "value" not in entry, f"{rel(path)}: {entry['name']} must come from a Secret"
+    if path == ENV_EXAMPLE:
+        filled = {key: val for key, val in env_file(path).items() if SECRET_NAME.search(key) and val}
+        assert not filled, f"{rel(path)}: leave the secrets empty: {sorted(filled)}"
+
+
+def env_entries(node):
+    """Every Kubernetes env entry ({name, value | valueFrom}) in a document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                yield from (e for e in value if isinstance(e, dict))
+            yield from env_entries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from env_entries(item)
+
+
+def test_the_readme_shows_how_clients_get_in():
+    readme = (CLUSTER / "README.md").read_text()
+    for needed in ("ray dashboard cluster/aws.yaml", "kubectl -n ray port-forward svc/quantsweep-head-svc",
+                   "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH", "ray rsync-down cluster/aws.yaml /home/ray/.ray/auth_token",
+                   "get secret quantsweep", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                   "MLFLOW_BIND_ADDRESS"):
+        assert needed in readme, f"cluster/README.md does not show {needed!r}"
