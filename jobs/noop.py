@@ -7,6 +7,7 @@ out-of-memory trials can be measured and tested without a model.
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import time
@@ -16,8 +17,10 @@ from jobs.spec import Status, TrialResult, TrialSpec, failure_reason
 
 def run(spec: TrialSpec) -> TrialResult:
     backend = spec.config["backend"]["noop"]
+    # The GPUs the scheduler gave this trial (Ray sets CUDA_VISIBLE_DEVICES), for scheduling tests.
     result = TrialResult(trial_key=spec.trial_key, status=Status.RUNNING,
-                         env={"host": socket.gethostname(), "python": platform.python_version(), "device": "none"})
+                         env={"host": socket.gethostname(), "python": platform.python_version(), "device": "none",
+                              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")})
     started = time.perf_counter()
     try:
         held = bytearray(int(backend["allocate_gb"] * 2 ** 30))  # zero-filled: the pages are really touched

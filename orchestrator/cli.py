@@ -51,13 +51,20 @@ def _error(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+_TASK_ERRORS: list[BaseException] = []
+
+
 def _single_trial(cfg) -> None:
-    """Hydra's task function for a run without -m: a sweep of one cell."""
+    """Hydra's task function for a run without -m: a sweep of one cell. Its error is handed to
+    `run` rather than raised through Hydra, which would print every override (a password too)."""
     from hydra.core.hydra_config import HydraConfig
 
     from orchestrator import plan, sweep
 
-    sweep.execute(plan.sweep_settings([cfg]), [plan.planned_trial(cfg, HydraConfig.get().overrides.task)])
+    try:
+        sweep.execute(plan.sweep_settings([cfg]), [plan.planned_trial(cfg, HydraConfig.get().overrides.task)])
+    except Exception as error:
+        _TASK_ERRORS.append(error)
 
 
 def run(args: list[str]) -> int:
@@ -73,6 +80,8 @@ def run(args: list[str]) -> int:
     before = len(sweep.COMPLETED)
     try:
         entry()
+        if _TASK_ERRORS:
+            raise _TASK_ERRORS.pop()
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -178,6 +187,10 @@ def submit(args: list[str]) -> int:
         return _error(f"submit command={' '.join(run_args[:1]) or None}: only `run` can be submitted; allowed: run")
     given_uri = [a.split("=", 1)[1] for a in run_args if a.startswith("tracking.uri=")]
     uri, run_args = _tracking_uri(run_args[1:])
+    if any(os.environ.get(f"MLFLOW_TRACKING_{v}") for v in ("USERNAME", "PASSWORD", "TOKEN")):
+        print(f"note: the job writes to {uri} with the cluster's own MLflow credentials (MLFLOW_TRACKING_USERNAME and "
+              f"MLFLOW_TRACKING_PASSWORD in its nodes' environment, see cluster/README.md); this machine's are not "
+              f"sent", file=sys.stderr)
     if not given_uri and uri.startswith("sqlite:") and not _is_local(opts.address):
         print(f"warning: the sweep will write to {uri}, a file on the cluster's head node, not on this machine; "
               f"give tracking.uri=http://<mlflow server> to follow it from here", file=sys.stderr)

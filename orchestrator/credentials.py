@@ -17,7 +17,7 @@ MASK = "***"
 # scheme://userinfo@ : the userinfo (user, user:password, or a token as the user) is a secret.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
 # ?token=... &password=... : query parameters that carry secrets.
-_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|token|access_token|secret|api_key|sig|signature)=)"
+_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:[A-Za-z0-9]+[-_])*(?:password|passwd|pwd|token|secret|key|sig|signature)=)"
                            r"[^&;\s'\"]+", re.IGNORECASE)
 
 

@@ -32,6 +32,7 @@ from orchestrator.errors import ConfigError
 
 TRIAL_KEY = re.compile(r"[0-9a-f]{16}")
 SWEEP_LEVEL = ("cluster.", "tracking.", "hydra.")
+PLACES = ("cluster.address=", "tracking.uri=")  # where it runs and records, not how: not in resubmit_overrides
 MODEL_SOURCE = ("source", "path", "trust_remote_code")
 _OPTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
@@ -211,7 +212,7 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
             spec = planned.spec.__class__(trial_key=key, config=planned.spec.config,
                                           overrides=planned.spec.overrides, attempt=attempt,
                                           resubmit_overrides=(*trial_level, *(mask(o) for o in sweep_level
-                                                                                 if not o.startswith("tracking.uri="))))
+                                                                                 if not o.startswith(PLACES))))
             trials.append(planned.__class__(spec, planned.ray_options, planned.timeout_s, planned.baseline))
     skipped = [t.trial_key for t in state.trials if t.status == Status.FINISHED.value and not force]
     for change in dict.fromkeys(changes):

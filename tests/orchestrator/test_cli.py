@@ -15,6 +15,17 @@ BAD_INPUT = [
     (["-m", "dtype=bf16,int4,fp7"], "dtype=fp7: no such dtype config"),
     (["-m", "dtype=int8,int4", "bench.repeats=0"], "bench.repeats=0: invalid value; allowed: >= 1"),
     (["-m", "dtype=int8", "tracking.uri=sqlite:///a.db,sqlite:///b.db"], "tracking.uri=sqlite:///b.db: varies across the sweep; one value for the whole sweep (first cell: sqlite:///a.db)"),
+    (["-m", "sweep=smok"], "sweep=smok: no such sweep config; allowed: smoke"),
+    (["-m", "experiment=nope"], "experiment=nope: not in the defaults list; allowed: +experiment="),
+    (["-m", "+experiment=nope"], "experiment=nope: no such experiment config; allowed: int4-group-sizes"),
+    (["-m", "sweep.name=résumé"], "sweep.name=résumé: cannot be parsed; allowed: key=value in Hydra's override syntax"),
+    (["-m", "seed=range(0,"], "seed=range(0,: cannot be parsed"),
+    (["+dtype=int4"], "Multiple values for dtype"),
+    (["-m", "seed=-1"], "seed=-1: invalid value; allowed: >= 0"),
+    (["-m", "resources.memory_gb=1e300"], "resources.memory_gb=1e+300: invalid value; allowed: <= 100000"),
+    (["-m", "resources.timeout_s=nan"], "resources.timeout_s=nan: invalid value; allowed: a finite number"),
+    (["-m", "resources.num_cpus=inf"], "resources.num_cpus=inf: invalid value; allowed: a finite number"),
+    (["-m", "backend=noop", "backend.noop.sleep_s=-inf"], "backend.noop.sleep_s=-inf: invalid value; allowed: a finite"),
 ]
 
 
@@ -25,6 +36,20 @@ def test_bad_input_exits_2_with_one_line_and_creates_nothing(run_cli, tmp_path, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("orchestrator: error: ") and message in lines[0], proc.stderr
     assert list(tmp_path.iterdir()) == [], "no MLflow store, no run, no output folder"
+
+
+@pytest.mark.parametrize("command", [["run", "backend=noop"], ["status", "swp-123456"], ["resume", "swp-123456"]])
+def test_a_dead_tracking_uri_is_refused_in_seconds(run_cli, tmp_path, command):
+    import time
+
+    from tests.conftest import free_port
+
+    started = time.monotonic()
+    proc = run_cli(*command, f"tracking.uri=http://127.0.0.1:{free_port()}")
+    assert time.monotonic() - started < 10, "fails fast"
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert ": unreachable (Connection refused); allowed: a reachable MLflow tracking server" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_command_exits_2(run_cli):

@@ -22,6 +22,7 @@ from tests.conftest import free_port
 from tests.orchestrator.test_scheduling import SUMMARY, _tag_values, _wait_for
 
 pytestmark = pytest.mark.slow
+PASSWORD = "Pa55-w0rd-7f3a"
 
 
 def _sweep_runs(uri: str):
@@ -108,6 +109,16 @@ def ray_head(tmp_path_factory, monkeypatch):
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
+def _job_details(address: str, env: dict, job_id: str) -> str:
+    """Everything Ray holds of a job (entrypoint, metadata, runtime env), as JSON text."""
+    code = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+            "print(C(sys.argv[1]).get_job_info(sys.argv[2]).model_dump_json())")
+    proc = subprocess.run([sys.executable, "-c", code, address, job_id], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 def _jobs(address: str, env: dict) -> dict[str, str]:
     """submission id -> status, asked in a fresh process: Ray reads RAY_AUTH_MODE once per process."""
     code = ("import json, sys; from ray.job_submission import JobSubmissionClient as C; "
@@ -119,7 +130,8 @@ def _jobs(address: str, env: dict) -> dict[str, str]:
 
 def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_server, run_cli, cli_env):
     cli_env["RAY_AUTH_MODE"] = "token"
-    store = f"tracking.uri={mlflow_server.uri}"
+    # Credentials in the URI stay on this machine: the job writes with the cluster's own (none here).
+    store = f"tracking.uri=http://quant:{PASSWORD}@{mlflow_server.uri.split('://', 1)[1]}"
     bad = run_cli("submit", "--address", ray_head, "--", "run", "-m", "dtype=int5", store)
     assert bad.returncode == 2 and "dtype=int5: no such dtype config" in bad.stderr
     assert _jobs(ray_head, cli_env) == {}, "a bad config submits nothing"
@@ -129,15 +141,19 @@ def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     sweep_id = submitted.stdout.strip().splitlines()[-1]
     assert sweep_id.startswith("swp-")
+    assert PASSWORD not in submitted.stdout + submitted.stderr
+    job = _job_details(ray_head, cli_env, f"quantsweep-{sweep_id}")
+    assert PASSWORD not in job and f"tracking.uri={mlflow_server.uri}" in job, job
 
     def running() -> bool:
         state = json.loads(run_cli("status", sweep_id, "--json", store).stdout or "{}")
         return state.get("counts", {}).get("RUNNING") == 2
     _wait_for(running, 180, "both trials running on the cluster")
-    table = run_cli("status", sweep_id, store)
+    table = run_cli("status", sweep_id, store, "--address", ray_head)  # never an address from the store
     assert f"ray job quantsweep-{sweep_id}: RUNNING" in table.stdout, table.stdout + table.stderr
+    assert "ray job" not in run_cli("status", sweep_id, store).stdout
 
-    cancelled = run_cli("cancel", sweep_id, store)
+    cancelled = run_cli("cancel", sweep_id, store, "--address", ray_head)
     assert cancelled.returncode == 0, cancelled.stderr[-3000:]
     assert f"sweep {sweep_id}: killed (2 cancelled)" in cancelled.stdout
     _, parents, children = _sweep_runs(mlflow_server.uri)
