@@ -54,14 +54,10 @@ def warm_up_imports(workdir: Path) -> None:
 
 def trial_record() -> tuple[dict[str, str], dict[str, str]]:
     """The params (the flattened resolved config) and tags one no-op trial's run holds."""
-    from hydra import compose, initialize_config_dir
+    from orchestrator import plan, tracking
+    from orchestrator.compose import compose
 
-    from orchestrator import plan, schema, tracking
-    from orchestrator.cli import CONF_DIR
-
-    schema.register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        spec = plan.trial_spec(compose(config_name="config", overrides=["backend=noop"]), ["backend=noop"])
+    spec = plan.trial_spec(compose("backend=noop"), ["backend=noop"])
     tags = {"sweep_id": "swp-000000", "kind": "trial", "trial_key": spec.trial_key, "attempt": "1",
             "overrides": "backend=noop", "git_sha": "0" * 40, "git_dirty": "False", "status": "FINISHED",
             "host": "localhost", "python": "3.11", "device": "none", "ray_executions": "1", "ray_nodes": "0" * 56}

@@ -30,14 +30,10 @@ STATUSES = ("FINISHED",) * 7 + ("FAILED", "TIMEOUT", "UNSUPPORTED")
 
 def trial_params() -> dict[str, str]:
     """A real trial's params: the flattened resolved config of the default cell (~65)."""
-    from hydra import compose, initialize_config_dir
+    from orchestrator import plan, tracking
+    from orchestrator.compose import compose
 
-    from orchestrator import plan, schema, tracking
-    from orchestrator.cli import CONF_DIR
-
-    schema.register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return tracking.flatten(plan.trial_spec(compose(config_name="config"), []).config)
+    return tracking.flatten(plan.trial_spec(compose(), []).config)
 
 
 def build(uri: str, n: int) -> str:

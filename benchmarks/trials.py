@@ -15,13 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # noqa: E402
 from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
 
 from jobs import trial  # noqa: E402
-from orchestrator import plan, schema  # noqa: E402
-from orchestrator.cli import CONF_DIR  # noqa: E402
+from orchestrator import plan  # noqa: E402
+from orchestrator.compose import compose  # noqa: E402
 
 COLUMNS = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_latency_p50_ms", "output_tokens_per_s",
            "peak_memory_mb", "weight_bytes", "perplexity", "kl_divergence", "top1_agreement")
@@ -37,15 +36,13 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--json", type=Path, default=Path("trials.json"))
     args = ap.parse_args()
-    schema.register()
     rows = []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for cell in expand(args.overrides):
-            spec = plan.trial_spec(compose(config_name="config", overrides=cell), cell)
-            result = trial.run(spec)
-            rows.append({"cell": " ".join(cell), "status": result.status.value, "reason": result.reason,
-                         "env": result.env, "metrics": result.metrics})
-            print(f"{rows[-1]['cell']}: {result.status.value} {result.reason or ''}", file=sys.stderr)
+    for cell in expand(args.overrides):
+        spec = plan.trial_spec(compose(*cell), cell)
+        result = trial.run(spec)
+        rows.append({"cell": " ".join(cell), "status": result.status.value, "reason": result.reason,
+                     "env": result.env, "metrics": result.metrics})
+        print(f"{rows[-1]['cell']}: {result.status.value} {result.reason or ''}", file=sys.stderr)
     args.json.write_text(json.dumps(rows, indent=2))
     print("| cell | status | " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * (len(COLUMNS) + 2))

@@ -167,3 +167,10 @@ def default_scale_rules(spec: Format) -> tuple[str, ...]:
 class Unsupported(Exception):
     """This hardware or software cannot run this cell (no GPU, too old a GPU, a missing
     package, a format a kernel does not take); reported as UNSUPPORTED, not as a crash."""
+
+
+def is_plain_fp8_per_token(knobs: dict) -> bool:
+    """Activation knobs that are plain fp8_e4m3 per token (absmax, nearest, saturate): what the
+    fp8 W8A8 kernels (ours and torchao's) compute."""
+    return (knobs["fmt"] == "fp8_e4m3" and knobs["granularity"] == "per_channel" and knobs["rounding"] == "nearest"
+            and knobs.get("scale_rule") in (None, "absmax") and knobs["overflow"] == "saturate")

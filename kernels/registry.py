@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import formats
-from kernels.catalog import Unsupported
+from kernels.catalog import Unsupported, is_plain_fp8_per_token
 from kernels.formats import QuantizedTensor
 from kernels.torchao_kernels import torchao_linear
 
@@ -32,11 +32,6 @@ def torch_reference(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[tor
     if input_knobs is not None:
         x = formats.fake_quant(x, **input_knobs)
     return F.linear(x, weight.dequantize(x.dtype), bias)
-
-
-def is_plain_fp8_per_token(knobs: dict) -> bool:
-    return (knobs["fmt"] == "fp8_e4m3" and knobs["granularity"] == "per_channel" and knobs["rounding"] == "nearest"
-            and knobs.get("scale_rule") in (None, "absmax") and knobs["overflow"] == "saturate")
 
 
 def triton_kernels(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torch.Tensor],

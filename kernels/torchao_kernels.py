@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.catalog import Unsupported
+from kernels.catalog import Unsupported, is_plain_fp8_per_token
 from kernels.formats import QuantizedTensor, value_table
 
 SUPPORTED = "int8/int4 (symmetric, per channel or group), fp8_e4m3 (per channel; W8A8 per token), nvfp4"
@@ -85,7 +85,6 @@ def _fp8_w8a8(codes: torch.Tensor, scales: torch.Tensor, block: list[int], dtype
     from torchao.quantization import Float8Tensor, PerRow
     from torchao.quantization.quantize_.workflows.float8.float8_tensor import QuantizeTensorToFloat8Kwargs
 
-    from kernels.registry import is_plain_fp8_per_token
 
     if not is_plain_fp8_per_token(input_knobs):
         raise Unsupported("kernel=torchao quantizes activations as fp8_e4m3 per token (absmax, nearest, saturate) "

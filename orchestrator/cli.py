@@ -12,11 +12,8 @@ import dataclasses
 import json
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
 EXIT_BAD_INPUT = 2
 USAGE = """usage: orchestrator <command> [args]
 
@@ -70,7 +67,8 @@ def _single_trial(cfg) -> None:
 def run(args: list[str]) -> int:
     import hydra
 
-    from orchestrator import errors, schema, sweep
+    from orchestrator import compose, schema, sweep
+    from orchestrator.paths import CONF_DIR
 
     schema.register()
     # Let composition errors reach us as exceptions, to print them as one line and exit 2.
@@ -85,14 +83,11 @@ def run(args: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        config_error = errors.from_hydra(exc)
+        config_error = compose.from_hydra(exc)
         if config_error is None:
             raise
         return _error(str(config_error))
-    done = sweep.COMPLETED[before:]
-    counts = sum((s.counts for s in done), Counter())
-    unrecorded = sum(s.unrecorded for s in done)
-    return 1 if counts["FAILED"] or counts["TIMEOUT"] or counts["CANCELLED"] or unrecorded else 0
+    return max((s.exit_code for s in sweep.COMPLETED[before:]), default=0)
 
 
 def _tracking_uri(args: list[str]) -> tuple[str, list[str]]:
@@ -176,11 +171,11 @@ def submit(args: list[str]) -> int:
         usage="orchestrator submit --address URL -- run [-m] [overrides]")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="the Ray dashboard URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    split = args.index("--") if "--" in args else len(args)
+    opts, run_args = parser.parse_args(args[:split]), args[split + 1:]  # --help: prints it, exits 0
     if "--" not in args:
         parser.print_usage(sys.stderr)
         return _error("submit: expected `-- run [overrides]` after the options")
-    split = args.index("--")
-    opts, run_args = parser.parse_args(args[:split]), args[split + 1:]
     if not opts.address:
         return _error("--address=None: missing; allowed: the Ray dashboard URL (http://HOST:8265) or $RAY_ADDRESS")
     if not run_args or run_args[0] != "run":
@@ -209,11 +204,10 @@ def submit(args: list[str]) -> int:
 
 def resubmit(args: list[str], mode: str | None = None) -> int:
     """`resubmit ID --failed|--unfinished [overrides]`; `resume ID` is `--unfinished`."""
-    from jobs.spec import Status
-    from orchestrator import errors, lease
+    from orchestrator import compose
     from orchestrator import resubmit as resubmission
     from orchestrator import status as sweep_status
-    from orchestrator import sweep, tracking
+    from orchestrator import sweep
 
     uri, args = _tracking_uri(args)
     command = "resume" if mode else "resubmit"
@@ -232,41 +226,28 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
                                                      "or cluster.* for where they run")
     opts = parser.parse_intermixed_args(args)
     mode = mode or opts.mode
-    holder = None
     try:
-        state = sweep_status.load(uri, opts.sweep_id, refresh=True)
-        client = tracking.client(uri)
-        # One driver per sweep: taken before anything is read for re-running or closed.
-        holder = lease.take(client, opts.sweep_id, state.parent_run_id, opts.address)
-        if state.sweep_status == "RUNNING":
-            closed = sweep_status.close_open_runs(client, state, Status.FAILED, "driver lost: the sweep's driver died")
-            print(f"sweep {opts.sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
-        # Read every run, not the index: what is re-run must be what the store holds now.
-        state = sweep_status.load(uri, opts.sweep_id, refresh=True)
-        settings, trials, skipped = resubmission.plan_trials(client, state, mode,
-                                                             [f"tracking.uri={uri}", *opts.overrides], opts.force)
+        plan = resubmission.prepare(uri, opts.sweep_id, mode, opts.overrides, opts.force, opts.address)
     except Exception as exc:
-        if holder is not None:
-            lease.release(client, state.parent_run_id, holder)
-        config_error = errors.from_hydra(exc)
+        config_error = compose.from_hydra(exc)
         if config_error is None:
             raise
         return _error(str(config_error))
-    if skipped:
-        print(f"{len(skipped)} trials already have a FINISHED attempt: not re-run (--force to re-run them)")
-    recorded = {t.trial_key for t in state.trials if t.run_id}
-    if unrun := sum(t.spec.trial_key not in recorded for t in trials):
+    if plan.skipped:
+        print(f"{len(plan.skipped)} trials already have a FINISHED attempt: not re-run (--force to re-run them)")
+    recorded = {t.trial_key for t in plan.state.trials if t.run_id}
+    if unrun := sum(t.spec.trial_key not in recorded for t in plan.trials):
         print(f"{unrun} planned trials have no run (the driver died before making them): run as attempt 1")
-    if not trials:
-        lease.release(client, state.parent_run_id, holder)
+    if not plan.trials:
+        plan.release()
         print(f"sweep {opts.sweep_id}: nothing to re-run")
         return 0
-    summary = sweep.execute(settings, trials, reopen=state.parent_run_id,
-                            prior_rows=[dataclasses.asdict(t) for t in state.trials], holder=holder)
+    summary = sweep.execute(plan.settings, plan.trials, reopen=plan.state.parent_run_id,
+                            prior_rows=[dataclasses.asdict(t) for t in plan.state.trials], holder=plan.holder)
     whole = sweep_status.load(uri, opts.sweep_id)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
     print(f"sweep {opts.sweep_id} now: {len(whole.trials)} trials ({counts})")
-    return 1 if summary.counts["FAILED"] or summary.counts["TIMEOUT"] or summary.counts["CANCELLED"] else 0
+    return summary.exit_code
 
 
 def report(args: list[str]) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -140,10 +141,16 @@ def ray_options(cfg: DictConfig) -> dict[str, Any]:
     return options
 
 
-def planned_trial(cfg: DictConfig, overrides: Sequence[str]):
+@dataclass(frozen=True)
+class PlannedTrial:
     """One validated cell, ready for :func:`orchestrator.sweep.execute`."""
-    from orchestrator.sweep import PlannedTrial
+    spec: TrialSpec
+    ray_options: dict[str, Any]  # num_cpus, num_gpus, memory, accelerator_type
+    timeout_s: Optional[float] = None
+    baseline: bool = False
 
+
+def planned_trial(cfg: DictConfig, overrides: Sequence[str]) -> PlannedTrial:
     return PlannedTrial(trial_spec(cfg, overrides), ray_options(cfg), cfg.resources.timeout_s, is_baseline(cfg))
 
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from jobs.spec import Status
 from orchestrator import status as sweep_status
 from orchestrator import tracking
+from orchestrator.paths import PROJECT_ROOT
 
 SUBMIT_DEADLINE_S = 120.0
 JOB_ENV = "QUANTSWEEP_RAY_JOB"  # "<dashboard address> <submission id>", set on a submitted driver
@@ -48,8 +49,6 @@ def _job_client(address: str):
 
 def submit(address: str, run_args: list[str], sweep_id: str, tracking_uri: str) -> str:
     """Submit ``orchestrator run <run_args>`` as a Ray Job writing to ``tracking_uri``; its submission id."""
-    from orchestrator.cli import PROJECT_ROOT
-
     job_id = submission_id(sweep_id)
     args = [*run_args, f"sweep.id={sweep_id}", f"tracking.uri={tracking_uri}"]
     if not any(a.startswith("cluster.address=") for a in run_args):

@@ -18,14 +18,16 @@ from the store.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from jobs.spec import TRIAL_SECTIONS, Status
-from orchestrator import plan, report
+from orchestrator import lease, plan, report, tracking
+from orchestrator.compose import compose
 from orchestrator import status as sweep_status
 from orchestrator.credentials import mask
 from orchestrator.errors import ConfigError
@@ -107,8 +109,8 @@ def _stored_config(client, run_id: str) -> Any:
 class _ModelSources:
     """What ``conf/model/<name>.yaml`` says of a model's source, to hold a stored one against."""
 
-    def __init__(self, compose, command_line: set[str]):
-        self.compose, self.command_line, self.configured = compose, command_line, {}
+    def __init__(self, command_line: set[str]):
+        self.command_line, self.configured = command_line, {}
 
     def check(self, model: dict, where: str) -> None:
         name = model.get("name")
@@ -116,7 +118,7 @@ class _ModelSources:
             self.configured[name] = None
             if isinstance(name, str) and _OPTION_NAME.fullmatch(name):
                 try:
-                    found = self.compose(config_name="config", overrides=[f"model={name}"]).model
+                    found = compose(f"model={name}").model
                     self.configured[name] = {k: found[k] for k in MODEL_SOURCE}
                 except Exception:  # no conf/model file of that name: only this command line vouches
                     pass
@@ -147,16 +149,47 @@ def _restore_settings(base, stored: dict, command_line: set[str]) -> list[str]:
     return changes
 
 
+@dataclass
+class Resubmission:
+    """What a resubmission will run, under the sweep's lease that this process holds."""
+    state: sweep_status.SweepState
+    settings: Any  # the sweep-level config sections (DictConfig)
+    trials: list[plan.PlannedTrial]
+    skipped: list[str]  # keys with a FINISHED attempt, not re-run
+    holder: lease.Holder
+    client: Any
+
+    def release(self) -> None:
+        lease.release(self.client, self.state.parent_run_id, self.holder)
+
+
+def prepare(uri: str, sweep_id: str, mode: str, overrides: list[str], force: bool,
+            address: Optional[str]) -> Resubmission:
+    """Take the sweep's lease, close the runs a dead driver left open (FAILED, "driver lost"), and plan
+    the trials to re-run. Raises ConfigError with nothing run (and the lease released) for bad input."""
+    state = sweep_status.load(uri, sweep_id, refresh=True)
+    client = tracking.client(uri)
+    # One driver per sweep: taken before anything is closed or read for re-running.
+    holder = lease.take(client, sweep_id, state.parent_run_id, address)
+    try:
+        if state.sweep_status == "RUNNING":
+            closed = sweep_status.close_open_runs(client, state, Status.FAILED, "driver lost: the sweep's driver died")
+            print(f"sweep {sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
+        # Every run, not the index: what is re-run must be what the store holds now.
+        state = sweep_status.load(uri, sweep_id, refresh=True)
+        settings, trials, skipped = plan_trials(client, state, mode, [f"tracking.uri={uri}", *overrides], force)
+    except BaseException:
+        lease.release(client, state.parent_run_id, holder)
+        raise
+    return Resubmission(state, settings, trials, skipped, holder, client)
+
+
 def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: list[str], force: bool):
     """The PlannedTrials to re-run, their settings, and the keys skipped as already finished.
     Raises ConfigError (nothing is submitted) for a bad override or a stored config that fails the checks."""
-    from hydra import compose, initialize_config_dir
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
-
-    from orchestrator import schema
-    from orchestrator.cli import CONF_DIR
 
     sweep_level = [o for o in overrides if o.startswith(SWEEP_LEVEL)]
     trial_level = [o for o in overrides if not o.startswith(SWEEP_LEVEL)]
@@ -166,54 +199,50 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
     stored_plan = sweep_status.stored_plan(client, state.parent_run_id)
     experiment = client.get_experiment(state.experiment_id).name
     check_plain({"name": experiment}, "experiment name")
-    schema.register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        base = compose(config_name="config", overrides=sweep_level)
-        models = _ModelSources(compose, command_line)
-        with open_dict(base):
-            base.sweep.id, base.sweep.name = state.sweep_id, experiment
-            if "baseline" in state.tags:  # the sweep's own, not today's default
-                base.sweep.baseline = report.stored_baseline(state.tags)
-        changes = _restore_settings(base, stored_plan.settings, command_line) if stored_plan else []
-        # Cells with no run yet (never started by a driver that died) come from the sweep's plan, below.
-        chosen = [t for t in state.trials if t.run_id and
-                  (t.status in SELECT[mode] or (force and t.status == Status.FINISHED.value))]
-        # (trial key, its overrides, its stored config, the attempt to run, where the config came from)
-        sources = []
-        for row in chosen:
-            if not TRIAL_KEY.fullmatch(row.trial_key):
-                raise ConfigError(f"trial_key tag of run {row.run_id}", row.trial_key, "16 hex digits",
-                                  problem="stored tag is not a trial key")
-            if row.latest_attempt < 1:
-                raise ConfigError(f"attempt tag of run {row.run_id}", "?", "a positive integer",
-                                  problem="stored tag is not an attempt number")
-            sources.append((row.trial_key, row.overrides, _stored_config(client, row.run_id),
-                            max(row.attempts, row.latest_attempt) + 1, f"trial {row.trial_key} (run {row.run_id})"))
-        if mode == "unfinished" and stored_plan:
-            have = {t.trial_key for t in state.trials if t.run_id}
-            sources += [(c.trial_key, c.overrides, c.config, 1, f"planned trial {c.trial_key} (no run)")
-                        for c in stored_plan.trials if c.trial_key not in have]
-        trials = []
-        for key, overrides, stored, attempt, where in sources:
-            _check_sections(stored, where)
-            if plan.trial_key(stored) != key:
-                raise ConfigError(f"trial key of {where}", key, f"the key of its stored config "
-                                  f"({plan.trial_key(stored)})", problem="stored config and key disagree")
-            models.check(stored["model"], where)
-            stored = _nest_backend_options(stored)
-            cell = OmegaConf.merge(base, {k: v for k, v in stored.items() if k != "resources"})
-            with open_dict(cell):
-                cell.resources = OmegaConf.merge(cell.resources, stored["resources"])
-            before = {f"resources.{k}": v for k, v in OmegaConf.to_container(cell.resources).items()}
-            ConfigLoaderImpl._apply_overrides_to_config(parsed, cell)
-            changes += [f"{k}={cell.resources[k.split('.')[1]]} (trial {key} ran with {v})"
-                        for k, v in before.items() if k in command_line and cell.resources[k.split('.')[1]] != v]
-            planned = plan.planned_trial(cell, [*(overrides.split() if overrides else []), *trial_level])
-            spec = planned.spec.__class__(trial_key=key, config=planned.spec.config,
-                                          overrides=planned.spec.overrides, attempt=attempt,
-                                          resubmit_overrides=(*trial_level, *(mask(o) for o in sweep_level
-                                                                                 if not o.startswith(PLACES))))
-            trials.append(planned.__class__(spec, planned.ray_options, planned.timeout_s, planned.baseline))
+    base = compose(*sweep_level)
+    models = _ModelSources(command_line)
+    with open_dict(base):
+        base.sweep.id, base.sweep.name = state.sweep_id, experiment
+        if "baseline" in state.tags:  # the sweep's own, not today's default
+            base.sweep.baseline = report.stored_baseline(state.tags)
+    changes = _restore_settings(base, stored_plan.settings, command_line) if stored_plan else []
+    # Cells with no run yet (never started by a driver that died) come from the sweep's plan, below.
+    chosen = [t for t in state.trials if t.run_id and
+              (t.status in SELECT[mode] or (force and t.status == Status.FINISHED.value))]
+    # (trial key, its overrides, its stored config, the attempt to run, where the config came from)
+    sources = []
+    for row in chosen:
+        if not TRIAL_KEY.fullmatch(row.trial_key):
+            raise ConfigError(f"trial_key tag of run {row.run_id}", row.trial_key, "16 hex digits",
+                              problem="stored tag is not a trial key")
+        if row.latest_attempt < 1:
+            raise ConfigError(f"attempt tag of run {row.run_id}", "?", "a positive integer",
+                              problem="stored tag is not an attempt number")
+        sources.append((row.trial_key, row.overrides, _stored_config(client, row.run_id),
+                        max(row.attempts, row.latest_attempt) + 1, f"trial {row.trial_key} (run {row.run_id})"))
+    if mode == "unfinished" and stored_plan:
+        have = {t.trial_key for t in state.trials if t.run_id}
+        sources += [(c.trial_key, c.overrides, c.config, 1, f"planned trial {c.trial_key} (no run)")
+                    for c in stored_plan.trials if c.trial_key not in have]
+    trials = []
+    for key, overrides, stored, attempt, where in sources:
+        _check_sections(stored, where)
+        if plan.trial_key(stored) != key:
+            raise ConfigError(f"trial key of {where}", key, f"the key of its stored config "
+                              f"({plan.trial_key(stored)})", problem="stored config and key disagree")
+        models.check(stored["model"], where)
+        stored = _nest_backend_options(stored)
+        cell = OmegaConf.merge(base, {k: v for k, v in stored.items() if k != "resources"})
+        with open_dict(cell):
+            cell.resources = OmegaConf.merge(cell.resources, stored["resources"])
+        before = {f"resources.{k}": v for k, v in OmegaConf.to_container(cell.resources).items()}
+        ConfigLoaderImpl._apply_overrides_to_config(parsed, cell)
+        changes += [f"{k}={cell.resources[k.split('.')[1]]} (trial {key} ran with {v})"
+                    for k, v in before.items() if k in command_line and cell.resources[k.split('.')[1]] != v]
+        planned = plan.planned_trial(cell, [*(overrides.split() if overrides else []), *trial_level])
+        changed = (*trial_level, *(mask(o) for o in sweep_level if not o.startswith(PLACES)))
+        trials.append(dataclasses.replace(planned, spec=dataclasses.replace(
+            planned.spec, trial_key=key, attempt=attempt, resubmit_overrides=changed)))
     skipped = [t.trial_key for t in state.trials if t.status == Status.FINISHED.value and not force]
     for change in dict.fromkeys(changes):
         print(f"resubmit: {change}")

@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 
 from jobs.spec import Status, TrialResult, TrialSpec
 from orchestrator import lease, remote, report, tracking
+from orchestrator.plan import PlannedTrial
 from orchestrator.credentials import mask
 from orchestrator.errors import ConfigError
 
@@ -40,15 +41,9 @@ STARTS_POLL_S = 0.25  # how often the driver reads which trials started (a round
 CANCEL_POLL_S = 2.0
 HEARTBEAT_S = 30.0
 REPORT_TABLE_MAX_ROWS = 40  # larger sweeps: the table is in the report, not on the terminal
-COMPLETED: list["SweepSummary"] = []  # every sweep this process ran, for the CLI's exit code
-
-
-@dataclass(frozen=True)
-class PlannedTrial:
-    spec: TrialSpec
-    ray_options: dict[str, Any]  # num_cpus, num_gpus, memory, accelerator_type
-    timeout_s: Optional[float] = None
-    baseline: bool = False
+# Every sweep this process ran. Hydra's entry point returns nothing, so this is how `orchestrator
+# run` learns the outcome of the sweep its launcher ran (exit_code).
+COMPLETED: list["SweepSummary"] = []
 
 
 @dataclass
@@ -64,6 +59,12 @@ class SweepSummary:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def exit_code(self) -> int:
+        """0: every trial finished or was unsupported here, and every result was recorded; else 1."""
+        return 1 if self.counts["FAILED"] or self.counts["TIMEOUT"] or self.counts["CANCELLED"] or self.unrecorded \
+            else 0
 
     def line(self) -> str:
         c = self.counts
@@ -454,7 +455,14 @@ def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
     for t in trials:
         if t.spec.trial_key in done:
             source = done[t.spec.trial_key]
-            tracker.reuse_trial(t.spec, source)
+            # Its metrics and environment, tagged with where they came from. Not its comparison, which was
+            # against the other sweep's baseline: this sweep's report makes its own.
+            env = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")
+                   and k not in tracking.RUN_LAYOUT_TAGS and k not in report.COMPARISON_TAGS}
+            metrics = {k: v for k, v in source.data.metrics.items() if k not in report.COMPARISON_METRICS}
+            tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FINISHED, metrics=metrics, env=env),
+                                 {"reused_from": source.info.run_id,
+                                  "reused_from_sweep": source.data.tags.get("sweep_id", "")})
             summary.counts[Status.FINISHED.value] += 1
             print(f"reused: {' '.join(t.spec.overrides) or t.spec.trial_key} from run {source.info.run_id} "
                   f"of sweep {source.data.tags.get('sweep_id')}", file=sys.stderr)

@@ -30,11 +30,11 @@ from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
 from jobs.spec import Status, TrialResult, TrialSpec
+from orchestrator.paths import PROJECT_ROOT
 
 # Our fine-grained status -> MLflow's run status (the `status` tag keeps ours).
 MLFLOW_STATUS = {Status.FINISHED: "FINISHED", Status.UNSUPPORTED: "FINISHED", Status.FAILED: "FAILED",
                  Status.TIMEOUT: "FAILED", Status.CANCELLED: "KILLED"}
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CANCEL_TAG = "cancel_requested"
 INDEX_FILE, INDEX_TAG = "trials.json", "trial_index"
 PLAN_FILE = "plan.json"  # every cell of a sweep, written before any of its trial runs
@@ -288,6 +288,11 @@ def _synchronous_normal(dbapi_connection, _record) -> None:
 START_DEADLINE_S = 120.0  # how long the start of a sweep waits for an unreachable store
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it holds
+# classic training runs: then on its runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def open_experiment(mlflow_client, name: str) -> str:
     """The id of experiment ``name``, made if new; safe when other drivers make it at the same moment."""
     from mlflow.exceptions import MlflowException
@@ -297,7 +302,7 @@ def open_experiment(mlflow_client, name: str) -> str:
     found = mlflow_client.get_experiment_by_name(name)
     if found is None:
         try:
-            return mlflow_client.create_experiment(name)
+            return mlflow_client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -305,6 +310,8 @@ def open_experiment(mlflow_client, name: str) -> str:
     if found.lifecycle_stage != "active":
         raise ConfigError("sweep.name", name, "a new name, or restore the experiment (mlflow experiments restore "
                           f"--experiment-id {found.experiment_id})", problem="its experiment is deleted in the store")
+    if EXPERIMENT_KIND[0] not in found.tags:  # made by an earlier version, or by hand
+        mlflow_client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
     return found.experiment_id
 
 
@@ -408,21 +415,6 @@ class SweepTracker:
             token = page.token
             if not token:
                 return {k: run for k, run in found.items() if k in keys}
-
-    def reuse_trial(self, spec: TrialSpec, source) -> None:
-        """Record ``spec`` as done by ``source``, a finished run of an earlier sweep: its metrics and
-        environment copied onto a new child run, tagged with where they came from."""
-        from jobs.spec import TrialResult
-
-        from orchestrator.report import COMPARISON_METRICS, COMPARISON_TAGS
-
-        # Its comparison was against the other sweep's baseline: this sweep's report makes its own.
-        env = {k: v for k, v in source.data.tags.items()
-               if not k.startswith("mlflow.") and k not in RUN_LAYOUT_TAGS and k not in COMPARISON_TAGS}
-        metrics = {k: v for k, v in source.data.metrics.items() if k not in COMPARISON_METRICS}
-        result = TrialResult(spec.trial_key, Status.FINISHED, metrics=metrics, env=env)
-        self.finish_trial(spec, result, {"reused_from": source.info.run_id,
-                                         "reused_from_sweep": source.data.tags.get("sweep_id", "")})
 
     def heartbeat(self) -> None:
         """Say the driver is alive (resubmission tells a dead driver from a running one by it)."""

@@ -7,35 +7,65 @@ import re
 import subprocess
 import sys
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
 import pytest
-from omegaconf import DictConfig
 
-from orchestrator import schema
-from orchestrator.cli import CONF_DIR
+from orchestrator.compose import compose  # noqa: F401 (tests compose cells as `orchestrator run` does)
 
 
-# The line a sweep ends with (its id, then trials, finished, failed, unsupported).
-SUMMARY = re.compile(r"^sweep (swp-[0-9a-f]{6}): (\d+) trials, (\d+) finished, (\d+) failed, (\d+) unsupported", re.M)
+# The line a sweep ends with: its id, then trials, finished, failed, unsupported, timeout, cancelled.
+SUMMARY = re.compile(r"^sweep (swp-[0-9a-f]{6}): (\d+) trials, (\d+) finished, (\d+) failed, (\d+) unsupported, "
+                     r"(\d+) timeout, (\d+) cancelled", re.M)
 
 
-def compose(*overrides: str) -> DictConfig:
-    """The composed config of one cell, as `orchestrator run` would compose it."""
-    schema.register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
-def mlflow_runs(db_path) -> tuple[list, list]:
-    """(parent runs, child runs) in a sqlite MLflow store."""
+def sweep_runs(store) -> tuple:
+    """(client, parent runs, child runs) of every experiment in ``store``: a sqlite file's path or a tracking URI."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{db_path}")
+    client = MlflowClient(store if isinstance(store, str) else f"sqlite:///{store}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("kind") == "trial"]
-    return parents, children
+    return client, parents, children
+
+
+def mlflow_runs(store) -> tuple[list, list]:
+    """(parent runs, child runs) in ``store``."""
+    return sweep_runs(store)[1:]
+
+
+def runs_by_key(store) -> tuple:
+    """(client, parent runs, trial key -> its runs, one per attempt)."""
+    client, parents, children = sweep_runs(store)
+    runs: dict[str, list] = {}
+    for run in children:
+        runs.setdefault(run.data.tags["trial_key"], []).append(run)
+    return client, parents, runs
+
+
+def tag_values(db, key: str) -> list[str]:
+    """A tag's values in a sqlite store, read-only with sqlite3 while a driver is writing it."""
+    import sqlite3
+
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return [v for (v,) in conn.execute("SELECT value FROM tags WHERE key = ?", (key,))]
+    except sqlite3.OperationalError:  # tables not created yet
+        return []
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """``predicate()``'s first truthy value, polled for up to ``timeout`` seconds; fails the test after."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"{what} did not happen within {timeout} s")
 
 
 def vllm_importable() -> None:

@@ -1,9 +1,12 @@
 """The command line as a user runs it: bad input is refused in one line, nothing is created."""
 
+import re
 import subprocess
 import sys
 
 import pytest
+
+from orchestrator.paths import CONF_DIR
 
 BAD_INPUT = [
     (["-m", "dtype=fp7"], "dtype=fp7: no such dtype config; allowed: bf16, fp16, fp4_e2m1, fp6_e2m3, fp6_e3m2, fp8_e4m3"),
@@ -50,6 +53,18 @@ def test_a_dead_tracking_uri_is_refused_in_seconds(run_cli, tmp_path, command):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert ": unreachable (Connection refused); allowed: a reachable MLflow tracking server" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates_every_cell(run_cli, experiment):
+    proc = run_cli("run", "-m", f"+experiment={experiment}", "hydra.launcher.plan_only=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^\d+ cells, \d+ distinct trials, all valid:", proc.stdout, re.M), proc.stdout
+
+
+def test_submit_help_is_help(run_cli):
+    proc = run_cli("submit", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: orchestrator submit --address URL"), proc.stderr
 
 
 def test_unknown_command_exits_2(run_cli):

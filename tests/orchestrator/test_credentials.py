@@ -1,12 +1,11 @@
 """Credentials in a tracking URI reach MLflow's client and nothing else."""
 
 import os
-from pathlib import Path
 
 import pytest
 
 from orchestrator import credentials, tracking
-from tests.orchestrator.test_scheduling import SUMMARY
+from tests.helpers import SUMMARY
 
 PASSWORD = "Pa55-w0rd-7f3a"
 

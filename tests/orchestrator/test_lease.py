@@ -8,8 +8,7 @@ from collections import Counter
 import pytest
 
 from orchestrator import tracking
-from tests.orchestrator.test_resubmit import _by_key
-from tests.orchestrator.test_scheduling import SUMMARY
+from tests.helpers import SUMMARY, runs_by_key
 
 
 def _start(cli_env, cwd, *args) -> subprocess.Popen:
@@ -29,7 +28,7 @@ def test_two_resumes_at_once_run_each_trial_once(run_cli, cli_env, tmp_path):
     assert f"sweep={sweep_id}: another driver is acting on it (pid " in refused, refused
     assert len(refused.strip().splitlines()) == 1, refused
 
-    _, _, runs = _by_key(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, _, runs = runs_by_key(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(runs) == 3
     for attempts in runs.values():
         assert Counter(r.data.tags["attempt"] for r in attempts) == {"1": 1, "2": 1}, "each key re-run once"
@@ -60,6 +59,8 @@ def test_an_experiment_made_by_many_at_once_is_one_experiment(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and len(set(ids)) == 1 and len(ids) == 8
+    # Marked as classic runs, so MLflow's UI opens it on its runs table rather than its GenAI view.
+    assert client.get_experiment(ids[0]).tags[tracking.EXPERIMENT_KIND[0]] == tracking.EXPERIMENT_KIND[1]
 
 
 def test_a_deleted_experiment_is_refused_in_one_line(tmp_path):

@@ -50,7 +50,7 @@ def test_knobs_that_do_not_fit_the_format_are_refused_before_submission(override
 
 
 def test_every_shipped_dtype_and_quant_config_composes_and_validates():
-    from orchestrator.cli import CONF_DIR
+    from orchestrator.paths import CONF_DIR
 
     for group in ("dtype", "quant"):
         for path in sorted((CONF_DIR / group).glob("*.yaml")):

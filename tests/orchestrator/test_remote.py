@@ -15,21 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
 from tests.conftest import free_port
-from tests.orchestrator.test_scheduling import SUMMARY, _tag_values, _wait_for
+from tests.helpers import SUMMARY, sweep_runs, tag_values, wait_for
 
 pytestmark = pytest.mark.slow
 PASSWORD = "Pa55-w0rd-7f3a"
-
-
-def _sweep_runs(uri: str):
-    client = MlflowClient(uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    return client, [r for r in runs if r.data.tags.get("kind") == "sweep"], [r for r in runs
-                                                                              if r.data.tags.get("kind") == "trial"]
 
 
 def test_results_cross_a_remote_server_and_wait_out_its_outage(ray_cluster, mlflow_server, cli_env, tmp_path):
@@ -42,7 +34,7 @@ def test_results_cross_a_remote_server_and_wait_out_its_outage(ray_cluster, mlfl
          f"tracking.uri={mlflow_server.uri}"],
         cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: "FINISHED" in _tag_values(mlflow_server.db, "status"), 120, "a first result landing")
+        wait_for(lambda: "FINISHED" in tag_values(mlflow_server.db, "status"), 120, "a first result landing")
         mlflow_server.stop()
         time.sleep(30)  # the other trials run and finish while the server is down
         assert driver.poll() is None, "the driver waits for the server"
@@ -54,7 +46,7 @@ def test_results_cross_a_remote_server_and_wait_out_its_outage(ray_cluster, mlfl
     assert SUMMARY.search(out).groups()[1:] == ("6", "6", "0", "0", "0", "0"), out
     assert "store unreachable, retrying" in err
 
-    client, parents, children = _sweep_runs(mlflow_server.uri)
+    client, parents, children = sweep_runs(mlflow_server.uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["trials_finished"] == 6
     assert len(children) == 6 and len({r.data.tags["trial_key"] for r in children}) == 6
@@ -148,7 +140,7 @@ def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_
     def running() -> bool:
         state = json.loads(run_cli("status", sweep_id, "--json", store).stdout or "{}")
         return state.get("counts", {}).get("RUNNING") == 2
-    _wait_for(running, 180, "both trials running on the cluster")
+    wait_for(running, 180, "both trials running on the cluster")
     table = run_cli("status", sweep_id, store, "--address", ray_head)  # never an address from the store
     assert f"ray job quantsweep-{sweep_id}: RUNNING" in table.stdout, table.stdout + table.stderr
     assert "ray job" not in run_cli("status", sweep_id, store).stdout
@@ -156,10 +148,10 @@ def test_submit_status_and_cancel_a_sweep_running_as_a_ray_job(ray_head, mlflow_
     cancelled = run_cli("cancel", sweep_id, store, "--address", ray_head)
     assert cancelled.returncode == 0, cancelled.stderr[-3000:]
     assert f"sweep {sweep_id}: killed (2 cancelled)" in cancelled.stdout
-    _, parents, children = _sweep_runs(mlflow_server.uri)
+    _, parents, children = sweep_runs(mlflow_server.uri)
     assert parents[0].info.status == "KILLED" and parents[0].data.tags["ray_job_submission_id"] == f"quantsweep-{sweep_id}"
     # The job's working dir has no .git: the code's version travelled with the submission.
     assert parents[0].data.tags["git_sha"] == tracking.code_version()["git_sha"] != "unknown"
     assert all(r.info.status == "KILLED" and r.data.tags["status"] == "CANCELLED" for r in children)
-    _wait_for(lambda: _jobs(ray_head, cli_env)[f"quantsweep-{sweep_id}"] in ("STOPPED", "SUCCEEDED", "FAILED"), 60,
+    wait_for(lambda: _jobs(ray_head, cli_env)[f"quantsweep-{sweep_id}"] in ("STOPPED", "SUCCEEDED", "FAILED"), 60,
               "the job ending")

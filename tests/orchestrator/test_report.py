@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from orchestrator import cli, plan, report

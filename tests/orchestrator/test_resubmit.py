@@ -18,18 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.orchestrator.test_remote import _sweep_runs
-from tests.orchestrator.test_scheduling import SUMMARY, _tag_values, _wait_for
+from tests.helpers import SUMMARY, runs_by_key, tag_values, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _by_key(uri: str):
-    client, parents, children = _sweep_runs(uri)
-    runs: dict[str, list] = {}
-    for run in children:
-        runs.setdefault(run.data.tags["trial_key"], []).append(run)
-    return client, parents, runs
 
 
 def test_resubmit_failed_with_a_fixing_override(mlflow_server, run_cli):
@@ -44,7 +35,7 @@ def test_resubmit_failed_with_a_fixing_override(mlflow_server, run_cli):
     assert SUMMARY.search(again.stdout).groups() == (sweep_id, "2", "2", "0", "0", "0", "0"), again.stdout
     assert f"sweep {sweep_id} now: 4 trials (4 finished)" in again.stdout
 
-    _, parents, runs = _by_key(mlflow_server.uri)
+    _, parents, runs = runs_by_key(mlflow_server.uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["trials_finished"] == 4 and parents[0].data.metrics["trials_failed"] == 0
     assert len(runs) == 4
@@ -69,19 +60,19 @@ def test_resume_after_the_driver_was_killed(mlflow_server, cli_env, tmp_path, ru
                                "seed=1,2,3,4,5", "cluster.max_concurrent_trials=2", store],
                               cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: {"FINISHED", "RUNNING"} <= set(_tag_values(mlflow_server.db, "status")), 120,
+        wait_for(lambda: {"FINISHED", "RUNNING"} <= set(tag_values(mlflow_server.db, "status")), 120,
                   "a first trial finished and a later one running")
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
         driver.kill()
-    sweep_id = _tag_values(mlflow_server.db, "sweep_id")[0]
+    sweep_id = tag_values(mlflow_server.db, "sweep_id")[0]
     with sqlite3.connect(f"file:{mlflow_server.db}?mode=ro", uri=True) as conn:
         left_open = conn.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
     assert left_open > 1, "the killed driver left its parent run and unfinished trials open"
     # Runs are made when trials start: the cells not started have none, and only the sweep's plan
     # knows them. One more, as if its start had never been written.
-    client, _, runs = _by_key(mlflow_server.uri)
+    client, _, runs = runs_by_key(mlflow_server.uri)
     unmade = next(r for attempts in runs.values() for r in attempts if r.data.tags["status"] != "FINISHED")
     client.delete_run(unmade.info.run_id)
     without_run = 5 - (len(runs) - 1)
@@ -93,7 +84,7 @@ def test_resume_after_the_driver_was_killed(mlflow_server, cli_env, tmp_path, ru
         in resumed.stdout
     assert f"sweep {sweep_id} now: 5 trials (5 finished)" in resumed.stdout
 
-    _, parents, runs = _by_key(mlflow_server.uri)
+    _, parents, runs = runs_by_key(mlflow_server.uri)
     assert len(runs) == 5 and parents[0].info.status == "FINISHED"
     for attempts in runs.values():
         assert [r.data.tags["status"] for r in attempts].count("FINISHED") == 1
@@ -134,7 +125,7 @@ def test_a_resubmitted_trial_runs_as_it_first_ran_its_gpu_timeout_and_cluster_se
     fixed = run_cli("resubmit", sweep_id, "--failed", "backend.noop.sleep_s=0", "cluster.max_concurrent_trials=2", where)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr[-3000:]
     assert "resubmit: cluster.max_concurrent_trials=2 (the sweep ran with 1)" in fixed.stdout
-    _, _, runs = _by_key(uri)
+    _, _, runs = runs_by_key(uri)
     for attempts in runs.values():
         latest = max(attempts, key=lambda r: int(r.data.tags["attempt"]))
         assert latest.data.tags["attempt"] == "3" and latest.data.tags["status"] == "FINISHED"
@@ -153,7 +144,7 @@ def stored_failure(shared_mlflow_server, model_cache, tmp_path_factory):
                            f"tracking.uri={shared_mlflow_server.uri}"], cwd=tmp_path_factory.mktemp("failure"),
                           env=env, capture_output=True, text=True, timeout=600)
     sweep_id = SUMMARY.search(proc.stdout).group(1)
-    _, _, runs = _by_key(shared_mlflow_server.uri)
+    _, _, runs = runs_by_key(shared_mlflow_server.uri)
     [run] = [r for attempts in runs.values() for r in attempts if r.data.tags["sweep_id"] == sweep_id]
     return sweep_id, run
 
@@ -195,7 +186,7 @@ def _refused(run_cli, server, *args) -> str:
 
 
 def _run_count(uri: str) -> int:
-    return sum(len(a) for a in _by_key(uri)[2].values())
+    return sum(len(a) for a in runs_by_key(uri)[2].values())
 
 
 @pytest.mark.parametrize("tamper,rekey,message", [
@@ -317,7 +308,7 @@ def test_sweep_reuse_takes_finished_cells_from_earlier_sweeps(run_cli, tmp_path)
     second = run_cli("run", "-m", "backend=noop", "seed=1,2,3", "sweep.reuse=true")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "sweep.reuse=true: 2 of 3 trials taken from earlier sweeps, 1 to run" in second.stderr
-    _, parents, runs = _by_key(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, parents, runs = runs_by_key(f"sqlite:///{tmp_path / 'mlflow.db'}")
     new_sweep = SUMMARY.search(second.stdout).group(1)
     reused = [r for a in runs.values() for r in a if r.data.tags["sweep_id"] == new_sweep and "reused_from" in r.data.tags]
     assert len(reused) == 2 and all(r.data.tags["status"] == "FINISHED" and r.data.metrics["slept_s"] == 0

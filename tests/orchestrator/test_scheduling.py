@@ -6,9 +6,7 @@ the orchestration: placement, retries after a node dies, timeouts, cancel, OOM.
 """
 
 import os
-import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,32 +14,9 @@ import time
 import pytest
 import torch
 
-from tests.helpers import mlflow_runs
+from tests.helpers import SUMMARY, mlflow_runs, tag_values, wait_for
 
-SUMMARY = re.compile(r"^sweep (swp-[0-9a-f]{6}): (\d+) trials, (\d+) finished, (\d+) failed, (\d+) unsupported, "
-                     r"(\d+) timeout, (\d+) cancelled", re.M)
 pytestmark = pytest.mark.slow
-
-
-def _tag_values(db, key: str) -> list[str]:
-    """Read the store read-only with sqlite3 while the driver is writing it."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            return [v for (v,) in conn.execute("SELECT value FROM tags WHERE key = ?", (key,))]
-    except sqlite3.OperationalError:  # tables not created yet
-        return []
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"{what} did not happen within {timeout} s")
 
 
 def _driver(cli_env, cwd, *args) -> subprocess.Popen:
@@ -64,7 +39,7 @@ def test_a_node_dies_mid_sweep_and_its_trials_finish_elsewhere(ray_cluster, cli_
                      "resources.num_gpus=1", f"cluster.address={ray_cluster.address}")
     try:
         db = tmp_path / "mlflow.db"
-        busy = _wait_for(lambda: set(_tag_values(db, "ray_node")), 120, "a trial starting")
+        busy = wait_for(lambda: set(tag_values(db, "ray_node")), 120, "a trial starting")
         victim = next(n for n in workers if n.node_id in busy)
         ray_cluster.remove_node(victim)
         out, err = driver.communicate(timeout=300)
@@ -143,8 +118,8 @@ def test_cancel_ends_the_open_trials_cancelled(cli_env, tmp_path):
                      "cluster.num_cpus=2")
     try:
         db = tmp_path / "mlflow.db"
-        _wait_for(lambda: "RUNNING" in _tag_values(db, "status"), 120, "a trial starting")
-        sweep_id = _tag_values(db, "sweep_id")[0]
+        wait_for(lambda: "RUNNING" in tag_values(db, "status"), 120, "a trial starting")
+        sweep_id = tag_values(db, "sweep_id")[0]
         cancel = subprocess.run([sys.executable, "-m", "orchestrator", "cancel", sweep_id], cwd=tmp_path, env=cli_env,
                                 capture_output=True, text=True, timeout=120)
         out, err = driver.communicate(timeout=120)
@@ -162,7 +137,7 @@ def test_cancel_ends_the_open_trials_cancelled(cli_env, tmp_path):
 def test_sigterm_to_the_driver_cancels_like_ctrl_c(cli_env, tmp_path):
     driver = _driver(cli_env, tmp_path, "-m", "backend=noop", "backend.noop.sleep_s=600", "seed=1,2")
     try:
-        _wait_for(lambda: "RUNNING" in _tag_values(tmp_path / "mlflow.db", "status"), 120, "a trial starting")
+        wait_for(lambda: "RUNNING" in tag_values(tmp_path / "mlflow.db", "status"), 120, "a trial starting")
         driver.send_signal(signal.SIGTERM)
         out, err = driver.communicate(timeout=120)
     finally:

@@ -60,7 +60,7 @@ def test_a_failing_trial_is_recorded_failed_with_its_traceback_while_the_others_
     # group_size=512 divides none of the tiny model's layers: int4 (per-group) raises, int8 (per-channel) does not.
     proc = run_cli("run", "-m", "dtype=int8,int4", "dtype.group_size=512", *FAST)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert SUMMARY.search(proc.stdout).groups()[1:] == ("2", "1", "1", "0"), proc.stdout
+    assert SUMMARY.search(proc.stdout).groups()[1:5] == ("2", "1", "1", "0"), proc.stdout
 
     _, children = mlflow_runs(tmp_path / "mlflow.db")
     by_dtype = {r.data.params["dtype.name"]: r for r in children}
@@ -76,7 +76,7 @@ def test_a_failing_trial_is_recorded_failed_with_its_traceback_while_the_others_
 def test_a_single_run_is_a_sweep_of_one(run_cli, tmp_path, tiny_model_cfg):
     proc = run_cli("run", "dtype=int8", "sweep.name=single", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert SUMMARY.search(proc.stdout).groups()[1:] == ("1", "1", "0", "0")
+    assert SUMMARY.search(proc.stdout).groups()[1:5] == ("1", "1", "0", "0")
     parents, children = mlflow_runs(tmp_path / "mlflow.db")
     assert len(parents) == 1 and len(children) == 1
 
