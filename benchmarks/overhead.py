@@ -73,7 +73,7 @@ def floor(n: int, workdir: Path, record: bool, tuned_store: bool = False) -> flo
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import tracking
+    from orchestrator import store
 
     params, tags = trial_record() if record else ({"i": "0"}, {})
 
@@ -83,7 +83,7 @@ def floor(n: int, workdir: Path, record: bool, tuned_store: bool = False) -> flo
 
     started = time.perf_counter()
     uri = f"sqlite:///{workdir / f'floor-{record}-{tuned_store}.db'}"
-    client = tracking.client(uri) if tuned_store else MlflowClient(uri)
+    client = store.client(uri) if tuned_store else MlflowClient(uri)
     experiment = client.create_experiment("floor")
     pending = [noop.remote(i) for i in range(n)]
     while pending:

@@ -39,12 +39,12 @@ def trial_params() -> dict[str, str]:
 def build(uri: str, n: int) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
-    from orchestrator import tracking
+    from orchestrator import store, tracking
 
     params = [Param(k, v) for k, v in trial_params().items()]
     rows = []
 
-    client = tracking.client(uri)
+    client = store.client(uri)
     experiment = client.create_experiment("status-bench")
     sweep_id = "swp-5ca1ab"
     parent = client.create_run(experiment, run_name=sweep_id, tags={"sweep_id": sweep_id, "kind": "sweep"})

@@ -93,10 +93,10 @@ def run(args: list[str]) -> int:
 def _tracking_uri(args: list[str]) -> tuple[str, list[str]]:
     """Every command finds the store as `run` does: a tracking.uri=... argument, else
     $MLFLOW_TRACKING_URI, else mlflow.db in the working directory."""
-    from orchestrator import tracking
+    from orchestrator import store
 
     given = [a.split("=", 1)[1] for a in args if a.startswith("tracking.uri=")]
-    return tracking.resolve_uri(given[-1] if given else None), [a for a in args if not a.startswith("tracking.uri=")]
+    return store.resolve_uri(given[-1] if given else None), [a for a in args if not a.startswith("tracking.uri=")]
 
 
 def _parser(command: str, description: str):

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from jobs.spec import Status
 from orchestrator import status as sweep_status
-from orchestrator import tracking
+from orchestrator import store, tracking
 from orchestrator.paths import PROJECT_ROOT
 
 SUBMIT_DEADLINE_S = 120.0
@@ -55,7 +55,7 @@ def submit(address: str, run_args: list[str], sweep_id: str, tracking_uri: str) 
         args.append("cluster.address=auto")  # the cluster the job runs on
     client = _job_client(address)
     # A head that has just started answers "No available agent ... try again later" for a while.
-    tracking.retrying(lambda: client.submit_job(
+    store.retrying(lambda: client.submit_job(
         entrypoint=f"python -m orchestrator run {shlex.join(args)}", submission_id=job_id,
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
                      # The working dir travels without .git: the code's version goes with it.
@@ -79,7 +79,7 @@ def job_info(address: Optional[str], job_id: str) -> Optional[dict[str, Any]]:
 
 def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sweep_status.SweepState:
     """Stop a running sweep; returns its state afterwards. Raises ConfigError if there is no such sweep."""
-    client = tracking.client(uri)
+    client = store.client(uri)
     state = sweep_status.load(uri, sweep_id)
     if state.sweep_status != "RUNNING":
         print(f"sweep {sweep_id} is not running (its run is {state.sweep_status})", file=sys.stderr)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from jobs.spec import TRIAL_SECTIONS, Status
-from orchestrator import lease, plan, report, tracking
+from orchestrator import lease, plan, report, store
 from orchestrator.compose import compose
 from orchestrator import status as sweep_status
 from orchestrator.credentials import mask
@@ -168,7 +168,7 @@ def prepare(uri: str, sweep_id: str, mode: str, overrides: list[str], force: boo
     """Take the sweep's lease, close the runs a dead driver left open (FAILED, "driver lost"), and plan
     the trials to re-run. Raises ConfigError with nothing run (and the lease released) for bad input."""
     state = sweep_status.load(uri, sweep_id, refresh=True)
-    client = tracking.client(uri)
+    client = store.client(uri)
     # One driver per sweep: taken before anything is closed or read for re-running.
     holder = lease.take(client, sweep_id, state.parent_run_id, address)
     try:

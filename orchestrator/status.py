@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jobs.spec import Status
-from orchestrator import tracking
+from orchestrator import store, tracking
 from orchestrator.errors import ConfigError
 
 PAGE = 1000
@@ -195,7 +195,7 @@ def _refuse_constant(name: str) -> None:
 def open_sweep(uri: str, sweep_id: str) -> tuple[Any, Any]:
     """(client, parent run) of ``sweep_id``; raises ConfigError if the store holds no such sweep."""
     tracking.check_sweep_id(sweep_id, "sweep")
-    client = tracking.connect(uri)
+    client = store.connect(uri)
     parent = find_parent(client, sweep_id)
     if parent is None:
         raise ConfigError("sweep", sweep_id, f"a sweep id recorded in {uri} (see the sweep's summary line)",

@@ -1,16 +1,10 @@
-"""Run planned trials on Ray and record them in MLflow: the driver's side of a sweep.
+"""A sweep's life in the driver: open its parent run, run its trials (orchestrator.scheduler),
+record them (orchestrator.tracking), report, and end.
 
-Every trial is one Ray task with the CPUs, GPUs, memory and accelerator type its config
-asks for (one task: its GPUs are on one node), by default in a fresh worker process
-(``max_calls=1``: its memory is freed when it ends). Baselines are submitted first; with
-``cluster.max_concurrent_trials`` at most that many trials are in flight.
-
-Faults: Ray re-runs a task whose worker or node died (``cluster.max_retries``), so a
-retried trial stays one MLflow run that counts its executions; a trial's own errors come
-back as FAILED results and are not retried. A trial past ``resources.timeout_s`` is
-TIMEOUT and its worker is killed, freeing its GPU. Ctrl-C, SIGTERM (``ray job stop``) and
-``orchestrator cancel`` end the open trials CANCELLED. Whatever happens to the driver,
-short of SIGKILL, no child run is left RUNNING.
+Baselines are submitted first; with ``cluster.max_concurrent_trials`` at most that many
+trials are in flight. Ctrl-C, SIGTERM (``ray job stop``) and ``orchestrator cancel`` end the
+open trials CANCELLED. Whatever happens to the driver, short of SIGKILL, no child run is
+left RUNNING.
 """
 
 from __future__ import annotations
@@ -18,26 +12,21 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import sys
-import threading
 import time
-import traceback
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
-from jobs.spec import Status, TrialResult, TrialSpec
-from orchestrator import lease, remote, report, tracking
+from jobs.spec import Status, TrialResult
+from orchestrator import lease, remote, report, scheduler, store, tracking
 from orchestrator.plan import PlannedTrial
 from orchestrator.credentials import mask
 from orchestrator.errors import ConfigError
 
-POLL_S = 0.5
-STARTS_POLL_S = 0.25  # how often the driver reads which trials started (a round trip to the board actor)
 CANCEL_POLL_S = 2.0
 HEARTBEAT_S = 30.0
 REPORT_TABLE_MAX_ROWS = 40  # larger sweeps: the table is in the report, not on the terminal
@@ -78,40 +67,6 @@ def new_sweep_id() -> str:
     return f"swp-{secrets.token_hex(3)}"
 
 
-def _run_trial(spec: TrialSpec, board, system_metrics_interval_s: Optional[float]) -> TrialResult:
-    """The Ray task: tell the driver it started, then run the trial (no Ray inside)."""
-    import ray
-
-    import jobs
-
-    node = ray.get_runtime_context().get_node_id()
-    board.start.remote(spec.trial_key, node)
-    if system_metrics_interval_s is None:
-        result = jobs.run_trial(spec)
-    else:
-        from orchestrator.system_metrics import Sampler
-
-        with Sampler(system_metrics_interval_s) as sampler:
-            result = jobs.run_trial(spec)
-        result.series.update(sampler.series)
-    result.env["ray_node"] = node  # the start note may reach the driver after a fast trial's result
-    return result
-
-
-class _Board:
-    """Collects 'trial started' notes from workers (one per execution); the driver drains them."""
-
-    def __init__(self) -> None:
-        self.started: list[tuple[str, str]] = []
-
-    def start(self, key: str, node: str) -> None:
-        self.started.append((key, node))
-
-    def drain(self) -> list[tuple[str, str]]:
-        started, self.started = self.started, []
-        return started
-
-
 def _dedupe(trials: list[PlannedTrial]) -> list[PlannedTrial]:
     seen: dict[str, PlannedTrial] = {}
     for t in trials:
@@ -121,80 +76,6 @@ def _dedupe(trials: list[PlannedTrial]) -> list[PlannedTrial]:
         else:
             seen[t.spec.trial_key] = t
     return list(seen.values())
-
-
-def _init_ray(cluster: DictConfig) -> bool:
-    """Connect to cluster.address or start an embedded Ray; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # address "local": always a new embedded Ray, never a cluster that `ray start` left behind.
-    kwargs = {"num_cpus": cluster.num_cpus} if cluster.address is None else {}
-    ray.init(address=cluster.address or "local", include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING", **kwargs)
-    return True
-
-
-def _demand(options: dict[str, Any]) -> dict[str, float]:
-    """Ray resource names and amounts a task with these options needs on one node."""
-    need = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": options.get("memory", 0)}
-    if options.get("accelerator_type"):
-        need[f"accelerator_type:{options['accelerator_type']}"] = 0.001
-    return {name: amount for name, amount in need.items() if amount}
-
-
-def _describe(resources: dict[str, float]) -> str:
-    parts = [f"{resources.get('CPU', 0):g} CPU", f"{resources.get('GPU', 0):g} GPU"]
-    if resources.get("memory"):
-        parts.append(f"{resources['memory'] / 2 ** 30:.1f} GiB memory")
-    parts += [name for name in sorted(resources) if name.startswith("accelerator_type:")]
-    return ", ".join(parts)
-
-
-def unfit_reason(options: dict[str, Any], nodes: list[dict[str, float]]) -> Optional[str]:
-    """Why no node of the cluster could ever run a task with these options (None if one could)."""
-    need = _demand(options)
-    if any(all(node.get(name, 0) >= amount for name, amount in need.items()) for node in nodes):
-        return None
-    offers = "; ".join(sorted({_describe(node) for node in nodes})) or "no nodes"
-    return (f"no node of the cluster can hold this trial: it asks {_describe(need)}; the nodes offer: {offers} "
-            f"(with an autoscaler that adds such nodes, set cluster.autoscaling=true)")
-
-
-def _ray_failure(spec: TrialSpec, error: Exception) -> TrialResult:
-    """A trial whose task died (worker/node lost, killed for memory) rather than returned."""
-    import ray
-
-    kind = "out of memory" if isinstance(error, ray.exceptions.OutOfMemoryError) else type(error).__name__
-    first_line = (str(error).strip().splitlines() or [""])[0]
-    return TrialResult(trial_key=spec.trial_key, status=Status.FAILED, reason=f"{kind}: {first_line}"[:500],
-                       artifacts={"traceback.txt": str(error)})
-
-
-class _Interrupt(threading.Event):
-    previous: dict = {}
-
-
-def _defer_interrupt() -> _Interrupt:
-    """Turn the first Ctrl-C or SIGTERM into a flag the sweep loop checks, so an interrupt
-    never lands inside a bookkeeping step; a second Ctrl-C interrupts at once."""
-    flag = _Interrupt()
-    flag.previous = {}
-    if threading.current_thread() is threading.main_thread():
-        def on_signal(signum, frame):
-            flag.set()
-            signal.signal(signal.SIGINT, flag.previous[signal.SIGINT])
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            flag.previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, on_signal)
-    return flag
-
-
-def _restore_interrupt(flag: _Interrupt) -> None:
-    for sig, handler in flag.previous.items():
-        signal.signal(sig, handler)
 
 
 def _progress():
@@ -210,138 +91,6 @@ class _Cancelled(Exception):
     """`orchestrator cancel` asked the sweep to stop."""
 
 
-class _SweepLoop:
-    """The state of one sweep while it runs: what is queued, in flight, running, done."""
-
-    def __init__(self, settings: DictConfig, trials: list[PlannedTrial], tracker: tracking.SweepTracker,
-                 summary: SweepSummary):
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        self.settings, self.tracker, self.summary = settings, tracker, summary
-        self.trials = {t.spec.trial_key: t for t in trials}
-        self.queue = deque(t.spec.trial_key for t in trials)
-        self.open: set[str] = set(self.trials)      # keys whose run is not terminated yet
-        self.in_flight: dict[Any, str] = {}         # object ref -> key
-        self.started_at: dict[str, float] = {}      # key -> when its current execution started
-        self.executions: Counter = Counter()        # key -> executions seen (Ray re-runs a lost one)
-        self.nodes: dict[str, list[str]] = {}
-        # The board lives on the head node, which lives as long as the cluster; restarted if lost all the same
-        # (it only holds start notes not yet drained).
-        head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]),
-                    ray.get_runtime_context().get_node_id())
-        self.board = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Board).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=True)).remote()
-        self.draining = None  # the board's answer to the last drain call, until it is taken
-        cluster = settings.cluster
-        self.remote_trial = ray.remote(max_calls=1 if cluster.fresh_worker_per_trial else 0,
-                                       max_retries=cluster.max_retries, retry_exceptions=False)(_run_trial)
-
-    def record(self, key: str, result: TrialResult) -> None:
-        nodes = self.nodes.get(key, [])
-        last = result.env.pop("ray_node", None)
-        if last and (not nodes or nodes[-1] != last):
-            nodes.append(last)
-        tags = {"ray_executions": str(max(self.executions[key], len(nodes)))}
-        if nodes:
-            tags["ray_nodes"] = ",".join(nodes)
-        self.tracker.finish_trial(self.trials[key].spec, result, tags)
-        self.open.discard(key)
-        self.started_at.pop(key, None)
-        self.summary.counts[result.status.value] += 1
-
-    def reject_unfit(self) -> None:
-        """Trials no node could ever hold are UNSUPPORTED now, not left pending forever."""
-        import ray
-
-        if self.settings.cluster.autoscaling:
-            return
-        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-        for key in list(self.queue):
-            reason = unfit_reason(self.trials[key].ray_options, nodes)
-            if reason:
-                self.queue.remove(key)
-                self.record(key, TrialResult(trial_key=key, status=Status.UNSUPPORTED, reason=reason))
-
-    def submit_ready(self) -> None:
-        cap = self.settings.cluster.max_concurrent_trials or len(self.trials)
-        while self.queue and len(self.in_flight) < cap:
-            key = self.queue.popleft()
-            trial = self.trials[key]
-            ref = self.remote_trial.options(name=f"trial-{key}", **trial.ray_options).remote(
-                trial.spec, self.board, self.settings.tracking.system_metrics_interval_s)
-            self.in_flight[ref] = key
-
-    def wait_ready(self) -> list:
-        """The trials that have ended: waits up to POLL_S for one, then takes all others already done."""
-        import ray
-
-        if not self.in_flight:
-            return []
-        refs = list(self.in_flight)
-        ready, rest = ray.wait(refs, num_returns=1, timeout=POLL_S)
-        if ready and rest:
-            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-        return ready
-
-    def note_starts(self) -> None:
-        """Take the start notes the board has, without waiting for it (it may still be starting)."""
-        import ray
-
-        if self.draining is None:
-            self.draining = self.board.drain.remote()
-        if not ray.wait([self.draining], timeout=0)[0]:
-            return
-        started = ray.get(self.draining)
-        self.draining = self.board.drain.remote()  # calls to one actor run in order: no note is lost
-        for key, node in started:
-            if key not in self.open:
-                continue
-            self.executions[key] += 1
-            self.nodes.setdefault(key, []).append(node)
-            self.started_at[key] = time.monotonic()
-            self.tracker.mark_running(self.trials[key].spec, node, self.executions[key])
-
-    def end_timed_out(self) -> None:
-        import ray
-
-        now = time.monotonic()
-        for ref, key in list(self.in_flight.items()):
-            limit = self.trials[key].timeout_s
-            if limit is not None and key in self.started_at and now - self.started_at[key] > limit:
-                ray.cancel(ref, force=True)  # kills the worker: its GPU and memory are freed
-                del self.in_flight[ref]
-                self.record(key, TrialResult(trial_key=key, status=Status.TIMEOUT, duration_s=now - self.started_at[key],
-                                             reason=f"timeout: still running after resources.timeout_s={limit:g} s; "
-                                                    f"its worker was killed"))
-
-    def collect(self, ready: list) -> None:
-        import ray
-
-        for ref in ready:
-            key = self.in_flight.pop(ref, None)
-            if key is None:
-                continue
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as error:
-                result = _ray_failure(self.trials[key].spec, error)
-            self.record(key, result)
-
-    def running(self) -> int:
-        return sum(1 for key in self.in_flight.values() if key in self.started_at)
-
-    def close_open(self, status: Status, reason: str) -> None:
-        import ray
-
-        for ref in self.in_flight:
-            ray.cancel(ref, force=True)
-        details = traceback.format_exc() if sys.exc_info()[0] else reason
-        for key in sorted(self.open):
-            self.record(key, TrialResult(trial_key=key, status=status, reason=reason[:500],
-                                         artifacts={"traceback.txt": details}))
-
-
 def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[str] = None,
             prior_rows: Sequence[dict] = (), holder: Optional[lease.Holder] = None) -> SweepSummary:
     """Run ``trials`` as one sweep; prints and returns its summary. ``reopen``: the parent run
@@ -355,10 +104,10 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
     # Baselines first: the comparisons need them, and a capped sweep should not end without them.
     trials = sorted(_dedupe(trials), key=lambda t: not t.baseline)
     started_at = time.perf_counter()
-    uri = tracking.resolve_uri(settings.tracking.uri)
-    store = tracking.connect(uri)  # a dead or wrong store: one line, before anything is made
+    uri = store.resolve_uri(settings.tracking.uri)
+    mlflow_client = store.connect(uri)  # a dead or wrong store: one line, before anything is made
     sweep_id = settings.sweep.id or new_sweep_id()
-    if reopen is None and settings.sweep.id and sweep_status.find_parent(store, sweep_id) is not None:
+    if reopen is None and settings.sweep.id and sweep_status.find_parent(mlflow_client, sweep_id) is not None:
         raise ConfigError("sweep.id", sweep_id, f"a new id; more attempts of that sweep: orchestrator resubmit "
                                                 f"{sweep_id} --failed, or orchestrator resume {sweep_id}",
                           problem="a sweep with this id exists")
@@ -380,9 +129,9 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
 
     we_started_ray, loop, interrupted = False, None, None
     try:
-        we_started_ray = _init_ray(settings.cluster)
-        interrupted = _defer_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
-        loop = _SweepLoop(settings, trials, tracker, summary)
+        we_started_ray = scheduler.init_ray(settings.cluster)
+        interrupted = scheduler.defer_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
+        loop = scheduler.SweepLoop(settings, trials, tracker, summary.counts)
         cells = summary.total + len(trials)  # reused ones included
         loop.reject_unfit()
         next_cancel_check = time.monotonic() + CANCEL_POLL_S
@@ -403,7 +152,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
                 loop.submit_ready()
                 ready = loop.wait_ready()
                 if time.monotonic() > next_starts_check:
-                    next_starts_check = time.monotonic() + STARTS_POLL_S
+                    next_starts_check = time.monotonic() + scheduler.STARTS_POLL_S
                     loop.note_starts()
                 loop.end_timed_out()
                 loop.collect(ready)
@@ -425,7 +174,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         raise
     finally:
         if interrupted is not None:
-            _restore_interrupt(interrupted)
+            scheduler.restore_interrupt(interrupted)
         if loop is None:  # Ray never came up: no trial ran
             for t in trials:
                 tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FAILED,
@@ -441,7 +190,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         _flush(tracker, settings.tracking.flush_timeout_s, summary)
         if status == "FINISHED" and settings.sweep.report and measuring and not summary.unrecorded:
             _report(uri, sweep_id)
-        if url := tracking.ui_url(uri, tracker.experiment_id):
+        if url := store.ui_url(uri, tracker.experiment_id):
             print(f"mlflow ui: {url}")
         print(summary.line(), flush=True)
         COMPLETED.append(summary)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from orchestrator import credentials, tracking
+from orchestrator import credentials, store
 from tests.helpers import SUMMARY
 
 PASSWORD = "Pa55-w0rd-7f3a"
@@ -25,9 +25,9 @@ def test_mask_hides_userinfo_and_secret_query_values(text, masked):
 def test_a_uri_gives_its_credentials_to_mlflows_environment_only(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
-    assert tracking.resolve_uri(f"http://quant:{PASSWORD}@127.0.0.1:5000/") == "http://127.0.0.1:5000/"
+    assert store.resolve_uri(f"http://quant:{PASSWORD}@127.0.0.1:5000/") == "http://127.0.0.1:5000/"
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "quant" and os.environ["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
-    assert tracking.resolve_uri("http://[::1]:5000") == "http://[::1]:5000"
+    assert store.resolve_uri("http://[::1]:5000") == "http://[::1]:5000"
 
 
 @pytest.mark.slow

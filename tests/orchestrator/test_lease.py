@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from orchestrator import tracking
+from orchestrator import store
 from tests.helpers import SUMMARY, runs_by_key
 
 
@@ -40,17 +40,17 @@ def test_two_drivers_on_a_new_store_and_a_new_experiment_both_finish(cli_env, tm
                for i in (1, 2)]
     outcomes = [(d.wait(timeout=600), *d.communicate()) for d in drivers]
     assert [code for code, _, _ in outcomes] == [0, 0], [err[-2000:] for _, _, err in outcomes]
-    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(client.search_experiments(filter_string="name = 'brand-new'")) == 1
 
 
 def test_an_experiment_made_by_many_at_once_is_one_experiment(tmp_path):
-    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     ids, errors = [], []
 
     def make():
         try:
-            ids.append(tracking.open_experiment(client, "raced"))
+            ids.append(store.open_experiment(client, "raced"))
         except Exception as error:  # the test reports it
             errors.append(error)
     threads = [threading.Thread(target=make) for _ in range(8)]
@@ -60,24 +60,24 @@ def test_an_experiment_made_by_many_at_once_is_one_experiment(tmp_path):
         t.join()
     assert errors == [] and len(set(ids)) == 1 and len(ids) == 8
     # Marked as classic runs, so MLflow's UI opens it on its runs table rather than its GenAI view.
-    assert client.get_experiment(ids[0]).tags[tracking.EXPERIMENT_KIND[0]] == tracking.EXPERIMENT_KIND[1]
+    assert client.get_experiment(ids[0]).tags[store.EXPERIMENT_KIND[0]] == store.EXPERIMENT_KIND[1]
 
 
 def test_a_deleted_experiment_is_refused_in_one_line(tmp_path):
     from orchestrator.errors import ConfigError
 
-    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client.delete_experiment(tracking.open_experiment(client, "gone"))
+    client = store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_experiment(store.open_experiment(client, "gone"))
     with pytest.raises(ConfigError, match="sweep.name=gone: its experiment is deleted in the store"):
-        tracking.open_experiment(client, "gone")
+        store.open_experiment(client, "gone")
 
 
 def test_a_lease_is_taken_once_per_generation(tmp_path):
     from orchestrator import lease
     from orchestrator.errors import ConfigError
 
-    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.create_run(tracking.open_experiment(client, "leases"))
+    client = store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(store.open_experiment(client, "leases"))
     run_id = run.info.run_id
     mine = lease.claim_new(client, run_id)
     with pytest.raises(ConfigError, match=r"another driver is acting on it \(pid \d+ on "):

@@ -100,7 +100,7 @@ def test_a_resubmitted_trial_runs_as_it_first_ran_its_gpu_timeout_and_cluster_se
                                                                                        tmp_path):
     from orchestrator import resubmit as resubmission
     from orchestrator import status as sweep_status
-    from orchestrator import tracking
+    from orchestrator import store
 
     ray_cluster.add_node(num_cpus=2, num_gpus=2)  # logical GPUs: Ray schedules them and sets CUDA_VISIBLE_DEVICES
     ray_cluster.wait_for_nodes()
@@ -113,7 +113,7 @@ def test_a_resubmitted_trial_runs_as_it_first_ran_its_gpu_timeout_and_cluster_se
     # What a resubmission plans, read back from the store: the trials' resources and the sweep's settings.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     state = sweep_status.load(uri, sweep_id, refresh=True)
-    settings, trials, _ = resubmission.plan_trials(tracking.client(uri), state, "failed", [f"tracking.uri={uri}"],
+    settings, trials, _ = resubmission.plan_trials(store.client(uri), state, "failed", [f"tracking.uri={uri}"],
                                                    False)
     assert settings.cluster.max_concurrent_trials == 1
     assert [(t.ray_options, t.timeout_s) for t in trials] == [({"num_cpus": 0.5, "num_gpus": 1.0}, 3.0)] * 2

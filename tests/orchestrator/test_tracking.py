@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from jobs.spec import Status, TrialResult, TrialSpec
-from orchestrator import tracking
+from orchestrator import store, tracking
 from tests.helpers import compose
 
 
@@ -38,7 +38,7 @@ def test_a_result_that_overtakes_its_runs_creation_makes_one_complete_run(tmp_pa
 
 def test_sqlite_stores_commit_without_fsync_and_share_one_listener(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first, second = tracking.client(uri), tracking.client(uri)
+    first, second = store.client(uri), store.client(uri)
     for client in (first, second):
         with client._tracking_client.store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
