@@ -112,7 +112,7 @@ def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
                 key = next(k for k in a if a[k] != b.get(k))
                 raise ConfigError(f"{section}.{key}", b[key], f"one value for the whole sweep (first cell: {a[key]})",
                                   problem="varies across the sweep")
-    from orchestrator.report import COMPARED_SECTIONS
+    from orchestrator.pairing import COMPARED_SECTIONS
 
     for section in first.sweep.baseline:
         if section not in COMPARED_SECTIONS:

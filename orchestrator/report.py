@@ -1,10 +1,6 @@
-"""Compare a sweep's trials with their baselines: deltas on each trial run, a report on the parent.
-
-A trial's baseline is the cell of the same sweep with the choices in ``sweep.baseline``
-(default dtype=bf16, kernel=torch, backend=hf) and everything else the trial's result depends
-on the same: model, bench, eval, seed, device and GPU type (:func:`pair_key`). Against it
-each trial gets ``speedup_prefill``, ``speedup_decode``, ``memory_ratio``,
-``weight_memory_ratio`` and ``perplexity_delta``. ``kl_divergence`` and ``top1_agreement``
+"""A sweep's comparison, made from the store: each trial paired with its baseline
+(orchestrator.pairing), the deltas logged on each trial run, and a report on the parent.
+``kl_divergence`` and ``top1_agreement``
 are measured inside the trial, on the same tokens, against the unquantized model at
 ``model.dtype`` (logits are too big to ship between trials). That is the bf16 baseline's own
 computation for a bf16 model; where it is not (the fp32 tiny model), the report says how far
@@ -25,153 +21,19 @@ import html
 import io
 import json
 import math
-import re
 import statistics
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 from orchestrator import tracking
-from orchestrator.errors import ConfigError
+from orchestrator.pairing import Row, compare, describe, notes, stored_baseline
 
-# The sections a trial varies against its baseline; everything else must match.
-COMPARED_SECTIONS = ("dtype", "quant", "kernel", "backend")
-# (metric logged on the trial, the metric it is made of, how: ratio trial/baseline or difference)
-DELTAS = (("speedup_prefill", "prefill_tokens_per_s", "ratio"),
-          ("speedup_decode", "decode_tokens_per_s", "ratio"),
-          ("memory_ratio", "peak_memory_mb", "ratio"),
-          ("weight_memory_ratio", "weight_bytes", "ratio"),
-          ("perplexity_delta", "perplexity", "difference"))
-COMPARISON_METRICS = {name for name, _, _ in DELTAS}
-COMPARISON_TAGS = {"baseline", "baseline_run_id"}
 LATENCY_MAX_TRIALS = 40
 COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
            "speedup_decode", "prefill_tokens_per_s", "speedup_prefill", "peak_memory_mb", "memory_ratio",
            "weight_memory_ratio", "perplexity", "perplexity_delta", "kl_divergence", "top1_agreement", "baseline",
            "run_id")
-
-
-def pair_key(params: dict[str, str]) -> tuple:
-    """What a trial and its baseline share: every param outside COMPARED_SECTIONS, and of the
-    resources only the GPU model (what is in the trial key)."""
-    return tuple(sorted((k, v) for k, v in params.items() if k.split(".", 1)[0] not in COMPARED_SECTIONS
-                        and (not k.startswith("resources.") or k == "resources.accelerator_type")))
-
-
-def is_baseline(params: dict[str, str], baseline: dict[str, str]) -> bool:
-    return all(params.get(f"{section}.name") == str(name) for section, name in baseline.items())
-
-
-def stored_baseline(tags: dict[str, str]) -> dict[str, str]:
-    """The sweep's ``baseline`` tag, checked as untrusted input (ConfigError)."""
-    try:
-        baseline = json.loads(tags["baseline"])
-    except ValueError:
-        baseline = None
-    if not (isinstance(baseline, dict) and baseline and all(
-            k in COMPARED_SECTIONS and isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", v)
-            for k, v in baseline.items())):
-        raise ConfigError("baseline tag of the sweep", tags["baseline"][:100],
-                          f"a JSON object of {', '.join(COMPARED_SECTIONS)} to config names",
-                          problem="stored tag is malformed")
-    return baseline
-
-
-def describe(baseline: dict[str, str]) -> str:
-    return " ".join(f"{k}={v}" for k, v in baseline.items())
-
-
-def measures(config: dict[str, Any]) -> bool:
-    """Whether a trial measures anything to compare (backend=noop only exercises the orchestrator)."""
-    return config["backend"]["name"] != "noop"
-
-
-def missing_baselines(configs: Sequence[dict[str, Any]], baseline: dict[str, str]) -> list[int]:
-    """Indexes of the trial configs (TrialSpec.config) that have no baseline among ``configs``."""
-    flat = [tracking.flatten(c) for c in configs]
-    have = {pair_key(p) for p in flat if is_baseline(p, baseline)}
-    return [i for i, p in enumerate(flat) if not is_baseline(p, baseline) and pair_key(p) not in have]
-
-
-def deltas(metrics: dict[str, float], base: dict[str, float]) -> dict[str, float]:
-    out = {}
-    for name, source, how in DELTAS:
-        if source in metrics and source in base:
-            if how == "difference":
-                out[name] = metrics[source] - base[source]
-            elif base[source] > 0:
-                out[name] = metrics[source] / base[source]
-    return out
-
-
-@dataclass
-class Row:
-    """One trial key's latest attempt, with its comparison against its baseline."""
-    key: str
-    run_id: str
-    overrides: str
-    status: str
-    params: dict[str, str]
-    metrics: dict[str, float]
-    tags: dict[str, str] = field(default_factory=dict)
-    deltas: dict[str, float] = field(default_factory=dict)
-    baseline: str = ""  # the baseline's overrides, or why there is none
-    baseline_run_id: Optional[str] = None
-    is_baseline: bool = False
-    label: str = ""  # the overrides that tell this trial from the others in the sweep
-
-    def value(self, column: str) -> Any:
-        if column == "trial":
-            return self.label
-        if column in ("model", "dtype", "quant", "kernel", "backend"):
-            return self.params.get(f"{column}.name", "")
-        if column in ("status", "baseline", "run_id"):
-            return getattr(self, column)
-        if column in COMPARISON_METRICS:  # from this report's pairing only, never a stale logged value
-            return self.deltas.get(column)
-        return self.metrics.get(column)
-
-
-def compare(rows: list[Row], baseline: dict[str, str]) -> None:
-    """Fill each row's baseline and deltas (in place)."""
-    baselines: dict[tuple, list[Row]] = {}
-    common = set.intersection(*(set(r.overrides.split()) for r in rows)) if rows else set()
-    for row in rows:
-        row.label = " ".join(o for o in row.overrides.split() if o not in common) or row.overrides or row.key
-        row.is_baseline = is_baseline(row.params, baseline)
-        if row.is_baseline:
-            baselines.setdefault(pair_key(row.params), []).append(row)
-    for row in rows:
-        candidates = baselines.get(pair_key(row.params), [])
-        if not candidates:
-            row.baseline = f"missing: no {describe(baseline)} cell with the same model, bench, eval, seed and device"
-            continue
-        # Several baseline cells may differ only in settings that do nothing at their dtype (quant):
-        # prefer a finished one, then the one with the trial's own.
-        base = min(candidates, key=lambda b: (b.status != "FINISHED",
-                                              b.params.get("quant.name") != row.params.get("quant.name"), b.key))
-        row.baseline, row.baseline_run_id = base.overrides or base.key, base.run_id
-        if base.status != "FINISHED":
-            row.baseline += f" ({base.status}: nothing to compare with)"
-        elif row.status == "FINISHED":
-            row.deltas = deltas(row.metrics, base.metrics)
-
-
-def notes(rows: list[Row]) -> list[str]:
-    """What a reader must know to read the KL and top-1 columns right, and what is missing."""
-    out = []
-    for row in rows:
-        kl = row.metrics.get("kl_divergence")
-        if row.is_baseline and row.status == "FINISHED" and kl is not None and kl > 0:
-            out.append(f"KL and top-1 are against the unquantized model at model.dtype="
-                       f"{row.params.get('model.dtype')}; the baseline {row.label} is itself at KL {kl:.3g}, "
-                       f"top-1 {row.metrics.get('top1_agreement', math.nan):.1%} from it")
-    missing = [r.label for r in rows if r.baseline.startswith("missing")]
-    if missing:
-        out.append(f"no baseline for {len(missing)} trials ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
-                   f": no speedups or deltas for them")
-    return out
 
 
 def load(client, parent) -> tuple[list[Row], dict[str, str]]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from jobs.spec import TRIAL_SECTIONS, Status
-from orchestrator import lease, plan, report, store
+from orchestrator import lease, pairing, plan, store
 from orchestrator.compose import compose
 from orchestrator import status as sweep_status
 from orchestrator.credentials import mask
@@ -204,7 +204,7 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
     with open_dict(base):
         base.sweep.id, base.sweep.name = state.sweep_id, experiment
         if "baseline" in state.tags:  # the sweep's own, not today's default
-            base.sweep.baseline = report.stored_baseline(state.tags)
+            base.sweep.baseline = pairing.stored_baseline(state.tags)
     changes = _restore_settings(base, stored_plan.settings, command_line) if stored_plan else []
     # Cells with no run yet (never started by a driver that died) come from the sweep's plan, below.
     chosen = [t for t in state.trials if t.run_id and

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from jobs.spec import Status, TrialResult
-from orchestrator import lease, remote, report, scheduler, store, tracking
+from orchestrator import lease, pairing, remote, report, scheduler, store, tracking
 from orchestrator.plan import PlannedTrial
 from orchestrator.credentials import mask
 from orchestrator.errors import ConfigError
@@ -117,7 +117,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         tags["trials"] = str(len(trials))
         tags["baseline"] = json.dumps(dict(settings.sweep.baseline))
         _say_missing_baselines(trials, dict(settings.sweep.baseline))
-    measuring = any(report.measures(t.spec.config) for t in trials)
+    measuring = any(pairing.measures(t.spec.config) for t in trials)
     tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen,
                                     prior_rows=prior_rows)
     summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
@@ -207,8 +207,8 @@ def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
             # Its metrics and environment, tagged with where they came from. Not its comparison, which was
             # against the other sweep's baseline: this sweep's report makes its own.
             env = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")
-                   and k not in tracking.RUN_LAYOUT_TAGS and k not in report.COMPARISON_TAGS}
-            metrics = {k: v for k, v in source.data.metrics.items() if k not in report.COMPARISON_METRICS}
+                   and k not in tracking.RUN_LAYOUT_TAGS and k not in pairing.COMPARISON_TAGS}
+            metrics = {k: v for k, v in source.data.metrics.items() if k not in pairing.COMPARISON_METRICS}
             tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FINISHED, metrics=metrics, env=env),
                                  {"reused_from": source.info.run_id,
                                   "reused_from_sweep": source.data.tags.get("sweep_id", "")})
@@ -222,11 +222,11 @@ def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
 
 
 def _say_missing_baselines(trials: list[PlannedTrial], baseline: dict[str, str]) -> None:
-    measuring = [t for t in trials if report.measures(t.spec.config)]
-    missing = report.missing_baselines([t.spec.config for t in measuring], baseline)
+    measuring = [t for t in trials if pairing.measures(t.spec.config)]
+    missing = pairing.missing_baselines([t.spec.config for t in measuring], baseline)
     if missing:
         example = " ".join(measuring[missing[0]].spec.overrides)
-        print(f"no baseline: {len(missing)} of {len(measuring)} trials have no {report.describe(baseline)} cell with "
+        print(f"no baseline: {len(missing)} of {len(measuring)} trials have no {pairing.describe(baseline)} cell with "
               f"the same model, bench, eval, seed and device in this sweep (e.g. {example or 'the defaults'}); "
               f"they get no speedups or deltas. Add the baseline's choices to the sweep, or set sweep.baseline.",
               file=sys.stderr)

@@ -18,7 +18,7 @@ from jobs import trial, vllm_backend
 from jobs.spec import Status
 from kernels.catalog import Unsupported
 from orchestrator.plan import trial_spec
-from orchestrator.report import COMPARISON_METRICS
+from orchestrator.pairing import COMPARISON_METRICS
 from tests.conftest import ROOT
 from tests.helpers import SUMMARY, compose, mlflow_runs, vllm_importable
 

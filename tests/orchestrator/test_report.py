@@ -8,7 +8,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from orchestrator import cli, plan, report
+from orchestrator import cli, pairing, plan, report
 from orchestrator.errors import ConfigError
 from tests.helpers import compose
 
@@ -113,9 +113,9 @@ def test_pareto_frontier_keeps_the_points_no_other_beats():
 
 
 def test_deltas_need_both_sides():
-    assert report.deltas({"decode_tokens_per_s": 10.0}, {}) == {}
-    assert report.deltas({"perplexity": 11.0}, {"perplexity": 10.0}) == {"perplexity_delta": 1.0}
-    assert math.isclose(report.deltas({"peak_memory_mb": 1.0}, {"peak_memory_mb": 4.0})["memory_ratio"], 0.25)
+    assert pairing.deltas({"decode_tokens_per_s": 10.0}, {}) == {}
+    assert pairing.deltas({"perplexity": 11.0}, {"perplexity": 10.0}) == {"perplexity_delta": 1.0}
+    assert math.isclose(pairing.deltas({"peak_memory_mb": 1.0}, {"peak_memory_mb": 4.0})["memory_ratio"], 0.25)
 
 
 def test_planning_finds_the_cells_without_a_baseline():
@@ -123,9 +123,9 @@ def test_planning_finds_the_cells_without_a_baseline():
     trials = [plan.planned_trial(c, []) for c in cells]
     assert [t.baseline for t in trials] == [True, False, False]
     configs = [t.spec.config for t in trials]
-    assert report.missing_baselines(configs, {"dtype": "bf16", "kernel": "torch", "backend": "hf"}) == [2]
+    assert pairing.missing_baselines(configs, {"dtype": "bf16", "kernel": "torch", "backend": "hf"}) == [2]
     # Another baseline choice: the fp16 cell would be it, and there is none.
-    assert report.missing_baselines(configs, {"dtype": "fp16"}) == [0, 1, 2]
+    assert pairing.missing_baselines(configs, {"dtype": "fp16"}) == [0, 1, 2]
 
 
 def test_a_baseline_on_a_section_that_is_not_compared_is_refused():
@@ -135,7 +135,7 @@ def test_a_baseline_on_a_section_that_is_not_compared_is_refused():
 
 def test_a_big_sweep_draws_the_latency_of_its_baselines_and_pareto_optimal_trials_only():
     def row(i, kl, decode, baseline=False):
-        r = report.Row(f"k{i}", f"r{i}", f"seed={i}", "FINISHED", {"model.name": "a"},
+        r = pairing.Row(f"k{i}", f"r{i}", f"seed={i}", "FINISHED", {"model.name": "a"},
                        {"kl_divergence": kl, "decode_tokens_per_s": decode})
         r.is_baseline = baseline
         return r
