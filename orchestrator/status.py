@@ -93,7 +93,7 @@ def close_open_runs(client, state: SweepState, status: Status, reason: str) -> i
     closed = 0
     for run in trial_runs(client, state.experiment_id, state.sweep_id):
         if run.info.status in ("RUNNING", "SCHEDULED"):
-            client.log_batch(run.info.run_id, tags=[RunTag("status", status.value), RunTag("reason", reason)])
+            client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tracking.ending_tags(status, reason).items()])
             client.set_terminated(run.info.run_id, tracking.MLFLOW_STATUS[status])
             closed += 1
     if client.get_run(state.parent_run_id).info.status == "RUNNING":

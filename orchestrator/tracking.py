@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from jobs.spec import Status, TrialResult, TrialSpec
@@ -255,25 +256,44 @@ class SweepTracker:
         from mlflow.entities import Metric, Param, RunTag
 
         key = spec.trial_key
-        now = now_ms()
-        metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items()]
-        metrics.append(Metric("duration_s", result.duration_s, now, 0))
-        metrics += [Metric(k, v, ts, step) for k, samples in result.series.items() for ts, step, v in samples]
-        tags = {"status": result.status.value, **{k: str(v) for k, v in {**result.env, **extra_tags}.items()}}
-        if result.reason:
-            tags["reason"] = result.reason[:5000]
-        if self._ensure_run(spec, tags):
-            tags = {}
-        tags = [RunTag(k, v) for k, v in tags.items()]
-        params = [Param(k, v) for k, v in flatten(spec.config).items()]
+        record = trial_record(spec, result, extra_tags, now_ms())
+        made_now = self._ensure_run(spec, record.tags)  # with the record's tags: none left to log
+        tags = [] if made_now else [RunTag(k, v) for k, v in record.tags.items()]
+        params = [Param(k, v) for k, v in record.params.items()]
+        metrics = [Metric(*m) for m in record.metrics]
         for batch in _batches(params, metrics, tags):
             self.client.log_batch(self.run_ids[key], **batch)
-        files = dict(result.artifacts)
-        if key not in self._config_stored:
-            files["config.yaml"] = config_yaml(spec.config)
+        files = {k: v for k, v in record.files.items() if k != "config.yaml" or key not in self._config_stored}
         if files:
             self._upload(key, files)
-        self.client.set_terminated(self.run_ids[key], MLFLOW_STATUS[result.status])
+        self.client.set_terminated(self.run_ids[key], record.mlflow_status)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What a trial's MLflow run holds once the trial has ended; made without the store."""
+    tags: dict[str, str]
+    params: dict[str, str]  # the flattened resolved config
+    metrics: list[tuple[str, float, int, int]]  # (name, value, timestamp ms, step)
+    files: dict[str, str]  # artifact name -> text
+    mlflow_status: str
+
+
+def ending_tags(status: Status, reason: Optional[str]) -> dict[str, str]:
+    """The tags that say how a trial's attempt ended (also for runs a lost driver left open)."""
+    return {"status": status.value, **({"reason": reason[:5000]} if reason else {})}
+
+
+def trial_record(spec: TrialSpec, result: TrialResult, extra_tags: dict[str, str], now: int) -> TrialRecord:
+    """A trial's result as its run's contents: its environment and ``extra_tags`` (where it ran,
+    what it reused) as tags, its config as params and ``config.yaml``, metrics at ``now`` (ms)
+    and the samples of its series."""
+    metrics = [(k, float(v), now, 0) for k, v in result.metrics.items()]
+    metrics.append(("duration_s", result.duration_s, now, 0))
+    metrics += [(k, v, ts, step) for k, samples in result.series.items() for ts, step, v in samples]
+    tags = {**{k: str(v) for k, v in {**result.env, **extra_tags}.items()}, **ending_tags(result.status, result.reason)}
+    return TrialRecord(tags, flatten(spec.config), metrics, {**result.artifacts, "config.yaml": config_yaml(spec.config)},
+                       MLFLOW_STATUS[result.status])
 
 
 def config_yaml(config: dict[str, Any]) -> str:

@@ -57,3 +57,18 @@ def test_a_started_trial_has_its_run_and_config_before_its_result(tmp_path):
     assert run.info.status == "RUNNING" and run.data.tags["status"] == "RUNNING" and run.data.tags["ray_node"] == "node-1"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
     assert tracking.PLAN_FILE in {a.path for a in client.list_artifacts(tracker.parent_id)}
+
+
+def test_a_trial_records_contents_are_made_without_a_store():
+    spec = TrialSpec(trial_key="0123456789abcdef", config={"seed": 3, "bench": {"batch_size": 2}}, overrides=("seed=3",))
+    result = TrialResult("0123456789abcdef", Status.FAILED, metrics={"x": 1}, env={"host": "h"},
+                         artifacts={"trial.log": "log"}, reason="out of memory: " + "x" * 6000, duration_s=2.5,
+                         series={"system/cpu": [(1000, 0, 50.0), (2000, 1, 60.0)]})
+    record = tracking.trial_record(spec, result, {"ray_nodes": "n1"}, now=7)
+    assert record.tags == {"host": "h", "ray_nodes": "n1", "status": "FAILED", "reason": result.reason[:5000]}
+    assert record.params == {"seed": "3", "bench.batch_size": "2"}
+    assert record.metrics == [("x", 1.0, 7, 0), ("duration_s", 2.5, 7, 0), ("system/cpu", 50.0, 1000, 0),
+                              ("system/cpu", 60.0, 2000, 1)]
+    assert record.files == {"trial.log": "log", "config.yaml": "seed: 3\nbench:\n  batch_size: 2\n"}
+    assert record.mlflow_status == "FAILED"
+    assert tracking.ending_tags(Status.CANCELLED, None) == {"status": "CANCELLED"}
