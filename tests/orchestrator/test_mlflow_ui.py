@@ -18,7 +18,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless on a closed network: no GPU, no sandbox (root in CI), none of Chromium's background traffic.
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-FAST = ("bench.warmup=1", "bench.repeats=2", "bench.decode_tokens=4", "eval.max_tokens=1024")
+FAST = ("debug=fast",)
 
 
 @pytest.fixture

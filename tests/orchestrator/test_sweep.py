@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import SUMMARY, mlflow_runs
 
-FAST = ("bench.warmup=1", "bench.repeats=2", "bench.decode_tokens=8", "eval.max_tokens=4096")
+FAST = ("debug=fast",)
 
 pytestmark = pytest.mark.slow
 
