@@ -111,7 +111,7 @@ def _parser(command: str, description: str):
 
 def status(args: list[str]) -> int:
     from orchestrator import remote
-    from orchestrator import status as sweep_status
+    from orchestrator import sweep_state
     from orchestrator.errors import ConfigError
 
     uri, args = _tracking_uri(args)
@@ -123,7 +123,7 @@ def status(args: list[str]) -> int:
                         help="Ray dashboard URL, to show a submitted sweep's job before its driver has started")
     opts = parser.parse_args(args)
     try:
-        state = sweep_status.load(uri, opts.sweep_id, refresh=opts.refresh)
+        state = sweep_state.load(uri, opts.sweep_id, refresh=opts.refresh)
     except ConfigError as e:
         job = remote.job_info(opts.address, remote.submission_id(opts.sweep_id))
         if job is None:
@@ -138,7 +138,7 @@ def status(args: list[str]) -> int:
     if opts.json:
         print(state.to_json())
     else:
-        sweep_status.print_table(state, job)
+        sweep_state.print_table(state, job)
     return 0
 
 
@@ -206,7 +206,7 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
     """`resubmit ID --failed|--unfinished [overrides]`; `resume ID` is `--unfinished`."""
     from orchestrator import compose
     from orchestrator import resubmit as resubmission
-    from orchestrator import status as sweep_status
+    from orchestrator import sweep_state
     from orchestrator import sweep
 
     uri, args = _tracking_uri(args)
@@ -244,7 +244,7 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
         return 0
     summary = sweep.execute(plan.settings, plan.trials, reopen=plan.state.parent_run_id,
                             prior_rows=[dataclasses.asdict(t) for t in plan.state.trials], holder=plan.holder)
-    whole = sweep_status.load(uri, opts.sweep_id)
+    whole = sweep_state.load(uri, opts.sweep_id)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
     print(f"sweep {opts.sweep_id} now: {len(whole.trials)} trials ({counts})")
     return summary.exit_code

@@ -19,7 +19,7 @@ import time
 from typing import Any, Optional
 
 from jobs.spec import Status
-from orchestrator import status as sweep_status
+from orchestrator import sweep_state
 from orchestrator import store, tracking
 from orchestrator.paths import PROJECT_ROOT
 
@@ -77,10 +77,10 @@ def job_info(address: Optional[str], job_id: str) -> Optional[dict[str, Any]]:
             "message": info.message or ""}
 
 
-def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sweep_status.SweepState:
+def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sweep_state.SweepState:
     """Stop a running sweep; returns its state afterwards. Raises ConfigError if there is no such sweep."""
     client = store.client(uri)
-    state = sweep_status.load(uri, sweep_id)
+    state = sweep_state.load(uri, sweep_id)
     if state.sweep_status != "RUNNING":
         print(f"sweep {sweep_id} is not running (its run is {state.sweep_status})", file=sys.stderr)
         return state
@@ -89,7 +89,7 @@ def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sw
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if client.get_run(state.parent_run_id).info.status != "RUNNING":
-            return sweep_status.load(uri, sweep_id)
+            return sweep_state.load(uri, sweep_id)
         time.sleep(1)
     # The dashboard is the one the user names, never an address read from the store.
     job_address, job_id = address, submission_id(sweep_id)
@@ -97,10 +97,10 @@ def cancel(uri: str, sweep_id: str, address: Optional[str], wait_s: float) -> sw
     if job is None:
         print(f"the driver of sweep {sweep_id} did not stop within {wait_s:g} s and it is not a Ray Job this "
               f"command can stop; its runs stay open", file=sys.stderr)
-        return sweep_status.load(uri, sweep_id)
+        return sweep_state.load(uri, sweep_id)
     _job_client(job_address).stop_job(job_id)
     while job_info(job_address, job_id)["status"] not in ("STOPPED", "SUCCEEDED", "FAILED"):
         time.sleep(1)
-    sweep_status.close_open_runs(client, sweep_status.load(uri, sweep_id, refresh=True), Status.CANCELLED,
+    sweep_state.close_open_runs(client, sweep_state.load(uri, sweep_id, refresh=True), Status.CANCELLED,
                                  "cancelled: orchestrator cancel stopped the job")
-    return sweep_status.load(uri, sweep_id)
+    return sweep_state.load(uri, sweep_id)

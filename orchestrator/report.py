@@ -38,12 +38,12 @@ COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "d
 
 def load(client, parent) -> tuple[list[Row], dict[str, str]]:
     """One row per trial key (its latest attempt) with its comparison, and the baseline choices."""
-    from orchestrator import schema, status
+    from orchestrator import schema, sweep_state
 
     sweep_id = parent.data.tags["sweep_id"]
     rows = []
-    for key, runs in status.runs_by_key(client, parent, sweep_id).items():
-        run = max(runs, key=status.attempt_of)
+    for key, runs in sweep_state.runs_by_key(client, parent, sweep_id).items():
+        run = max(runs, key=sweep_state.attempt_of)
         rows.append(Row(key, run.info.run_id, run.data.tags.get("overrides", ""), run.data.tags.get("status", "?"),
                         dict(run.data.params), dict(run.data.metrics), dict(run.data.tags)))
     rows.sort(key=lambda r: (r.params.get("model.name", ""), r.overrides))
@@ -70,9 +70,9 @@ def record_deltas(client, rows: Iterable[Row]) -> None:
 def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[list[Row], list[str]]:
     """Compare, record the deltas on the trial runs and the report on the parent run (``report/``),
     and keep a copy in ``out_dir`` if given. Returns the rows and the report's file names."""
-    from orchestrator import status
+    from orchestrator import sweep_state
 
-    client, parent = status.open_sweep(uri, sweep_id)
+    client, parent = sweep_state.open_sweep(uri, sweep_id)
     rows, baseline = load(client, parent)
     record_deltas(client, rows)
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ from typing import Any, Optional
 from jobs.spec import TRIAL_SECTIONS, Status
 from orchestrator import lease, pairing, plan, store
 from orchestrator.compose import compose
-from orchestrator import status as sweep_status
+from orchestrator import sweep_state
 from orchestrator.credentials import mask
 from orchestrator.errors import ConfigError
 
@@ -152,7 +152,7 @@ def _restore_settings(base, stored: dict, command_line: set[str]) -> list[str]:
 @dataclass
 class Resubmission:
     """What a resubmission will run, under the sweep's lease that this process holds."""
-    state: sweep_status.SweepState
+    state: sweep_state.SweepState
     settings: Any  # the sweep-level config sections (DictConfig)
     trials: list[plan.PlannedTrial]
     skipped: list[str]  # keys with a FINISHED attempt, not re-run
@@ -167,16 +167,16 @@ def prepare(uri: str, sweep_id: str, mode: str, overrides: list[str], force: boo
             address: Optional[str]) -> Resubmission:
     """Take the sweep's lease, close the runs a dead driver left open (FAILED, "driver lost"), and plan
     the trials to re-run. Raises ConfigError with nothing run (and the lease released) for bad input."""
-    state = sweep_status.load(uri, sweep_id, refresh=True)
+    state = sweep_state.load(uri, sweep_id, refresh=True)
     client = store.client(uri)
     # One driver per sweep: taken before anything is closed or read for re-running.
     holder = lease.take(client, sweep_id, state.parent_run_id, address)
     try:
         if state.sweep_status == "RUNNING":
-            closed = sweep_status.close_open_runs(client, state, Status.FAILED, "driver lost: the sweep's driver died")
+            closed = sweep_state.close_open_runs(client, state, Status.FAILED, "driver lost: the sweep's driver died")
             print(f"sweep {sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
         # Every run, not the index: what is re-run must be what the store holds now.
-        state = sweep_status.load(uri, sweep_id, refresh=True)
+        state = sweep_state.load(uri, sweep_id, refresh=True)
         settings, trials, skipped = plan_trials(client, state, mode, [f"tracking.uri={uri}", *overrides], force)
     except BaseException:
         lease.release(client, state.parent_run_id, holder)
@@ -184,7 +184,7 @@ def prepare(uri: str, sweep_id: str, mode: str, overrides: list[str], force: boo
     return Resubmission(state, settings, trials, skipped, holder, client)
 
 
-def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: list[str], force: bool):
+def plan_trials(client, state: sweep_state.SweepState, mode: str, overrides: list[str], force: bool):
     """The PlannedTrials to re-run, their settings, and the keys skipped as already finished.
     Raises ConfigError (nothing is submitted) for a bad override or a stored config that fails the checks."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -196,7 +196,7 @@ def plan_trials(client, state: sweep_status.SweepState, mode: str, overrides: li
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(trial_level)
     command_line = {o.key_or_group for o in [*parsed, *parser.parse_overrides(sweep_level)]}
-    stored_plan = sweep_status.stored_plan(client, state.parent_run_id)
+    stored_plan = sweep_state.stored_plan(client, state.parent_run_id)
     experiment = client.get_experiment(state.experiment_id).name
     check_plain({"name": experiment}, "experiment name")
     base = compose(*sweep_level)

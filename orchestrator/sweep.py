@@ -99,7 +99,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
     import ray
     from omegaconf import OmegaConf
 
-    from orchestrator import status as sweep_status
+    from orchestrator import sweep_state
 
     # Baselines first: the comparisons need them, and a capped sweep should not end without them.
     trials = sorted(_dedupe(trials), key=lambda t: not t.baseline)
@@ -107,7 +107,7 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
     uri = store.resolve_uri(settings.tracking.uri)
     mlflow_client = store.connect(uri)  # a dead or wrong store: one line, before anything is made
     sweep_id = settings.sweep.id or new_sweep_id()
-    if reopen is None and settings.sweep.id and sweep_status.find_parent(mlflow_client, sweep_id) is not None:
+    if reopen is None and settings.sweep.id and sweep_state.find_parent(mlflow_client, sweep_id) is not None:
         raise ConfigError("sweep.id", sweep_id, f"a new id; more attempts of that sweep: orchestrator resubmit "
                                                 f"{sweep_id} --failed, or orchestrator resume {sweep_id}",
                           problem="a sweep with this id exists")

@@ -116,7 +116,7 @@ class SweepTracker:
     def __init__(self, uri: str, experiment: str, sweep_id: str, tags: dict[str, str],
                  parent_id: Optional[str] = None, prior_rows: Sequence[dict[str, Any]] = ()):
         """A new sweep, or with ``parent_id`` an earlier one reopened (resubmission) for more attempts;
-        ``prior_rows``: its trials' rows (``orchestrator.status.TrialRow`` as dicts) before this run."""
+        ``prior_rows``: its trials' rows (``orchestrator.sweep_state.TrialRow`` as dicts) before this run."""
         from mlflow.entities import RunTag
 
         self.uri, self.sweep_id = uri, sweep_id

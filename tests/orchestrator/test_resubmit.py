@@ -99,7 +99,7 @@ def test_resume_after_the_driver_was_killed(mlflow_server, cli_env, tmp_path, ru
 def test_a_resubmitted_trial_runs_as_it_first_ran_its_gpu_timeout_and_cluster_settings(ray_cluster, run_cli,
                                                                                        tmp_path):
     from orchestrator import resubmit as resubmission
-    from orchestrator import status as sweep_status
+    from orchestrator import sweep_state
     from orchestrator import store
 
     ray_cluster.add_node(num_cpus=2, num_gpus=2)  # logical GPUs: Ray schedules them and sets CUDA_VISIBLE_DEVICES
@@ -112,7 +112,7 @@ def test_a_resubmitted_trial_runs_as_it_first_ran_its_gpu_timeout_and_cluster_se
 
     # What a resubmission plans, read back from the store: the trials' resources and the sweep's settings.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    state = sweep_status.load(uri, sweep_id, refresh=True)
+    state = sweep_state.load(uri, sweep_id, refresh=True)
     settings, trials, _ = resubmission.plan_trials(store.client(uri), state, "failed", [f"tracking.uri={uri}"],
                                                    False)
     assert settings.cluster.max_concurrent_trials == 1
