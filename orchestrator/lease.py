@@ -7,7 +7,8 @@ at the same moment exactly one succeeds: a compare-and-set that works across hos
 through the store, sqlite file or tracking server alike. ``run`` takes generation 1 of
 the sweep it creates; ``resubmit`` and ``resume`` take the next one, and only when its
 holder is gone: it released the lease (tag ``driver_released``), or its process is dead
-(same host), its Ray Job has ended, or its heartbeat is stale (another host).
+(same host; a live process with its pid that started later is another one), its Ray Job has
+ended, or its heartbeat is stale (another host).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Optional
 
 from orchestrator.errors import ConfigError
@@ -101,11 +101,13 @@ def where_alive(holder: Holder, run, sweep_id: str, address: Optional[str]) -> O
             return None if job["status"] in ("STOPPED", "SUCCEEDED", "FAILED") else \
                 f"ray job {job['submission_id']} ({job['status']})"
     if holder.host == _host():
-        try:
-            cmdline = Path(f"/proc/{holder.pid}/cmdline").read_bytes()
-        except OSError:
+        import psutil
+
+        try:  # a process with its pid that started after the lease was taken is another one (pid reuse)
+            started = psutil.Process(holder.pid).create_time()
+        except psutil.Error:
             return None
-        return holder.describe() if b"orchestrator" in cmdline else None
+        return holder.describe() if started <= holder.since + 1 else None
     heard = max(holder.since, _seconds(run, "heartbeat"))
     return f"{holder.describe()}, heartbeat {time.time() - heard:.0f} s ago" if time.time() - heard < STALE_S \
         else None
