@@ -185,8 +185,9 @@ def prepare(uri: str, sweep_id: str, mode: str, overrides: list[str], force: boo
 
 
 def plan_trials(client, state: sweep_state.SweepState, mode: str, overrides: list[str], force: bool):
-    """The PlannedTrials to re-run, their settings, and the keys skipped as already finished.
-    Raises ConfigError (nothing is submitted) for a bad override or a stored config that fails the checks."""
+    """The PlannedTrials to re-run, their settings, and the keys skipped as already finished. A bad
+    override or a stored config that fails the checks raises ConfigError, or a Hydra or OmegaConf error
+    that compose.from_hydra turns into one (a wrong type), and nothing is submitted."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict

@@ -201,13 +201,17 @@ def _run_count(uri: str) -> int:
     ({"model": {"source": "path", "path": "/tmp/model-with-code", "trust_remote_code": True}}, True,
      "model.source=path: stored in trial"),
 ])
-def test_a_tampered_stored_config_is_refused_and_nothing_runs(shared_mlflow_server, stored_failure, run_cli, tamper,
-                                                              rekey, message):
+def test_a_tampered_stored_config_is_refused(shared_mlflow_server, stored_failure, tamper, rekey, message):
+    """What `resubmit` plans from the store, in this process (the command's one line and exit 2, with
+    nothing run, are checked on the stored files and tags below)."""
     import yaml
 
+    from orchestrator import resubmit, store, sweep_state
+    from orchestrator.compose import from_hydra
     from orchestrator.plan import trial_key
 
     sweep_id, run = stored_failure
+    uri = shared_mlflow_server.uri
     with _tampering(shared_mlflow_server, run) as client, tempfile.TemporaryDirectory() as tmp:
         config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text())
         for key, value in tamper.items():
@@ -215,8 +219,11 @@ def test_a_tampered_stored_config_is_refused_and_nothing_runs(shared_mlflow_serv
         client.log_text(run.info.run_id, yaml.safe_dump(config), "config.yaml")
         if rekey:  # whoever edits the store can edit the key tag to match, too
             client.set_tag(run.info.run_id, "trial_key", trial_key(config))
-        line = _refused(run_cli, shared_mlflow_server, "resubmit", sweep_id, "--failed", "backend.noop.allocate_gb=0")
-    assert message in line
+        state = sweep_state.load(uri, sweep_id, refresh=True)
+        with pytest.raises(Exception) as refused:
+            resubmit.plan_trials(store.client(uri), state, "failed", [f"tracking.uri={uri}",
+                                                                     "backend.noop.allocate_gb=0"], False)
+    assert message in str(from_hydra(refused.value)), refused.value  # what the command prints, in one line
 
 
 @pytest.mark.parametrize("what,message", [
