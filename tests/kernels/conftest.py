@@ -23,3 +23,11 @@ def edge_values(n: int, seed: int, spread: tuple[int, int] = (-30, 20)) -> torch
                              float("inf"), -float("inf"), float("nan"), 448.0, 464.0, 470.0, 480.0,
                              57344.0, 61440.0, 61439.0, 6.0, 7.0, 7.5, 7.75, 28.0, 30.0])
     return torch.cat([x, ties, -ties, specials])
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and bits_equal(torch.nan_to_num(a), torch.nan_to_num(b))

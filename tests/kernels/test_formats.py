@@ -7,19 +7,11 @@ import torch
 
 from kernels import catalog, formats, metrics, packing, registry
 from kernels.catalog import FORMATS, KnobError
-from tests.kernels.conftest import edge_values
+from tests.kernels.conftest import bits_equal, edge_values, same_values
 
 NATIVE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 MX_ELEMENTS = {"mxfp8_e4m3": torch.float8_e4m3fn, "mxfp8_e5m2": torch.float8_e5m2,
                "mxfp6_e2m3": "fp6_e2m3", "mxfp6_e3m2": "fp6_e3m2", "mxfp4": torch.float4_e2m1fn_x2}
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.view(torch.int32), b.view(torch.int32))
-
-
-def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(torch.isnan(a), torch.isnan(b)) and bits_equal(torch.nan_to_num(a), torch.nan_to_num(b))
 
 
 def torch_overflow_mode(dtype: torch.dtype, device: str) -> str:

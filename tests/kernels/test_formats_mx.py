@@ -9,7 +9,7 @@ import torch
 
 from kernels import formats
 from tests.kernels import mx_reference
-from tests.kernels.test_formats import same_values
+from tests.kernels.conftest import same_values
 
 RULES = ["floor", "ceil", "even", "rceil"]
 BLOCKS = 2 ** 15  # x 32 = 1,048,576 values
