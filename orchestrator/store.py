@@ -191,11 +191,6 @@ def _synchronous_normal(dbapi_connection, _record) -> None:
     dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
-# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it holds
-# classic training runs: then on its runs table.
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-
-
 def open_experiment(mlflow_client, name: str) -> str:
     """The id of experiment ``name``, made if new; safe when other drivers make it at the same moment."""
     from mlflow.exceptions import MlflowException
@@ -205,7 +200,7 @@ def open_experiment(mlflow_client, name: str) -> str:
     found = mlflow_client.get_experiment_by_name(name)
     if found is None:
         try:
-            return mlflow_client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+            return mlflow_client.create_experiment(name)
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -213,8 +208,6 @@ def open_experiment(mlflow_client, name: str) -> str:
     if found.lifecycle_stage != "active":
         raise ConfigError("sweep.name", name, "a new name, or restore the experiment (mlflow experiments restore "
                           f"--experiment-id {found.experiment_id})", problem="its experiment is deleted in the store")
-    if EXPERIMENT_KIND[0] not in found.tags:  # made by an earlier version, or by hand
-        mlflow_client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
     return found.experiment_id
 
 

@@ -20,7 +20,7 @@ def test_smoke_sweep_records_one_parent_and_three_finished_children(run_cli, tmp
     proc = run_cli("run", "-m", "model=tiny-llama", "dtype=bf16,int8,int4", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = SUMMARY.search(proc.stdout)
-    assert summary and summary.groups()[1:] == ("3", "3", "0", "0"), proc.stdout
+    assert summary and summary.groups()[1:5] == ("3", "3", "0", "0"), proc.stdout
     sweep_id = summary.group(1)
 
     parents, children = mlflow_runs(tmp_path / "mlflow.db")
