@@ -14,6 +14,8 @@ import time
 import torch
 from transformers import DynamicCache
 
+from jobs.config import BenchConfig
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -46,23 +48,23 @@ def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int) -> t
 
 
 @torch.inference_mode()
-def benchmark(model, bench: dict, device: torch.device, seed: int) -> tuple[dict, dict]:
+def benchmark(model, bench: BenchConfig, device: torch.device, seed: int) -> tuple[dict, dict]:
     """(metrics, latency samples in ms) for prefill and per-token decode."""
-    batch, prompt_len, new_tokens = bench["batch_size"], bench["prompt_len"], bench["decode_tokens"]
+    batch, prompt_len, new_tokens = bench.batch_size, bench.prompt_len, bench.decode_tokens
     prompt = random_prompts(model.config.vocab_size, batch, prompt_len, seed).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     prefill_ms = []
-    for i in range(bench["warmup"] + bench["repeats"]):
+    for i in range(bench.warmup + bench.repeats):
         dt = _timed(lambda: model(input_ids=prompt, use_cache=False), device)
-        if i >= bench["warmup"]:
+        if i >= bench.warmup:
             prefill_ms.append(dt * 1e3)
 
     # transformers renamed ``past_key_values`` to ``cache``; the cache object fills in place.
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     decode_ms = []
-    for i in range(bench["warmup"] + bench["repeats"]):
+    for i in range(bench.warmup + bench.repeats):
         cache = DynamicCache(config=model.config)
         token = model(input_ids=prompt, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
         steps = []
@@ -72,7 +74,7 @@ def benchmark(model, bench: dict, device: torch.device, seed: int) -> tuple[dict
                 logits = model(input_ids=token, use_cache=True, **{cache_kw: cache}).logits
                 token = logits[:, -1:].argmax(-1)
             steps.append(_timed(step, device) * 1e3)
-        if i >= bench["warmup"]:
+        if i >= bench.warmup:
             decode_ms.extend(steps)
 
     metrics = latency_metrics(prefill_ms, decode_ms, batch, prompt_len)

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from jobs.config import TrialConfig
 from kernels.catalog import Unsupported
 
 FP8_DOT_CC = (8, 9)  # tl.dot and _scaled_mm on fp8: Ada, Hopper, Blackwell
@@ -22,15 +23,15 @@ def _require(package: str, why: str) -> None:
         raise Unsupported(f"{why} needs {package}, which is not installed on this node: {INSTALL_HINTS[package]}")
 
 
-def check(cfg: dict, device: torch.device) -> None:
-    if cfg["backend"]["name"] == "vllm":
+def check(cfg: TrialConfig, device: torch.device) -> None:
+    if cfg.backend.name == "vllm":
         from jobs import vllm_backend
 
         vllm_backend.online_quantization(cfg, device)
         vllm_backend.require_vllm()
         return
-    kernel, dtype, quant = cfg["kernel"]["name"], cfg["dtype"], cfg["quant"]
-    fp8_activations = dtype["format"] == "fp8_e4m3" and quant["activations"] and quant["weights"]
+    kernel, dtype, quant = cfg.kernel.name, cfg.dtype, cfg.quant
+    fp8_activations = dtype.format == "fp8_e4m3" and quant.activations and quant.weights
     if kernel in INSTALL_HINTS:
         _require(kernel, f"kernel={kernel}")
     if kernel == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from jobs import data
+from jobs.config import EvalConfig
 
 
-def eval_windows(tokenizer, eval_cfg: dict, max_positions: int) -> torch.Tensor:
-    seq_len = eval_cfg["seq_len"]
+def eval_windows(tokenizer, eval_cfg: EvalConfig, max_positions: int) -> torch.Tensor:
+    seq_len = eval_cfg.seq_len
     if seq_len > max_positions:
         raise ValueError(f"eval.seq_len={seq_len} exceeds the model's {max_positions} positions")
-    ids = tokenizer(data.load_text(eval_cfg["text"], "eval"))["input_ids"][: eval_cfg["max_tokens"]]
+    ids = tokenizer(data.load_text(eval_cfg.text, "eval"))["input_ids"][: eval_cfg.max_tokens]
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"eval text {eval_cfg['text']!r} has {len(ids)} tokens, fewer than eval.seq_len={seq_len}")
+        raise ValueError(f"eval text {eval_cfg.text!r} has {len(ids)} tokens, fewer than eval.seq_len={seq_len}")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 

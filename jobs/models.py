@@ -8,6 +8,7 @@ briefly, saved under the cache directory and reused). Every source ends in the s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from jobs import data
+from jobs.config import ModelConfig, TinyModelBuild
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,35 +32,35 @@ def cache_root() -> Path:
     return Path(os.environ.get("QUANTSWEEP_CACHE", Path.home() / ".cache" / "quantsweep")).expanduser()
 
 
-def built_model_dir(build: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()[:12]
+def built_model_dir(build: TinyModelBuild) -> Path:
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(build), sort_keys=True).encode()).hexdigest()[:12]
     return cache_root() / "models" / f"tiny-llama-{digest}"
 
 
-def resolve_model_path(model_cfg: dict) -> str:
+def resolve_model_path(model_cfg: ModelConfig) -> str:
     """The path or hub id that ``from_pretrained`` loads, building the model if needed."""
-    source = model_cfg["source"]
+    source, path = model_cfg.source, model_cfg.path
     if source == "build":
-        return str(ensure_built(model_cfg["build"]))
-    if not model_cfg.get("path"):
-        raise ValueError(f"model {model_cfg['name']!r}: model.path is required for source={source!r}")
-    if source == "path" and not Path(model_cfg["path"]).expanduser().is_dir():
-        raise FileNotFoundError(f"model {model_cfg['name']!r}: model.path={model_cfg['path']!r} is not a directory")
-    return str(Path(model_cfg["path"]).expanduser()) if source == "path" else model_cfg["path"]
+        return str(ensure_built(model_cfg.build))
+    if not path:
+        raise ValueError(f"model {model_cfg.name!r}: model.path is required for source={source!r}")
+    if source == "path" and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"model {model_cfg.name!r}: model.path={path!r} is not a directory")
+    return str(Path(path).expanduser()) if source == "path" else path
 
 
-def load_model(model_cfg: dict, device: torch.device):
+def load_model(model_cfg: ModelConfig, device: torch.device):
     """(model in eval mode on ``device`` at ``model.dtype``, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=TORCH_DTYPES[model_cfg["dtype"]], trust_remote_code=model_cfg["trust_remote_code"])
+        path, dtype=TORCH_DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code)
     return model.to(device).eval(), tokenizer
 
 
-def ensure_built(build: dict) -> Path:
+def ensure_built(build: TinyModelBuild) -> Path:
     """Build the tiny model once per machine; concurrent trials wait on a file lock."""
     from filelock import FileLock
 
@@ -95,39 +97,39 @@ def train_tokenizer(text: str, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def _build_tiny_llama(build: dict, out: Path) -> None:
+def _build_tiny_llama(build: TinyModelBuild, out: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     started = time.perf_counter()
-    torch.manual_seed(build["seed"])
-    text = data.load_text(build["train_text"], "train")
-    tokenizer = train_tokenizer(text, build["vocab_size"])
+    torch.manual_seed(build.seed)
+    text = data.load_text(build.train_text, "train")
+    tokenizer = train_tokenizer(text, build.vocab_size)
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=build["hidden_size"],
-        intermediate_size=build["intermediate_size"], num_hidden_layers=build["num_layers"],
-        num_attention_heads=build["num_heads"], num_key_value_heads=build["num_heads"],
-        max_position_embeddings=build["max_seq_len"], tie_word_embeddings=False,
+        vocab_size=len(tokenizer), hidden_size=build.hidden_size,
+        intermediate_size=build.intermediate_size, num_hidden_layers=build.num_layers,
+        num_attention_heads=build.num_heads, num_key_value_heads=build.num_heads,
+        max_position_embeddings=build.max_seq_len, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = LlamaForCausalLM(config)
     loss = _train(model, ids, build)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {"build": build, "train_tokens": len(ids), "final_train_loss": loss,
+    info = {"build": dataclasses.asdict(build), "train_tokens": len(ids), "final_train_loss": loss,
             "parameters": sum(p.numel() for p in model.parameters()),
             "seconds": round(time.perf_counter() - started, 1)}
     (out / "build.json").write_text(json.dumps(info, indent=2))
     log.info("built tiny model %s: %s", out, info)
 
 
-def _train(model, ids: torch.Tensor, build: dict) -> float:
+def _train(model, ids: torch.Tensor, build: TinyModelBuild) -> float:
     """Next-token training on random windows; AdamW, linear warm-up then cosine decay."""
-    steps, seq, batch = build["train_steps"], build["train_seq_len"], build["train_batch_size"]
+    steps, seq, batch = build.train_steps, build.train_seq_len, build.train_batch_size
     warmup = max(1, steps // 10)
-    opt = torch.optim.AdamW(model.parameters(), lr=build["lr"], weight_decay=0.1, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=build.lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
-    gen = torch.Generator().manual_seed(build["seed"])
+    gen = torch.Generator().manual_seed(build.seed)
     model.train()
     ema = None
     for step in range(steps):

@@ -16,16 +16,16 @@ from jobs.spec import Status, TrialResult, TrialSpec, failure_reason
 
 
 def run(spec: TrialSpec) -> TrialResult:
-    backend = spec.config["backend"]["noop"]
+    noop = spec.settings.backend.noop
     # The GPUs the scheduler gave this trial (Ray sets CUDA_VISIBLE_DEVICES), for scheduling tests.
     result = TrialResult(trial_key=spec.trial_key, status=Status.RUNNING,
                          env={"host": socket.gethostname(), "python": platform.python_version(), "device": "none",
                               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")})
     started = time.perf_counter()
     try:
-        held = bytearray(int(backend["allocate_gb"] * 2 ** 30))  # zero-filled: the pages are really touched
-        time.sleep(backend["sleep_s"])
-        result.metrics = {"allocated_gb": len(held) / 2 ** 30, "slept_s": backend["sleep_s"]}
+        held = bytearray(int(noop.allocate_gb * 2 ** 30))  # zero-filled: the pages are really touched
+        time.sleep(noop.sleep_s)
+        result.metrics = {"allocated_gb": len(held) / 2 ** 30, "slept_s": noop.sleep_s}
         result.status = Status.FINISHED
     except Exception as e:  # MemoryError included: the trial fails, the worker lives on
         result.status, result.reason = Status.FAILED, failure_reason(e)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from jobs.config import DtypeConfig, QuantConfig
 from kernels import formats, metrics
 from kernels.catalog import BlockSpec, get_format
 from kernels.registry import Kernel, get_kernel
@@ -24,14 +25,15 @@ KV_ATTENTION = "quantsweep_kv_sdpa"
 KNOBS = ("rounding", "scale_rule", "overflow", "symmetric")
 
 
-def weight_knobs(dtype_cfg: dict, seed: int) -> dict:
-    return {"fmt": dtype_cfg["format"], "granularity": dtype_cfg["granularity"],
-            "group_size": dtype_cfg["group_size"], "seed": seed, **{k: dtype_cfg[k] for k in KNOBS}}
+def weight_knobs(dtype_cfg: DtypeConfig, seed: int) -> dict:
+    """``formats.quantize``'s keyword arguments for the dtype's weights."""
+    return {"fmt": dtype_cfg.format, "granularity": dtype_cfg.granularity, "group_size": dtype_cfg.group_size,
+            "seed": seed, **{k: getattr(dtype_cfg, k) for k in KNOBS}}
 
 
-def token_knobs(dtype_cfg: dict, seed: int) -> dict:
+def token_knobs(dtype_cfg: DtypeConfig, seed: int) -> dict:
     """Knobs for activations and the KV cache: one scale per token (row), or MX/NVFP4 blocks along it."""
-    block = isinstance(get_format(dtype_cfg["format"]), BlockSpec)
+    block = isinstance(get_format(dtype_cfg.format), BlockSpec)
     return {**weight_knobs(dtype_cfg, seed), "granularity": "per_block" if block else "per_channel"}
 
 
@@ -84,7 +86,7 @@ def quantize_kv_cache(model: nn.Module, knobs: dict) -> None:
     model.set_attn_implementation(KV_ATTENTION)
 
 
-def apply_dtype(model: nn.Module, dtype_cfg: dict, quant_cfg: dict, kernel_name: str,
+def apply_dtype(model: nn.Module, dtype_cfg: DtypeConfig, quant_cfg: QuantConfig, kernel_name: str,
                 compute_dtype: torch.dtype, seed: int = 0) -> list[dict]:
     """Cast ``model`` to ``compute_dtype`` and quantize what the scheme says.
 
@@ -92,20 +94,20 @@ def apply_dtype(model: nn.Module, dtype_cfg: dict, quant_cfg: dict, kernel_name:
     bits per element and error against the unquantized weight (SQNR dB, relative, max abs).
     """
     model.to(compute_dtype)
-    if dtype_cfg["format"] is None:
+    if dtype_cfg.format is None:
         return []
-    if quant_cfg["kv_cache"]:
+    if quant_cfg.kv_cache:
         quantize_kv_cache(model, token_knobs(dtype_cfg, seed))
-    if not (quant_cfg["weights"] or quant_cfg["activations"]):
+    if not (quant_cfg.weights or quant_cfg.activations):
         return []
     kernel = get_kernel(kernel_name)
-    input_knobs = token_knobs(dtype_cfg, seed) if quant_cfg["activations"] else None
+    input_knobs = token_knobs(dtype_cfg, seed) if quant_cfg.activations else None
     rows = []
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not _skipped(n, quant_cfg["skip_layers"])]
+               if isinstance(m, nn.Linear) and not _skipped(n, quant_cfg.skip_layers)]
     for name, linear in targets:
         q = None
-        if quant_cfg["weights"]:
+        if quant_cfg.weights:
             try:
                 q = formats.quantize(linear.weight, **weight_knobs(dtype_cfg, seed))
             except formats.FormatError as e:

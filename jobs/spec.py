@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from jobs.config import BenchConfig, EvalConfig, TrialConfig
 
 
 class Status(str, enum.Enum):
@@ -29,11 +32,11 @@ TRIAL_SECTIONS = ("model", "dtype", "quant", "kernel", "backend", "bench", "eval
 KEYED_RESOURCES = ("accelerator_type",)
 
 
-def context_length(bench: dict, eval_cfg: dict) -> int:
+def context_length(bench: BenchConfig, eval_cfg: EvalConfig) -> int:
     """Tokens one sequence of the trial needs: a bench prompt, its first token and decode
     tokens, or an eval window and the one token an engine must generate after it (an
     engine's ``max_model_len`` must hold the longer)."""
-    return max(bench["prompt_len"] + 1 + bench["decode_tokens"], eval_cfg["seq_len"] + 1)
+    return max(bench.prompt_len + 1 + bench.decode_tokens, eval_cfg.seq_len + 1)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,11 @@ class TrialSpec:
     overrides: tuple[str, ...] = ()  # the Hydra overrides that made this cell
     attempt: int = 1                 # resubmissions are later attempts of the same trial key
     resubmit_overrides: tuple[str, ...] = ()  # overrides given to the resubmission that made this attempt
+
+    @functools.cached_property
+    def settings(self) -> TrialConfig:
+        """``config``, typed: what the trial reads its settings through."""
+        return TrialConfig.from_dict(self.config)
 
 
 @dataclass

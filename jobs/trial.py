@@ -17,6 +17,7 @@ import traceback
 import torch
 
 from jobs import bench, capability, environment, evaluate, models, vllm_backend
+from jobs.config import TrialConfig
 from jobs.quantize import apply_dtype, check_kernel, weight_bytes
 from jobs.spec import Status, TrialResult, TrialSpec, failure_reason
 from kernels.catalog import Unsupported
@@ -76,12 +77,12 @@ class KernelMismatch(Exception):
     """The kernel's numbers disagree with the reference: the trial must not be timed."""
 
 
-def _gate_kernel(model, cfg: dict, dtype: torch.dtype, result: TrialResult) -> None:
+def _gate_kernel(model, cfg: TrialConfig, dtype: torch.dtype, result: TrialResult) -> None:
     """Check the chosen kernel against the torch reference on the model's layer shapes."""
-    name = cfg["kernel"]["name"]
+    name = cfg.kernel.name
     if name == "torch":
         return
-    rows = check_kernel(model, name, dtype, cfg["seed"])
+    rows = check_kernel(model, name, dtype, cfg.seed)
     if not rows:
         return
     result.artifacts["kernel_check.csv"] = _table_csv(rows)
@@ -95,20 +96,20 @@ def _gate_kernel(model, cfg: dict, dtype: torch.dtype, result: TrialResult) -> N
 
 
 def _execute(spec: TrialSpec, result: TrialResult) -> None:
-    cfg = spec.config
-    backend = cfg["backend"]["name"]
+    cfg = spec.settings
+    backend = cfg.backend.name
     if backend not in BACKENDS:
         raise Unsupported(f"backend {backend!r} is not available; available: {', '.join(BACKENDS)}")
-    device = select_device(cfg["device"])
+    device = select_device(cfg.device)
     result.env.update(environment.capture(device))
     capability.check(cfg, device)
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
 
     # The reference: the unquantized model through transformers, whatever the backend.
-    model, tokenizer = models.load_model(cfg["model"], device)
-    windows = evaluate.eval_windows(tokenizer, cfg["eval"], model.config.max_position_embeddings)
-    log.info("reference: %s at %s on %s, %d eval windows", cfg["model"]["name"], model.dtype, device, len(windows))
-    ref_logp = evaluate.log_probs(model, windows, cfg["eval"]["batch_size"], device)
+    model, tokenizer = models.load_model(cfg.model, device)
+    windows = evaluate.eval_windows(tokenizer, cfg.eval, model.config.max_position_embeddings)
+    log.info("reference: %s at %s on %s, %d eval windows", cfg.model.name, model.dtype, device, len(windows))
+    ref_logp = evaluate.log_probs(model, windows, cfg.eval.batch_size, device)
     if backend == "vllm":
         model_config = model.config
         del model  # the engine gets the device to itself
@@ -119,11 +120,11 @@ def _execute(spec: TrialSpec, result: TrialResult) -> None:
         _run_hf(model, cfg, windows, ref_logp, device, result)
 
 
-def _run_hf(model, cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, device: torch.device,
+def _run_hf(model, cfg: TrialConfig, windows: torch.Tensor, ref_logp: torch.Tensor, device: torch.device,
             result: TrialResult) -> None:
-    compute = cfg["dtype"]["compute_dtype"]
+    compute = cfg.dtype.compute_dtype
     compute_dtype = model.dtype if compute == "auto" else models.TORCH_DTYPES[compute]
-    layers = apply_dtype(model, cfg["dtype"], cfg["quant"], cfg["kernel"]["name"], compute_dtype, cfg["seed"])
+    layers = apply_dtype(model, cfg.dtype, cfg.quant, cfg.kernel.name, compute_dtype, cfg.seed)
     _gate_kernel(model, cfg, compute_dtype, result)
     result.metrics["weight_bytes"] = float(weight_bytes(model))
     result.metrics.update(_layer_summary(layers))
@@ -132,13 +133,13 @@ def _run_hf(model, cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, dev
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    log.info("benchmark: %s", cfg["bench"])
-    timing, samples = bench.benchmark(model, cfg["bench"], device, cfg["seed"])
+    log.info("benchmark: %s", cfg.bench)
+    timing, samples = bench.benchmark(model, cfg.bench, device, cfg.seed)
     result.metrics.update(timing)
     result.artifacts["latency_ms.json"] = json.dumps(samples)
 
-    log.info("evaluate: %s", cfg["eval"])
-    logp = evaluate.log_probs(model, windows, cfg["eval"]["batch_size"], device)
+    log.info("evaluate: %s", cfg.eval)
+    logp = evaluate.log_probs(model, windows, cfg.eval.batch_size, device)
     result.metrics.update(evaluate.accuracy_metrics(logp, windows, ref_logp))
     log.info("metrics: %s", result.metrics)
 

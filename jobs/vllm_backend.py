@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from jobs import bench, evaluate, models
+from jobs.config import BenchConfig, TrialConfig
 from jobs.spec import context_length
 from kernels.catalog import Unsupported
 
@@ -71,31 +72,31 @@ def kv_cache_bytes(model_config, dtype: str, tokens: int) -> int:
     return 2 * model_config.num_hidden_layers * kv_heads * head_dim * models.TORCH_DTYPES[dtype].itemsize * tokens
 
 
-def online_quantization(cfg: dict, device: torch.device) -> str | None:
+def online_quantization(cfg: TrialConfig, device: torch.device) -> str | None:
     """vLLM's online quantization for the trial's dtype and quant (None: unquantized); raises
     Unsupported for what vLLM cannot run."""
-    dtype, quant = cfg["dtype"], cfg["quant"]
-    if cfg["kernel"]["name"] != "torch":
-        raise Unsupported(f"backend=vllm computes with vLLM's own kernels; kernel={cfg['kernel']['name']} is for "
+    dtype, quant = cfg.dtype, cfg.quant
+    if cfg.kernel.name != "torch":
+        raise Unsupported(f"backend=vllm computes with vLLM's own kernels; kernel={cfg.kernel.name} is for "
                           "backend=hf (leave kernel at its default, torch)")
-    fmt, scheme = dtype["format"], None
+    fmt, scheme = dtype.format, None
     if fmt is not None:
-        what = f"dtype={dtype['name']} ({fmt} {dtype['granularity']}) with quant={quant['name']}"
+        what = f"dtype={dtype.name} ({fmt} {dtype.granularity}) with quant={quant.name}"
         for knob, default in DEFAULT_KNOBS.items():
-            if dtype[knob] != default:
+            if getattr(dtype, knob) != default:
                 raise Unsupported(f"backend=vllm: {what}: vLLM's online quantization has no dtype.{knob}="
-                                  f"{dtype[knob]} (only {default})")
-        if quant["weights"]:
-            scheme = ONLINE_QUANTIZATION.get((fmt, dtype["granularity"], quant["activations"]))
+                                  f"{getattr(dtype, knob)} (only {default})")
+        if quant.weights:
+            scheme = ONLINE_QUANTIZATION.get((fmt, dtype.granularity, quant.activations))
             if scheme is None:
                 raise Unsupported(f"backend=vllm: vLLM has no online quantization for {what}; it has: "
                                   f"{_supported_schemes()}")
-            if quant["skip_layers"] != ["lm_head"]:
+            if quant.skip_layers != ["lm_head"]:
                 raise Unsupported(f"backend=vllm quantizes every linear layer but lm_head; quant.skip_layers="
-                                  f"{quant['skip_layers']} cannot be honoured")
-        elif quant["activations"]:
+                                  f"{quant.skip_layers} cannot be honoured")
+        elif quant.activations:
             raise Unsupported(f"backend=vllm: vLLM does not quantize activations alone ({what})")
-        if quant["kv_cache"]:
+        if quant.kv_cache:
             # vLLM's fp8 KV cache has one scale per tensor (1.0 without a calibrated checkpoint);
             # quant.kv_cache here means a scale per token and head.
             raise Unsupported(f"backend=vllm: vLLM's KV cache quantization (one scale per tensor) is not "
@@ -105,33 +106,33 @@ def online_quantization(cfg: dict, device: torch.device) -> str | None:
     return scheme
 
 
-def engine_args(cfg: dict, device: torch.device, model_config, sequences: int) -> dict:
+def engine_args(cfg: TrialConfig, device: torch.device, model_config, sequences: int) -> dict:
     """vLLM engine arguments for the trial, whose model has ``model_config`` and which submits up
     to ``sequences`` sequences at once; raises Unsupported for what vLLM cannot run."""
-    backend, compute = cfg["backend"]["vllm"], cfg["dtype"]["compute_dtype"]
-    args = {"dtype": cfg["model"]["dtype"] if compute == "auto" else compute,
+    backend, compute = cfg.backend.vllm, cfg.dtype.compute_dtype
+    args = {"dtype": cfg.model.dtype if compute == "auto" else compute,
             "quantization": online_quantization(cfg, device)}
     args.update(
-        tensor_parallel_size=backend["tensor_parallel_size"],
+        tensor_parallel_size=backend.tensor_parallel_size,
         # Worker processes under this trial's own process, on the GPUs Ray gave it (CUDA_VISIBLE_DEVICES):
         # vLLM's Ray executor would ask the cluster for GPUs this trial already holds.
-        distributed_executor_backend="mp" if backend["tensor_parallel_size"] > 1 else None,
-        max_model_len=backend["max_model_len"] or context_length(cfg["bench"], cfg["eval"]),
-        enforce_eager=backend["enforce_eager"],
+        distributed_executor_backend="mp" if backend.tensor_parallel_size > 1 else None,
+        max_model_len=backend.max_model_len or context_length(cfg.bench, cfg.eval),
+        enforce_eager=backend.enforce_eager,
         # Every repeat sends the same prompts: a prefix-cache hit would time no prefill at all.
         enable_prefix_caching=False,
         disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
-        seed=cfg["seed"],
-        trust_remote_code=cfg["model"]["trust_remote_code"],
+        seed=cfg.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
-    if device.type == "cpu" and backend["gpu_memory_utilization"] is None:
+    if device.type == "cpu" and backend.gpu_memory_utilization is None:
         # vLLM's CPU default sizes the KV cache as a fraction of one NUMA node's RAM less the
         # engine's own RSS, which is negative on a small node (7.6 GiB: 0.76 - 0.77 GiB). The
         # trial needs room for its own sequences only, twice over for vLLM's block rounding.
         tokens = 2 * sequences * args["max_model_len"]
         args["kv_cache_memory_bytes"] = max(KV_CACHE_MIN_BYTES, kv_cache_bytes(model_config, args["dtype"], tokens))
     else:
-        args["gpu_memory_utilization"] = backend["gpu_memory_utilization"] or GPU_MEMORY_UTILIZATION
+        args["gpu_memory_utilization"] = backend.gpu_memory_utilization or GPU_MEMORY_UTILIZATION
     return args
 
 
@@ -158,19 +159,19 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run(cfg: dict, windows: torch.Tensor, ref_logp: torch.Tensor, model_config, device: torch.device,
+def run(cfg: TrialConfig, windows: torch.Tensor, ref_logp: torch.Tensor, model_config, device: torch.device,
         result) -> None:
     """Fill ``result`` with the engine's timings and accuracy; the reference is computed by the
     caller, with the model whose transformers config is ``model_config``."""
-    sequences = max(cfg["bench"]["batch_size"], cfg["backend"]["vllm"]["throughput_requests"], len(windows))
+    sequences = max(cfg.bench.batch_size, cfg.backend.vllm.throughput_requests, len(windows))
     args = engine_args(cfg, device, model_config, sequences)
     vllm = require_vllm()
     vocab_size = model_config.vocab_size
-    top_k = cfg["backend"]["vllm"]["logprobs_top_k"]
+    top_k = cfg.backend.vllm.logprobs_top_k
     top_k = vocab_size if top_k == -1 else min(top_k, vocab_size)
     args["max_logprobs"] = top_k
     result.artifacts["vllm_engine_args.json"] = json.dumps(args, indent=2)
-    path = models.resolve_model_path(cfg["model"])
+    path = models.resolve_model_path(cfg.model)
     # apply_model pickles a function into the engine's processes, which vLLM allows only on request.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     engine_log: list[str] = []
@@ -205,15 +206,14 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _measure(vllm, llm, cfg: dict, windows, ref_logp, vocab_size: int, top_k: int, device, result) -> None:
+def _measure(vllm, llm, cfg: TrialConfig, windows, ref_logp, vocab_size: int, top_k: int, device, result) -> None:
     result.metrics["weight_bytes"] = float(sum(llm.apply_model(weight_bytes)))
-    log.info("benchmark: %s", cfg["bench"])
-    timing, samples = _benchmark(vllm, llm, cfg["bench"], cfg["backend"]["vllm"]["throughput_requests"], vocab_size,
-                                 cfg["seed"])
+    log.info("benchmark: %s", cfg.bench)
+    timing, samples = _benchmark(vllm, llm, cfg.bench, cfg.backend.vllm.throughput_requests, vocab_size, cfg.seed)
     timing["peak_memory_mb"] = _peak_memory_mb(device)
     result.metrics.update(timing)
     result.artifacts["latency_ms.json"] = json.dumps(samples)
-    log.info("evaluate: %s", cfg["eval"])
+    log.info("evaluate: %s", cfg.eval)
     target_logp, top_ids, top_logp = _prompt_logprobs(vllm, llm, windows, top_k)
     result.metrics.update(evaluate.top_k_accuracy_metrics(target_logp, top_ids, top_logp, windows, ref_logp))
     result.metrics["logprobs_top_k"] = float(top_ids.shape[-1])
@@ -225,16 +225,16 @@ def _generate(vllm, llm, prompts: torch.Tensor, params):
                         use_tqdm=False)
 
 
-def _benchmark(vllm, llm, bench_cfg: dict, throughput_requests: int, vocab_size: int, seed: int):
-    batch, prompt_len, new_tokens = bench_cfg["batch_size"], bench_cfg["prompt_len"], bench_cfg["decode_tokens"]
+def _benchmark(vllm, llm, bench_cfg: BenchConfig, throughput_requests: int, vocab_size: int, seed: int):
+    batch, prompt_len, new_tokens = bench_cfg.batch_size, bench_cfg.prompt_len, bench_cfg.decode_tokens
     # The first token comes from the prefill; then decode_tokens steps, as in the hf benchmark.
     params = vllm.SamplingParams(max_tokens=new_tokens + 1, min_tokens=new_tokens + 1, ignore_eos=True,
                                  temperature=0.0, detokenize=False)
     prompts = bench.random_prompts(vocab_size, batch, prompt_len, seed)
     prefill_ms, decode_ms = [], []
-    for i in range(bench_cfg["warmup"] + bench_cfg["repeats"]):
+    for i in range(bench_cfg.warmup + bench_cfg.repeats):
         outputs = _generate(vllm, llm, prompts, params)
-        if i < bench_cfg["warmup"]:
+        if i < bench_cfg.warmup:
             continue
         for out in outputs:
             m = out.metrics

@@ -20,7 +20,7 @@ USAGE = """usage: orchestrator <command> [args]
 commands:
   run [overrides]       run one trial (a sweep of one), e.g.  orchestrator run dtype=int4
   run -m [overrides]    run a sweep, e.g.  orchestrator run -m model=tiny-llama dtype=bf16,int8,int4
-                        or a preset grid:  orchestrator run -m sweep=smoke
+                        or an experiment:  orchestrator run -m experiment=smoke
   run --help            the config groups, their options and Hydra's flags
   submit --address URL -- run -m [overrides]
                         run the sweep's driver on a Ray cluster (Ray Jobs API); prints the sweep id

@@ -47,8 +47,9 @@ def from_hydra(exc: BaseException) -> ConfigError | None:
         return ConfigError(cause.full_key, _override_value(exc, cause.full_key),
                            f"allowed keys {where}: {', '.join(keys)}", problem="unknown key")
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
-        return ConfigError(cause.full_key, getattr(cause, "value", "?"),
-                           f"allowed: {schema.type_name(cause.full_key)}", problem="wrong type")
+        key, keys = cause.full_key, schema.allowed_keys(cause.full_key)
+        allowed = f"{key}.<key>=<value>, keys: {', '.join(keys)}" if keys else schema.type_name(key)
+        return ConfigError(key, getattr(cause, "value", "?"), f"allowed: {allowed}", problem="wrong type")
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         # Any other composition error is bad input too: its own first line, named by the override it quotes.
         text = str(exc).strip()
@@ -57,12 +58,19 @@ def from_hydra(exc: BaseException) -> ConfigError | None:
             return ConfigError(quoted["key"], _override_value(exc, quoted["key"]),
                                f"allowed: +{quoted['key']}=... to add a config that the defaults do not have",
                                problem="not in the defaults list")
+        twice = _ALREADY_THERE.search(text)
+        if twice:
+            group, option = twice["group"], twice["option"]
+            return ConfigError(f"+{group}", option, f"allowed: {group}={option} (drop the +: the defaults "
+                               f"already choose a {group})", problem="already in the defaults list")
         return ConfigError("overrides", "?", "see orchestrator run --help",
                            problem=(text.splitlines() or [type(exc).__name__])[0][:300])
     return None
 
 
 _NO_MATCH = re.compile(r"Could not override '(?P<key>[^']+)'\. No match in the defaults list")
+_ALREADY_THERE = re.compile(r"Multiple values for (?P<group>[\w/.-]+)\. To override a value use "
+                            r"'override (?P=group): (?P<option>[^']*)'")
 
 
 def _override_value(exc: BaseException, key: str) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from jobs.config import TrialConfig
 from jobs.spec import KEYED_RESOURCES, TRIAL_SECTIONS, TrialSpec, context_length
 from kernels import catalog
 from orchestrator import schema
@@ -54,10 +55,11 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
     if model["source"] == "build" and model["build"] is None:
         raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
     _check_dtype(cfg.dtype, cfg.quant)
-    if plain["backend"]["name"] == "vllm":
-        _check_vllm(plain)
     config = trial_config(plain)
-    return TrialSpec(trial_key=trial_key(config), config=config, overrides=cell_overrides(overrides))
+    spec = TrialSpec(trial_key=trial_key(config), config=config, overrides=cell_overrides(overrides))
+    if spec.settings.backend.name == "vllm":
+        _check_vllm(spec.settings)
+    return spec
 
 
 def cell_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
@@ -86,19 +88,19 @@ def _check_dtype(dtype: DictConfig, quant: DictConfig) -> None:
                           problem="quantizes nothing")
 
 
-def _check_vllm(cfg: dict[str, Any]) -> None:
+def _check_vllm(cfg: TrialConfig) -> None:
     """What the engine would refuse only once it is up, refused before anything is submitted."""
-    backend, num_gpus = cfg["backend"]["vllm"], cfg["resources"]["num_gpus"]
-    if backend["logprobs_top_k"] == 0:
+    backend, num_gpus = cfg.backend.vllm, cfg.resources.num_gpus
+    if backend.logprobs_top_k == 0:
         raise ConfigError("backend.vllm.logprobs_top_k", 0, "allowed: -1 (the whole vocabulary) or >= 1")
-    tp = backend["tensor_parallel_size"]
+    tp = backend.tensor_parallel_size
     if tp > 1 and num_gpus < tp:
         raise ConfigError("backend.vllm.tensor_parallel_size", tp,
                           f"allowed: <= resources.num_gpus ({num_gpus:g}); a tensor-parallel trial runs on the GPUs "
                           "Ray gives its task, on one node; set resources.num_gpus too")
-    needed = context_length(cfg["bench"], cfg["eval"])
-    if backend["max_model_len"] is not None and backend["max_model_len"] < needed:
-        raise ConfigError("backend.vllm.max_model_len", backend["max_model_len"],
+    needed = context_length(cfg.bench, cfg.eval)
+    if backend.max_model_len is not None and backend.max_model_len < needed:
+        raise ConfigError("backend.vllm.max_model_len", backend.max_model_len,
                           f"allowed: >= {needed} (bench.prompt_len + 1 + bench.decode_tokens, and eval.seq_len + 1)")
 
 

@@ -1,160 +1,25 @@
 """The config schema: one dataclass per config group, registered in Hydra's ConfigStore.
 
-Hydra type-checks every group against these while composing. Value rules that types
-cannot express (ranges, choices) sit in each field's metadata and are checked by
-:func:`validate`, so every bad value is refused before anything is submitted.
+A trial's groups are typed in ``jobs/config.py`` (the data plane reads them); the sweep's
+own (cluster, tracking, sweep) here. Hydra type-checks every group against these while
+composing. Value rules that types cannot express (ranges, choices) sit in each field's
+metadata and are checked by :func:`validate`, so every bad value is refused before
+anything is submitted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from kernels.catalog import FORMATS, GRANULARITIES, KERNELS, OVERFLOWS, ROUNDINGS, SCALE_RULES
+from jobs.config import (BackendConfig, BenchConfig, DtypeConfig, EvalConfig, KernelConfig, ModelConfig,
+                         QuantConfig, TrialConfig, nested_schema, rule, type_hints)
 from orchestrator.errors import ConfigError
-
-TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-def rule(default: Any = MISSING, *, choices: Optional[tuple] = None, ge: Optional[float] = None,
-         gt: Optional[float] = None, le: Optional[float] = None, **kwargs) -> Any:
-    """A dataclass field with a value rule checked by :func:`validate`."""
-    metadata = {k: v for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le)) if v is not None}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata, **kwargs)
-
-
-@dataclass
-class TinyModelBuild:
-    """How ``model.source=build`` builds and trains a small Llama."""
-    train_text: str = "stdlib-docs"
-    vocab_size: int = rule(2048, ge=256)
-    hidden_size: int = rule(256, ge=16)
-    intermediate_size: int = rule(768, ge=16)
-    num_layers: int = rule(2, ge=1)
-    num_heads: int = rule(4, ge=1)
-    max_seq_len: int = rule(512, ge=16)
-    train_steps: int = rule(400, ge=10)
-    train_batch_size: int = rule(16, ge=1)
-    train_seq_len: int = rule(128, ge=8)
-    lr: float = rule(3e-3, gt=0)
-    seed: int = rule(0, ge=0, le=2 ** 32 - 1)
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    source: str = rule("hub", choices=("hub", "path", "build"))
-    path: Optional[str] = None  # HF hub id (source=hub) or a local directory (source=path)
-    dtype: str = rule("bfloat16", choices=TORCH_DTYPE_NAMES)  # the unquantized reference's dtype
-    trust_remote_code: bool = False
-    build: Optional[TinyModelBuild] = None
-
-
-@dataclass
-class DtypeConfig:
-    """A number format and its knobs (see kernels/formats.py). format=null: a plain cast."""
-    name: str = MISSING
-    compute_dtype: str = rule("auto", choices=("auto",) + TORCH_DTYPE_NAMES)  # auto: model.dtype
-    format: Optional[str] = rule(None, choices=(None,) + tuple(FORMATS))
-    granularity: str = rule("per_channel", choices=GRANULARITIES)
-    group_size: int = rule(128, ge=1)
-    rounding: str = rule("nearest", choices=ROUNDINGS)
-    scale_rule: Optional[str] = rule(None, choices=(None,) + SCALE_RULES)  # None: the format's default
-    overflow: str = rule("saturate", choices=OVERFLOWS)
-    symmetric: bool = True
-
-
-@dataclass
-class QuantConfig:
-    """The scheme: what the dtype's format is applied to."""
-    name: str = MISSING
-    weights: bool = True
-    activations: bool = False  # dynamic, one scale per token
-    kv_cache: bool = False     # keys and values, per token and head
-    skip_layers: list[str] = rule(["lm_head"])  # names or fnmatch patterns kept unquantized
-
-
-@dataclass
-class KernelConfig:
-    name: str = rule("torch", choices=KERNELS)
-
-
-@dataclass
-class VllmOptions:
-    """backend=vllm: vLLM's offline engine (``vllm.LLM``); engine arguments not named here are vLLM's defaults."""
-    # > 1: the trial's GPUs (resources.num_gpus, one Ray task, so one node) as vLLM worker processes.
-    tensor_parallel_size: int = rule(1, ge=1)
-    max_model_len: Optional[int] = rule(None, ge=2)  # None: what the bench and eval need
-    enforce_eager: bool = False  # True: no torch.compile and no CUDA graphs (faster start, slower steps)
-    # Fraction of device memory for weights, activations and the KV cache. None: 0.9 on a GPU;
-    # on the CPU a KV cache sized to the trial's sequences (vLLM's fraction of a NUMA node's RAM
-    # fails on small nodes).
-    gpu_memory_utilization: Optional[float] = rule(None, gt=0, le=1)
-    # Prompt log-probs per position for KL and top-1: the engine's top-k tokens (plus the
-    # actual one). -1: the whole vocabulary (exact KL; slow for large vocabularies).
-    logprobs_top_k: int = rule(256, ge=-1)
-    throughput_requests: int = rule(64, ge=1)  # offline throughput: requests submitted at once
-
-
-@dataclass
-class NoopOptions:
-    """backend=noop: no model work, for measuring the orchestrator's own overhead and for
-    exercising scheduling and faults."""
-    sleep_s: float = rule(0.0, ge=0)      # how long the trial sleeps
-    allocate_gb: float = rule(0.0, ge=0)  # host memory the trial allocates (out-of-memory tests)
-
-
-@dataclass
-class BackendConfig:
-    """The inference engine: hf (transformers + torch, eager), vllm, or noop.
-
-    Each backend's options sit under its own name (``backend.vllm.enforce_eager``), so one
-    override serves a sweep over backends; a trial's config keeps only its own backend's.
-    """
-    name: str = rule("hf", choices=("hf", "vllm", "noop"))
-    vllm: VllmOptions = field(default_factory=VllmOptions)
-    noop: NoopOptions = field(default_factory=NoopOptions)
-
-
-@dataclass
-class BenchConfig:
-    batch_size: int = rule(1, ge=1)
-    prompt_len: int = rule(128, ge=1)
-    decode_tokens: int = rule(32, ge=1)
-    warmup: int = rule(2, ge=0)
-    repeats: int = rule(5, ge=1)
-
-
-@dataclass
-class EvalConfig:
-    text: str = "stdlib-docs"  # a shipped text's name or a path to a UTF-8 file
-    seq_len: int = rule(256, ge=2)
-    max_tokens: int = rule(16384, ge=2)
-    batch_size: int = rule(8, ge=1)
-
-
-@dataclass
-class ResourcesConfig:
-    """What one trial asks of the cluster (Ray resources), and how long it may run.
-
-    A trial is one Ray task, so its GPUs are always on one node (what a tensor-parallel
-    trial needs); Ray sets CUDA_VISIBLE_DEVICES to exactly those GPUs.
-    """
-    # Upper bounds: what one Ray node could hold (Ray keeps resource amounts as fixed-point int64).
-    num_cpus: float = rule(1.0, ge=0, le=100_000)
-    num_gpus: float = rule(0.0, ge=0, le=1_000)
-    memory_gb: Optional[float] = rule(None, gt=0, le=100_000)  # Ray's logical `memory` resource
-    accelerator_type: Optional[str] = None         # e.g. H100, A100 (Ray's accelerator_type:<name>)
-    timeout_s: Optional[float] = rule(None, gt=0)  # from the trial's start; then TIMEOUT, its worker killed
 
 
 @dataclass
@@ -195,20 +60,11 @@ class SweepConfig:
 
 
 @dataclass
-class RootConfig:
-    model: ModelConfig = MISSING
-    dtype: DtypeConfig = MISSING
-    quant: QuantConfig = MISSING
-    kernel: KernelConfig = MISSING
-    backend: BackendConfig = MISSING
-    bench: BenchConfig = MISSING
-    eval: EvalConfig = MISSING
+class RootConfig(TrialConfig):
+    """A trial's config and where it runs and is recorded: the same for every cell of a sweep."""
     cluster: ClusterConfig = MISSING
     tracking: TrackingConfig = MISSING
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    device: str = rule("auto", choices=("auto", "cpu", "cuda"))
-    seed: int = rule(0, ge=0, le=2 ** 32 - 1)  # numpy's seeds are 32-bit
 
 
 GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "quant": QuantConfig, "kernel": KernelConfig,
@@ -228,26 +84,14 @@ def _fmt_choices(choices: tuple) -> str:
     return ", ".join("null" if c is None else str(c) for c in choices)
 
 
-def _nested_schema(tp: Any) -> Optional[type]:
-    for candidate in (tp, *typing.get_args(tp)):
-        if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
-
-
-@functools.cache
-def _type_hints(schema: type) -> dict[str, Any]:
-    return typing.get_type_hints(schema)  # evaluates the string annotations: slow, so once per schema
-
-
 def validate(cfg: DictConfig | dict, schema: type = RootConfig, prefix: str = "") -> None:
     """Check every field rule; raise :class:`ConfigError` naming the first bad key."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
-    hints = _type_hints(schema)
+    hints = type_hints(schema)
     for f in dataclasses.fields(schema):
         key, value = prefix + f.name, cfg[f.name]
-        nested = _nested_schema(hints[f.name])
+        nested = nested_schema(hints[f.name])
         if nested is not None and isinstance(value, dict):
             validate(value, nested, key + ".")
             continue
@@ -270,8 +114,8 @@ def _schema_at(path: str) -> Any:
     """The dataclass (or field type) at a dotted ``path`` of the schema; None if not there."""
     node: Any = RootConfig
     for part in filter(None, path.split(".")):
-        schema = _nested_schema(node)
-        hints = _type_hints(schema) if schema else {}
+        schema = nested_schema(node)
+        hints = type_hints(schema) if schema else {}
         if part not in hints:
             return None
         node = hints[part]
@@ -280,7 +124,7 @@ def _schema_at(path: str) -> Any:
 
 def allowed_keys(path: str) -> list[str]:
     """The keys the schema allows under a dotted ``path`` ('' for the root)."""
-    schema = _nested_schema(_schema_at(path))
+    schema = nested_schema(_schema_at(path))
     return [f.name for f in dataclasses.fields(schema)] if schema else []
 
 

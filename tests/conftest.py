@@ -38,15 +38,14 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_cfg(model_cache) -> dict:
     """The model section of the default config (model=tiny-llama), built into the cache."""
-    from omegaconf import OmegaConf
-
+    from jobs.config import TrialConfig
     from jobs.models import ensure_built
     from orchestrator.plan import trial_config
     from tests.helpers import compose
 
-    cfg = compose()
-    ensure_built(OmegaConf.to_container(cfg.model.build))
-    return trial_config(cfg)["model"]
+    config = trial_config(compose())
+    ensure_built(TrialConfig.from_dict(config).model.build)
+    return config["model"]
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ LLAMA_8B = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_val
 
 
 def _config(*overrides):
-    return trial_spec(compose("backend=vllm", *overrides), overrides).config
+    return trial_spec(compose("backend=vllm", *overrides), overrides).settings
 
 
 def engine_args(cfg, device, sequences=4):

@@ -18,12 +18,12 @@ BAD_INPUT = [
     (["-m", "dtype=bf16,int4,fp7"], "dtype=fp7: no such dtype config"),
     (["-m", "dtype=int8,int4", "bench.repeats=0"], "bench.repeats=0: invalid value; allowed: >= 1"),
     (["-m", "dtype=int8", "tracking.uri=sqlite:///a.db,sqlite:///b.db"], "tracking.uri=sqlite:///b.db: varies across the sweep; one value for the whole sweep (first cell: sqlite:///a.db)"),
-    (["-m", "sweep=smok"], "sweep=smok: no such sweep config; allowed: smoke"),
-    (["-m", "experiment=nope"], "experiment=nope: not in the defaults list; allowed: +experiment="),
-    (["-m", "+experiment=nope"], "experiment=nope: no such experiment config; allowed: int4-group-sizes"),
+    (["-m", "experiment=smok"], "experiment=smok: no such experiment config; allowed: int4-group-sizes, llama-8b-gpu, smoke"),
+    (["-m", "+experiment=smoke"], "+experiment=smoke: already in the defaults list; allowed: experiment=smoke (drop the +"),
+    (["-m", "sweep=smoke"], "sweep=smoke: wrong type; allowed: sweep.<key>=<value>, keys: name, id, reuse"),
     (["-m", "sweep.name=résumé"], "sweep.name=résumé: cannot be parsed; allowed: key=value in Hydra's override syntax"),
     (["-m", "seed=range(0,"], "seed=range(0,: cannot be parsed"),
-    (["+dtype=int4"], "Multiple values for dtype"),
+    (["+dtype=int4"], "+dtype=int4: already in the defaults list; allowed: dtype=int4"),
     (["-m", "seed=-1"], "seed=-1: invalid value; allowed: >= 0"),
     (["-m", "resources.memory_gb=1e300"], "resources.memory_gb=1e+300: invalid value; allowed: <= 100000"),
     (["-m", "resources.timeout_s=nan"], "resources.timeout_s=nan: invalid value; allowed: a finite number"),
@@ -57,7 +57,7 @@ def test_a_dead_tracking_uri_is_refused_in_seconds(run_cli, tmp_path, command):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates_every_cell(run_cli, experiment):
-    proc = run_cli("run", "-m", f"+experiment={experiment}", "hydra.launcher.plan_only=true")
+    proc = run_cli("run", "-m", f"experiment={experiment}", "hydra.launcher.plan_only=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^\d+ cells, \d+ distinct trials, all valid:", proc.stdout, re.M), proc.stdout
 

@@ -8,7 +8,7 @@ from orchestrator import plan
 from orchestrator.compose import compose
 
 GRID = ["dtype=int4,int8", "dtype.group_size=32,64", "quant=weight_only,w_a_dynamic", "bench.batch_size=2",
-        "resources.num_cpus=0.5", "seed=1,2", "+experiment=int4-group-sizes"]
+        "resources.num_cpus=0.5", "seed=1,2", "experiment=int4-group-sizes"]
 PLANNED = re.compile(r"^  ([0-9a-f]{16})  (.*?)  \[(.*)\]", re.M)
 
 

@@ -1,0 +1,207 @@
+"""A trial's config, typed: one dataclass per config group.
+
+The orchestrator's schema (``orchestrator/schema.py``) registers these with Hydra, which
+type-checks every group against them while composing; value rules that types cannot express
+(ranges, choices) sit in each field's metadata. A trial reads its settings through
+:class:`TrialConfig` (``TrialSpec.settings``), made from the plain dict that travels in its
+spec and makes up its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from kernels.catalog import FORMATS, GRANULARITIES, KERNELS, OVERFLOWS, ROUNDINGS, SCALE_RULES
+
+TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def rule(default: Any = MISSING, *, choices: Optional[tuple] = None, ge: Optional[float] = None,
+         gt: Optional[float] = None, le: Optional[float] = None, **kwargs) -> Any:
+    """A dataclass field with a value rule checked by :func:`validate`."""
+    metadata = {k: v for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class TinyModelBuild:
+    """How ``model.source=build`` builds and trains a small Llama."""
+    train_text: str = "stdlib-docs"
+    vocab_size: int = rule(2048, ge=256)
+    hidden_size: int = rule(256, ge=16)
+    intermediate_size: int = rule(768, ge=16)
+    num_layers: int = rule(2, ge=1)
+    num_heads: int = rule(4, ge=1)
+    max_seq_len: int = rule(512, ge=16)
+    train_steps: int = rule(400, ge=10)
+    train_batch_size: int = rule(16, ge=1)
+    train_seq_len: int = rule(128, ge=8)
+    lr: float = rule(3e-3, gt=0)
+    seed: int = rule(0, ge=0, le=2 ** 32 - 1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = rule("hub", choices=("hub", "path", "build"))
+    path: Optional[str] = None  # HF hub id (source=hub) or a local directory (source=path)
+    dtype: str = rule("bfloat16", choices=TORCH_DTYPE_NAMES)  # the unquantized reference's dtype
+    trust_remote_code: bool = False
+    build: Optional[TinyModelBuild] = None
+
+
+@dataclass
+class DtypeConfig:
+    """A number format and its knobs (see kernels/formats.py). format=null: a plain cast."""
+    name: str = MISSING
+    compute_dtype: str = rule("auto", choices=("auto",) + TORCH_DTYPE_NAMES)  # auto: model.dtype
+    format: Optional[str] = rule(None, choices=(None,) + tuple(FORMATS))
+    granularity: str = rule("per_channel", choices=GRANULARITIES)
+    group_size: int = rule(128, ge=1)
+    rounding: str = rule("nearest", choices=ROUNDINGS)
+    scale_rule: Optional[str] = rule(None, choices=(None,) + SCALE_RULES)  # None: the format's default
+    overflow: str = rule("saturate", choices=OVERFLOWS)
+    symmetric: bool = True
+
+
+@dataclass
+class QuantConfig:
+    """The scheme: what the dtype's format is applied to."""
+    name: str = MISSING
+    weights: bool = True
+    activations: bool = False  # dynamic, one scale per token
+    kv_cache: bool = False     # keys and values, per token and head
+    skip_layers: list[str] = rule(["lm_head"])  # names or fnmatch patterns kept unquantized
+
+
+@dataclass
+class KernelConfig:
+    name: str = rule("torch", choices=KERNELS)
+
+
+@dataclass
+class VllmOptions:
+    """backend=vllm: vLLM's offline engine (``vllm.LLM``); engine arguments not named here are vLLM's defaults."""
+    # > 1: the trial's GPUs (resources.num_gpus, one Ray task, so one node) as vLLM worker processes.
+    tensor_parallel_size: int = rule(1, ge=1)
+    max_model_len: Optional[int] = rule(None, ge=2)  # None: what the bench and eval need
+    enforce_eager: bool = False  # True: no torch.compile and no CUDA graphs (faster start, slower steps)
+    # Fraction of device memory for weights, activations and the KV cache. None: 0.9 on a GPU;
+    # on the CPU a KV cache sized to the trial's sequences (vLLM's fraction of a NUMA node's RAM
+    # fails on small nodes).
+    gpu_memory_utilization: Optional[float] = rule(None, gt=0, le=1)
+    # Prompt log-probs per position for KL and top-1: the engine's top-k tokens (plus the
+    # actual one). -1: the whole vocabulary (exact KL; slow for large vocabularies).
+    logprobs_top_k: int = rule(256, ge=-1)
+    throughput_requests: int = rule(64, ge=1)  # offline throughput: requests submitted at once
+
+
+@dataclass
+class NoopOptions:
+    """backend=noop: no model work, for measuring the orchestrator's own overhead and for
+    exercising scheduling and faults."""
+    sleep_s: float = rule(0.0, ge=0)      # how long the trial sleeps
+    allocate_gb: float = rule(0.0, ge=0)  # host memory the trial allocates (out-of-memory tests)
+
+
+@dataclass
+class BackendConfig:
+    """The inference engine: hf (transformers + torch, eager), vllm, or noop.
+
+    Each backend's options sit under its own name (``backend.vllm.enforce_eager``), so one
+    override serves a sweep over backends; a trial's config keeps only its own backend's.
+    """
+    name: str = rule("hf", choices=("hf", "vllm", "noop"))
+    vllm: VllmOptions = field(default_factory=VllmOptions)
+    noop: NoopOptions = field(default_factory=NoopOptions)
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int = rule(1, ge=1)
+    prompt_len: int = rule(128, ge=1)
+    decode_tokens: int = rule(32, ge=1)
+    warmup: int = rule(2, ge=0)
+    repeats: int = rule(5, ge=1)
+
+
+@dataclass
+class EvalConfig:
+    text: str = "stdlib-docs"  # a shipped text's name or a path to a UTF-8 file
+    seq_len: int = rule(256, ge=2)
+    max_tokens: int = rule(16384, ge=2)
+    batch_size: int = rule(8, ge=1)
+
+
+@dataclass
+class ResourcesConfig:
+    """What one trial asks of the cluster (Ray resources), and how long it may run.
+
+    A trial is one Ray task, so its GPUs are always on one node (what a tensor-parallel
+    trial needs); Ray sets CUDA_VISIBLE_DEVICES to exactly those GPUs.
+    """
+    # Upper bounds: what one Ray node could hold (Ray keeps resource amounts as fixed-point int64).
+    num_cpus: float = rule(1.0, ge=0, le=100_000)
+    num_gpus: float = rule(0.0, ge=0, le=1_000)
+    memory_gb: Optional[float] = rule(None, gt=0, le=100_000)  # Ray's logical `memory` resource
+    accelerator_type: Optional[str] = None         # e.g. H100, A100 (Ray's accelerator_type:<name>)
+    timeout_s: Optional[float] = rule(None, gt=0)  # from the trial's start; then TIMEOUT, its worker killed
+
+
+
+@dataclass
+class TrialConfig:
+    """The config a trial computes from (``jobs.spec.TRIAL_SECTIONS``) and the resources it asks for."""
+    model: ModelConfig = MISSING
+    dtype: DtypeConfig = MISSING
+    quant: QuantConfig = MISSING
+    kernel: KernelConfig = MISSING
+    backend: BackendConfig = MISSING
+    bench: BenchConfig = MISSING
+    eval: EvalConfig = MISSING
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    device: str = rule("auto", choices=("auto", "cpu", "cuda"))
+    seed: int = rule(0, ge=0, le=2 ** 32 - 1)  # numpy's seeds are 32-bit
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "TrialConfig":
+        return build(cls, config)
+
+
+def nested_schema(tp: Any) -> Optional[type]:
+    """The dataclass a field's type names (``X`` or ``Optional[X]``), or None."""
+    for candidate in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+@functools.cache
+def type_hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)  # evaluates the string annotations: slow, so once per schema
+
+
+def build(schema: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """``schema`` filled from plain ``data``: nested dicts become their dataclasses, absent keys take
+    their defaults; an unknown key or a required one left missing raises ValueError."""
+    hints, names = type_hints(schema), {f.name for f in dataclasses.fields(schema)}
+    for key in data:
+        if key not in names:
+            raise ValueError(f"{prefix}{key}: not a key of {schema.__name__}; allowed: {', '.join(sorted(names))}")
+    values = {}
+    for f in dataclasses.fields(schema):
+        if f.name not in data:
+            if f.default is MISSING:
+                raise ValueError(f"{prefix}{f.name}: missing")
+            continue
+        value, nested = data[f.name], nested_schema(hints[f.name])
+        values[f.name] = build(nested, value, f"{prefix}{f.name}.") if nested and isinstance(value, dict) else value
+    return schema(**values)
