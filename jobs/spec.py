@@ -30,6 +30,9 @@ class Status(str, enum.Enum):
 # config also holds all its resources, so it can be run again as it first ran.
 TRIAL_SECTIONS = ("model", "dtype", "quant", "kernel", "backend", "bench", "eval", "device", "seed")
 KEYED_RESOURCES = ("accelerator_type",)
+# A trial's per-window accuracy means (jobs/evaluate.py writes it, the report pairs it with the baseline's).
+EVAL_WINDOWS_FILE = "eval_windows.csv"
+EVAL_WINDOW_COLUMNS = ("window", "nll", "reference_nll", "kl_divergence", "top1_agreement")
 
 
 def context_length(bench: BenchConfig, eval_cfg: EvalConfig) -> int:

@@ -16,7 +16,7 @@ import traceback
 
 import torch
 
-from jobs import bench, capability, environment, evaluate, models, vllm_backend
+from jobs import bench, capability, environment, evaluate, models, reference, vllm_backend
 from jobs.config import TrialConfig
 from jobs.quantize import apply_dtype, check_kernel, weight_bytes
 from jobs.spec import Status, TrialResult, TrialSpec, failure_reason
@@ -105,22 +105,24 @@ def _execute(spec: TrialSpec, result: TrialResult) -> None:
     capability.check(cfg, device)
     torch.manual_seed(cfg.seed)
 
-    # The reference: the unquantized model through transformers, whatever the backend.
+    # The reference: the unquantized model through transformers, whatever the backend; stored
+    # once per node and shared (jobs/reference.py).
     model, tokenizer = models.load_model(cfg.model, device)
     windows = evaluate.eval_windows(tokenizer, cfg.eval, model.config.max_position_embeddings)
     log.info("reference: %s at %s on %s, %d eval windows", cfg.model.name, model.dtype, device, len(windows))
-    ref_logp = evaluate.log_probs(model, windows, cfg.eval.batch_size, device)
+    ref, computed = reference.ensure_reference(model, cfg.model, windows, cfg.eval.batch_size, device)
+    result.env["reference"] = f"{ref.folder.name} ({'computed' if computed else 'shared'})"
     if backend == "vllm":
         model_config = model.config
         del model  # the engine gets the device to itself
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        vllm_backend.run(cfg, windows, ref_logp, model_config, device, result)
+        vllm_backend.run(cfg, windows, ref, model_config, device, result)
     else:
-        _run_hf(model, cfg, windows, ref_logp, device, result)
+        _run_hf(model, cfg, windows, ref, device, result)
 
 
-def _run_hf(model, cfg: TrialConfig, windows: torch.Tensor, ref_logp: torch.Tensor, device: torch.device,
+def _run_hf(model, cfg: TrialConfig, windows: torch.Tensor, ref: reference.Reference, device: torch.device,
             result: TrialResult) -> None:
     compute = cfg.dtype.compute_dtype
     compute_dtype = model.dtype if compute == "auto" else models.TORCH_DTYPES[compute]
@@ -139,8 +141,7 @@ def _run_hf(model, cfg: TrialConfig, windows: torch.Tensor, ref_logp: torch.Tens
     result.artifacts["latency_ms.json"] = json.dumps(samples)
 
     log.info("evaluate: %s", cfg.eval)
-    logp = evaluate.log_probs(model, windows, cfg.eval.batch_size, device)
-    result.metrics.update(evaluate.accuracy_metrics(logp, windows, ref_logp))
+    evaluate.record(evaluate.score_model(model, windows, cfg.eval.batch_size, device, ref), result)
     log.info("metrics: %s", result.metrics)
 
 

@@ -37,6 +37,7 @@ import torch
 
 from jobs import bench, evaluate, models
 from jobs.config import BenchConfig, TrialConfig
+from jobs.reference import Reference
 from jobs.spec import context_length
 from kernels.catalog import Unsupported
 
@@ -159,7 +160,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run(cfg: TrialConfig, windows: torch.Tensor, ref_logp: torch.Tensor, model_config, device: torch.device,
+def run(cfg: TrialConfig, windows: torch.Tensor, ref: Reference, model_config, device: torch.device,
         result) -> None:
     """Fill ``result`` with the engine's timings and accuracy; the reference is computed by the
     caller, with the model whose transformers config is ``model_config``."""
@@ -182,7 +183,7 @@ def run(cfg: TrialConfig, windows: torch.Tensor, ref_logp: torch.Tensor, model_c
             llm = vllm.LLM(model=path, tokenizer=path, **args)
             result.metrics["engine_start_s"] = time.perf_counter() - started
             try:
-                _measure(vllm, llm, cfg, windows, ref_logp, vocab_size, top_k, device, result)
+                _measure(vllm, llm, cfg, windows, ref, vocab_size, top_k, device, result)
             finally:
                 try:
                     llm.llm_engine.engine_core.shutdown()
@@ -206,7 +207,8 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _measure(vllm, llm, cfg: TrialConfig, windows, ref_logp, vocab_size: int, top_k: int, device, result) -> None:
+def _measure(vllm, llm, cfg: TrialConfig, windows, ref: Reference, vocab_size: int, top_k: int, device,
+             result) -> None:
     result.metrics["weight_bytes"] = float(sum(llm.apply_model(weight_bytes)))
     log.info("benchmark: %s", cfg.bench)
     timing, samples = _benchmark(vllm, llm, cfg.bench, cfg.backend.vllm.throughput_requests, vocab_size, cfg.seed)
@@ -215,7 +217,7 @@ def _measure(vllm, llm, cfg: TrialConfig, windows, ref_logp, vocab_size: int, to
     result.artifacts["latency_ms.json"] = json.dumps(samples)
     log.info("evaluate: %s", cfg.eval)
     target_logp, top_ids, top_logp = _prompt_logprobs(vllm, llm, windows, top_k)
-    result.metrics.update(evaluate.top_k_accuracy_metrics(target_logp, top_ids, top_logp, windows, ref_logp))
+    evaluate.record(evaluate.score_engine(target_logp, top_ids, top_logp, windows, ref, cfg.eval.batch_size), result)
     result.metrics["logprobs_top_k"] = float(top_ids.shape[-1])
     log.info("metrics: %s", result.metrics)
 

@@ -7,6 +7,12 @@ on the same: model, bench, eval, seed, device and GPU type (:func:`pair_key`). A
 each trial gets ``speedup_prefill``, ``speedup_decode``, ``memory_ratio``,
 ``weight_memory_ratio`` and ``perplexity_delta``. A trial without a baseline says so; it is
 never compared with another cell instead.
+
+The trial and its baseline score the same eval windows, so the accuracy deltas are paired:
+their standard errors (``nll_delta_stderr``, ``perplexity_delta_stderr``) come from the
+per-window differences, not from the two runs' own standard errors (which would count the
+windows' shared difficulty twice and call real differences noise). A delta within
+``NOISE_Z`` standard errors of zero is marked ``perplexity_delta_within_noise``.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from jobs.spec import EVAL_WINDOW_COLUMNS as WINDOW_COLUMNS
 from orchestrator import tracking
 from orchestrator.errors import ConfigError
 
@@ -28,8 +36,12 @@ DELTAS = (("speedup_prefill", "prefill_tokens_per_s", "ratio"),
           ("memory_ratio", "peak_memory_mb", "ratio"),
           ("weight_memory_ratio", "weight_bytes", "ratio"),
           ("perplexity_delta", "perplexity", "difference"))
-COMPARISON_METRICS = {name for name, _, _ in DELTAS}
+PAIRED_DELTAS = ("nll_delta", "nll_delta_stderr", "perplexity_delta_stderr", "perplexity_delta_within_noise")
+COMPARISON_METRICS = {name for name, _, _ in DELTAS} | set(PAIRED_DELTAS)
 COMPARISON_TAGS = {"baseline", "baseline_run_id"}
+NOISE_Z = 1.96  # two-sided 95%: a delta closer to zero than this many standard errors is within noise
+MAX_WINDOWS = 1_000_000  # of a stored eval_windows.csv, read back as untrusted input
+
 def pair_key(params: dict[str, str]) -> tuple:
     """What a trial and its baseline share: every param outside COMPARED_SECTIONS, and of the
     resources only the GPU model (what is in the trial key)."""
@@ -83,6 +95,45 @@ def deltas(metrics: dict[str, float], base: dict[str, float]) -> dict[str, float
     return out
 
 
+def parse_windows(text: str) -> dict[str, list[float]]:
+    """A trial's ``eval_windows.csv``, checked as untrusted input (ValueError): the exact columns,
+    windows numbered 0, 1, ... and every value a finite number."""
+    lines = text.splitlines()
+    if not lines or tuple(lines[0].split(",")) != WINDOW_COLUMNS:
+        raise ValueError(f"eval_windows.csv: the header must be {','.join(WINDOW_COLUMNS)}")
+    if len(lines) - 1 > MAX_WINDOWS:
+        raise ValueError(f"eval_windows.csv: more than {MAX_WINDOWS} windows")
+    columns: dict[str, list[float]] = {c: [] for c in WINDOW_COLUMNS[1:]}
+    for i, line in enumerate(lines[1:]):
+        cells = line.split(",")
+        if len(cells) != len(WINDOW_COLUMNS) or cells[0] != str(i):
+            raise ValueError(f"eval_windows.csv: row {i + 1} is not window {i} with {len(WINDOW_COLUMNS)} cells")
+        for column, cell in zip(WINDOW_COLUMNS[1:], cells[1:]):
+            value = float(cell) if len(cell) <= 40 else math.nan
+            if not math.isfinite(value):
+                raise ValueError(f"eval_windows.csv: window {i} {column}={cell[:40]!r} is not a finite number")
+            columns[column].append(value)
+    return columns
+
+
+def paired_deltas(windows: dict[str, list[float]], base: dict[str, list[float]]) -> dict[str, float]:
+    """Accuracy deltas against the baseline with their paired standard errors, from both runs'
+    per-window NLLs (empty unless both scored the same number of windows, at least two)."""
+    a, b = windows.get("nll", []), base.get("nll", [])
+    n = len(a)
+    if n < 2 or len(b) != n:
+        return {}
+    ppl_a, ppl_b = math.exp(statistics.fmean(a)), math.exp(statistics.fmean(b))
+    differences = [x - y for x, y in zip(a, b)]
+    # perplexity delta exp(mean a) - exp(mean b), linearised per window (the delta method)
+    linearised = [ppl_a * x - ppl_b * y for x, y in zip(a, b)]
+    out = {"nll_delta": statistics.fmean(differences),
+           "nll_delta_stderr": statistics.stdev(differences) / math.sqrt(n),
+           "perplexity_delta_stderr": statistics.stdev(linearised) / math.sqrt(n)}
+    out["perplexity_delta_within_noise"] = float(abs(ppl_a - ppl_b) <= NOISE_Z * out["perplexity_delta_stderr"])
+    return out
+
+
 @dataclass
 class Row:
     """One trial key's latest attempt, with its comparison against its baseline."""
@@ -98,6 +149,8 @@ class Row:
     baseline_run_id: Optional[str] = None
     is_baseline: bool = False
     label: str = ""  # the overrides that tell this trial from the others in the sweep
+    windows: dict[str, list[float]] = field(default_factory=dict)  # its per-window means, if it has them
+    windows_problem: str = ""  # why its stored per-window means were not used
 
     def value(self, column: str) -> Any:
         if column == "trial":
@@ -133,7 +186,7 @@ def compare(rows: list[Row], baseline: dict[str, str]) -> None:
         if base.status != "FINISHED":
             row.baseline += f" ({base.status}: nothing to compare with)"
         elif row.status == "FINISHED":
-            row.deltas = deltas(row.metrics, base.metrics)
+            row.deltas = {**deltas(row.metrics, base.metrics), **paired_deltas(row.windows, base.windows)}
 
 
 def notes(rows: list[Row]) -> list[str]:
@@ -145,6 +198,10 @@ def notes(rows: list[Row]) -> list[str]:
             out.append(f"KL and top-1 are against the unquantized model at model.dtype="
                        f"{row.params.get('model.dtype')}; the baseline {row.label} is itself at KL {kl:.3g}, "
                        f"top-1 {row.metrics.get('top1_agreement', math.nan):.1%} from it")
+    for row in rows:
+        if row.windows_problem:
+            out.append(f"{row.label}: its stored per-window means were refused ({row.windows_problem}); "
+                       f"no paired standard error for it or for the trials it is the baseline of")
     missing = [r.label for r in rows if r.baseline.startswith("missing")]
     if missing:
         out.append(f"no baseline for {len(missing)} trials ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"

@@ -26,14 +26,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from jobs.spec import EVAL_WINDOWS_FILE
 from orchestrator import tracking
-from orchestrator.pairing import Row, compare, describe, notes, stored_baseline
+from orchestrator.pairing import NOISE_Z, Row, compare, describe, notes, parse_windows, stored_baseline
 
 LATENCY_MAX_TRIALS = 40
+MAX_WINDOWS_BYTES = 64 * 2**20
 COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
            "speedup_decode", "prefill_tokens_per_s", "speedup_prefill", "peak_memory_mb", "memory_ratio",
-           "weight_memory_ratio", "perplexity", "perplexity_delta", "kl_divergence", "top1_agreement", "baseline",
-           "run_id")
+           "weight_memory_ratio", "perplexity", "perplexity_stderr", "perplexity_delta", "perplexity_delta_stderr",
+           "perplexity_delta_within_noise", "kl_divergence", "kl_divergence_stderr", "kl_divergence_p99_9",
+           "top1_agreement", "top1_agreement_stderr", "baseline", "run_id")
+# Shown in the HTML table and the terminal as "value ± stderr"; the CSV has both columns.
+WITH_STDERR = ("perplexity", "perplexity_delta", "kl_divergence", "top1_agreement")
 
 
 def load(client, parent) -> tuple[list[Row], dict[str, str]]:
@@ -46,6 +51,7 @@ def load(client, parent) -> tuple[list[Row], dict[str, str]]:
         run = max(runs, key=sweep_state.attempt_of)
         rows.append(Row(key, run.info.run_id, run.data.tags.get("overrides", ""), run.data.tags.get("status", "?"),
                         dict(run.data.params), dict(run.data.metrics), dict(run.data.tags)))
+        rows[-1].windows = _eval_windows(client, rows[-1])
     rows.sort(key=lambda r: (r.params.get("model.name", ""), r.overrides))
     # Sweeps from before the tag was written were compared with the default.
     baseline = stored_baseline(parent.data.tags) if "baseline" in parent.data.tags else schema.SweepConfig().baseline
@@ -81,6 +87,25 @@ def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[l
         names = write(folder, parent, rows, baseline, lambda row: _latency_samples(client, row))
         client.log_artifacts(parent.info.run_id, str(folder), "report")
     return rows, names
+
+
+def _eval_windows(client, row: Row) -> dict[str, list[float]]:
+    """A finished trial's per-window accuracy (for paired standard errors); empty for a run without
+    it (noop, or from before it was stored) and for a malformed one, which is noted on the row."""
+    if row.status != "FINISHED" or "nll" not in row.metrics:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(client.download_artifacts(row.run_id, EVAL_WINDOWS_FILE, tmp))
+        except Exception:
+            return {}
+        try:
+            if path.stat().st_size > MAX_WINDOWS_BYTES:
+                raise ValueError(f"{EVAL_WINDOWS_FILE}: larger than {MAX_WINDOWS_BYTES} bytes")
+            return parse_windows(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            row.windows_problem = str(e)[:200]
+            return {}
 
 
 def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
@@ -282,10 +307,24 @@ def _fmt(column: str, value: Any) -> str:
     return str(value)
 
 
+def _cell(row: Row, column: str) -> str:
+    """A table cell: the value, and for WITH_STDERR its standard error and whether it is within noise."""
+    text = _fmt(column, row.value(column))
+    stderr = row.value(f"{column}_stderr") if column in WITH_STDERR else None
+    if text and stderr is not None and math.isfinite(stderr):
+        text += f" ± {_fmt(column, stderr).lstrip('+')}"
+    if column == "perplexity_delta" and row.value("perplexity_delta_within_noise") == 1.0 and not row.is_baseline:
+        text += " (noise)"
+    return text
+
+
+HTML_COLUMNS = tuple(c for c in COLUMNS if not c.endswith(("_stderr", "_within_noise")))
+
+
 def _html(parent, rows: list[Row], baseline: dict[str, str], figures: dict[str, bytes]) -> str:
     sweep_id = parent.data.tags.get("sweep_id", "")
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c, r.value(c)))}</td>" for c in COLUMNS) + "</tr>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in HTML_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, c))}</td>" for c in HTML_COLUMNS) + "</tr>"
                    for r in rows)
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(rows))
     images = "".join(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
@@ -299,7 +338,9 @@ td:first-child{{text-align:left}} img{{max-width:100%}}</style></head>
 <body><h1>Sweep {html.escape(sweep_id)}</h1>
 <p>{len(rows)} trials. Baseline: {html.escape(describe(baseline))}, same model, bench, eval, seed and device.
 Speedups and memory ratios are trial / baseline; perplexity delta is trial minus baseline; KL divergence and
-top-1 agreement are against the unquantized model on the same tokens.</p>
+top-1 agreement are against the unquantized model on the same tokens. ± is one standard error over the eval
+windows; a perplexity delta's is paired (both runs scored the same windows), and "(noise)" marks a delta within
+{NOISE_Z} standard errors of zero.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 {f"<h2>Notes</h2><ul>{items}</ul>" if items else ""}
 {images}
@@ -325,7 +366,8 @@ def print_table(rows: list[Row], sweep_id: str) -> None:
                          min_width=min(24, max([len(r.label) for r in rows] + [5])) if column == "trial" else None,
                          justify="left" if column in ("trial", "status") else "right")
     for r in rows:
-        table.add_row(*(_fmt(c, r.value(c)) for c in shown), style="bold" if r.is_baseline else None)
+        table.add_row(*(_cell(r, c) if c == "perplexity_delta" else _fmt(c, r.value(c)) for c in shown),
+                      style="bold" if r.is_baseline else None)
     console = Console()
     console.print(table)
     for note in notes(rows):

@@ -30,6 +30,15 @@ def test_every_dtype_finishes_with_timing_and_accuracy(results):
         assert 1 < m["perplexity"] < 2048, "the trained tiny model must beat a uniform guess over its vocab"
         assert 0 <= m["top1_agreement"] <= 1
         assert "trial.log" in r.artifacts and "latency_ms.json" in r.artifacts
+        assert m["eval_windows"] == 16 and m["nll_stderr"] > 0 and m["perplexity_stderr"] > 0
+        assert m["kl_divergence_max"] >= m["kl_divergence_p99_9"] >= m["kl_divergence_p50"] >= 0
+        assert r.artifacts["eval_windows.csv"].count("\n") == 17
+
+
+def test_the_trials_share_one_reference(results):
+    folders = {r.env["reference"].split()[0] for r in results.values()}
+    assert len(folders) == 1  # the same model, dtype and eval windows: computed once on this machine
+    assert sum("(computed)" in r.env["reference"] for r in results.values()) <= 1
 
 
 def test_kl_divergence_grows_as_bits_shrink(results):

@@ -90,3 +90,13 @@ def test_a_trial_keeps_only_its_own_backends_options():
     eager = "backend.vllm.enforce_eager=true"
     assert trial_spec(compose("backend=hf", eager), [eager]).trial_key == hf.trial_key
     assert trial_spec(compose("backend=vllm", eager), [eager]).trial_key != vllm.trial_key
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ((), "777219dad3e0ccf1"),
+    (("dtype=int4",), "af2bda50a10a64cf"),
+    (("backend=vllm", "dtype=fp8_e4m3", "quant=w_a_dynamic"), "e5511ffdaf362d81"),
+])
+def test_trial_keys_do_not_move_between_versions(overrides, key):
+    """Keys of sweeps already in a store: a new setting at its default must leave them as they were."""
+    assert trial_spec(compose(*overrides), list(overrides)).trial_key == key

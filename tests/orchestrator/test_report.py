@@ -3,6 +3,8 @@ the files on the parent run. The sweep's runs are written as a driver writes the
 
 import json
 import math
+import re
+import statistics
 
 import pytest
 from mlflow.entities import Metric, Param
@@ -16,7 +18,23 @@ SWEEP = "swp-abc123"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _trial(client, experiment, parent, overrides, status="FINISHED", attempt=1, **metrics):
+def _windows_csv(nll):
+    return "window,nll,reference_nll,kl_divergence,top1_agreement\n" + "".join(
+        f"{i},{v!r},{v!r},0.0,1.0\n" for i, v in enumerate(nll))
+
+
+# Per-window NLLs of the same 20 windows: int8 moves them by much less than their spread from
+# window to window (within noise, once paired), int4 by much more.
+BASE_NLL = [2.3 + 0.1 * math.sin(i) for i in range(20)]
+INT8_NLL = [v + 0.001 + 0.01 * math.cos(7 * i) for i, v in enumerate(BASE_NLL)]
+INT4_NLL = [v + 0.18 + 0.01 * math.cos(3 * i) for i, v in enumerate(BASE_NLL)]
+
+
+def _ppl(nll):
+    return math.exp(sum(nll) / len(nll))
+
+
+def _trial(client, experiment, parent, overrides, status="FINISHED", attempt=1, windows=None, **metrics):
     params = dict(o.split("=", 1) for o in overrides.split())
     flat = {"model.name": params.get("model", "tiny"), "model.dtype": "bfloat16", "dtype.name": params.get("dtype", "bf16"),
             "quant.name": "weight_only", "kernel.name": params.get("kernel", "torch"), "backend.name": "hf",
@@ -29,13 +47,15 @@ def _trial(client, experiment, parent, overrides, status="FINISHED", attempt=1, 
     if status == "FINISHED":
         client.log_text(run.info.run_id, json.dumps({"prefill_ms": [5.0, 6.0], "decode_ms": [1.0, 1.5, 2.0]}),
                         "latency_ms.json")
+    if windows is not None:
+        client.log_text(run.info.run_id, windows, "eval_windows.csv")
     client.set_terminated(run.info.run_id, "FINISHED" if status in ("FINISHED", "UNSUPPORTED") else "FAILED")
     return run.info.run_id
 
 
 def _measured(decode, prefill, memory, ppl, kl, top1=0.99):
     return dict(decode_tokens_per_s=decode, prefill_tokens_per_s=prefill, peak_memory_mb=memory, weight_bytes=memory * 1e6,
-                perplexity=ppl, kl_divergence=kl, top1_agreement=top1)
+                perplexity=ppl, nll=math.log(ppl), kl_divergence=kl, top1_agreement=top1)
 
 
 @pytest.fixture
@@ -47,12 +67,17 @@ def sweep_store(tmp_path):
                                                  "baseline": json.dumps({"dtype": "bf16", "kernel": "torch"})})
     pid = parent.info.run_id
     ids = {
-        "base": _trial(client, experiment, pid, "model=a dtype=bf16 kernel=torch", **_measured(100, 1000, 200, 10.0, 0.0, 1.0)),
-        "int8": _trial(client, experiment, pid, "model=a dtype=int8 kernel=torch", **_measured(150, 1200, 120, 10.5, 0.002)),
+        "base": _trial(client, experiment, pid, "model=a dtype=bf16 kernel=torch", windows=_windows_csv(BASE_NLL),
+                       **_measured(100, 1000, 200, 10.0, 0.0, 1.0)),
+        "int8": _trial(client, experiment, pid, "model=a dtype=int8 kernel=torch", windows=_windows_csv(INT8_NLL),
+                       **_measured(150, 1200, 120, 10.5, 0.002)),
         # A later attempt of the same key wins over the first, which failed.
         "int4_old": _trial(client, experiment, pid, "model=a dtype=int4 kernel=triton", status="FAILED"),
         "int4": _trial(client, experiment, pid, "model=a dtype=int4 kernel=triton", attempt=2,
-                       **_measured(300, 1100, 80, 12.0, 0.05, 0.9)),
+                       windows=_windows_csv(INT4_NLL), **_measured(300, 1100, 80, 12.0, 0.05, 0.9)),
+        # A stored per-window file that is not what a trial writes: refused, noted, not paired.
+        "fp8": _trial(client, experiment, pid, "model=a dtype=fp8_e4m3 kernel=torch",
+                      windows=_windows_csv(INT8_NLL).replace("\n3,", "\n9,"), **_measured(150, 1200, 120, 10.5, 0.002)),
         # Another batch size: its own cell, with no bf16 cell beside it.
         "lonely": _trial(client, experiment, pid, "model=a dtype=int8 kernel=torch bench.batch_size=8",
                          **_measured(400, 4000, 300, 10.5, 0.002)),
@@ -67,7 +92,7 @@ def sweep_store(tmp_path):
 def test_each_trial_gets_its_own_baselines_speedups_and_deltas_logged_on_its_run(sweep_store, tmp_path):
     uri, client, parent_id, ids = sweep_store
     rows, names = report.generate(uri, SWEEP, tmp_path / "out")
-    assert len(rows) == 6  # one row per trial key: the failed first attempt of int4 is not one
+    assert len(rows) == 7  # one row per trial key: the failed first attempt of int4 is not one
 
     int4 = client.get_run(ids["int4"]).data
     assert int4.metrics["speedup_decode"] == 3.0 and int4.metrics["speedup_prefill"] == 1.1
@@ -92,9 +117,42 @@ def test_each_trial_gets_its_own_baselines_speedups_and_deltas_logged_on_its_run
         data = (tmp_path / "out" / name).read_bytes()
         assert data.startswith(PNG) if name.endswith(".png") else data
     csv_lines = (tmp_path / "out" / "comparison.csv").read_text().splitlines()
-    assert len(csv_lines) == 7 and csv_lines[0].startswith("trial,status,model,dtype")
+    assert len(csv_lines) == 8 and csv_lines[0].startswith("trial,status,model,dtype")
     page = (tmp_path / "out" / "comparison.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "3.00x" in page and "no baseline for 1 trials" in page
+
+
+def test_accuracy_deltas_carry_their_paired_standard_error_and_say_when_they_are_noise(sweep_store, tmp_path):
+    uri, client, _, ids = sweep_store
+    report.generate(uri, SWEEP, tmp_path / "out")
+    int8, int4 = client.get_run(ids["int8"]).data.metrics, client.get_run(ids["int4"]).data.metrics
+    differences = [a - b for a, b in zip(INT8_NLL, BASE_NLL)]
+    assert int8["nll_delta"] == pytest.approx(sum(differences) / 20, rel=1e-12)
+    assert int8["nll_delta_stderr"] == pytest.approx(statistics.stdev(differences) / math.sqrt(20), rel=1e-12)
+    linearised = [_ppl(INT8_NLL) * a - _ppl(BASE_NLL) * b for a, b in zip(INT8_NLL, BASE_NLL)]
+    assert int8["perplexity_delta_stderr"] == pytest.approx(statistics.stdev(linearised) / math.sqrt(20), rel=1e-12)
+    # Unpaired, the windows' spread (0.07) would swamp int8's shift; paired, it is 0.002 +- 0.0016.
+    assert int8["nll_delta_stderr"] < 0.003 < statistics.stdev(BASE_NLL) / math.sqrt(20)
+    assert int8["perplexity_delta_within_noise"] == 1.0 and int4["perplexity_delta_within_noise"] == 0.0
+    fp8 = client.get_run(ids["fp8"]).data.metrics
+    assert "perplexity_delta" in fp8 and "perplexity_delta_stderr" not in fp8
+    page = (tmp_path / "out" / "comparison.html").read_text()
+    assert page.count(" (noise)</td>") == 1 and " ± " in page
+    assert "dtype=fp8_e4m3 kernel=torch: its stored per-window means were refused (eval_windows.csv: row 4 is not window 3" in page
+    header = (tmp_path / "out" / "comparison.csv").read_text().splitlines()[0].split(",")
+    assert {"perplexity_delta_stderr", "perplexity_delta_within_noise", "kl_divergence_p99_9"} <= set(header)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("window,nll\n0,1.0\n", "the header must be window,nll,reference_nll,kl_divergence,top1_agreement"),
+    (_windows_csv([1.0, 2.0]).replace("\n1,", "\n0,"), "row 2 is not window 1"),
+    (_windows_csv([1.0]).replace("1.0,1.0,0.0", "nan,1.0,0.0"), "window 0 nll='nan' is not a finite number"),
+    (_windows_csv([1.0]).replace("1.0,1.0,0.0", "1" * 41 + ",1.0,0.0"), "is not a finite number"),
+    (_windows_csv([1.0]).replace(",0.0,", ",__import__('os'),"), "could not convert"),
+])
+def test_a_stored_per_window_file_is_checked_like_input(text, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        pairing.parse_windows(text)
 
 
 def test_report_command_prints_the_table_and_refuses_an_unknown_sweep(sweep_store, capsys, monkeypatch):
