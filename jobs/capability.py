@@ -24,6 +24,13 @@ def _require(package: str, why: str) -> None:
 
 
 def check(cfg: TrialConfig, device: torch.device) -> None:
+    if cfg.eval.tasks:
+        if cfg.backend.name != "hf":
+            raise Unsupported(f"eval.tasks (lm-evaluation-harness) runs on backend=hf's model, not backend="
+                              f"{cfg.backend.name}; the text's perplexity and KL are measured on both")
+        from jobs import tasks
+
+        tasks.require_lm_eval()
     if cfg.backend.name == "vllm":
         from jobs import vllm_backend
 

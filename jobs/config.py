@@ -138,7 +138,12 @@ class EvalConfig:
     text: str = "stdlib-docs"  # a shipped text's name or a path to a UTF-8 file
     seq_len: int = rule(256, ge=2)
     max_tokens: int = rule(16384, ge=2)
-    batch_size: int = rule(8, ge=1)
+    batch_size: int = rule(8, ge=1)  # windows at a time: evaluation holds this many rows of vocab-wide log-probs
+    # lm-evaluation-harness tasks run on the quantized model (backend=hf): shipped ones
+    # (jobs/tasks.py: stdlib_next_word, stdlib_rolling) or any lm-eval task name where a hub is reachable.
+    tasks: list[str] = rule([])
+    task_limit: Optional[int] = rule(None, ge=1)   # examples per task (lm-eval's limit); None: all
+    num_fewshot: Optional[int] = rule(None, ge=0)  # None: each task's own default
 
 
 @dataclass

@@ -33,6 +33,9 @@ KEYED_RESOURCES = ("accelerator_type",)
 # A trial's per-window accuracy means (jobs/evaluate.py writes it, the report pairs it with the baseline's).
 EVAL_WINDOWS_FILE = "eval_windows.csv"
 EVAL_WINDOW_COLUMNS = ("window", "nll", "reference_nll", "kl_divergence", "top1_agreement")
+# Every lm-eval example's score (jobs/tasks.py writes it, the report pairs it with the baseline's for flips).
+TASK_SAMPLES_FILE = "task_samples.csv"
+TASK_SAMPLE_COLUMNS = ("task", "doc_id", "metric", "value")
 
 
 def context_length(bench: BenchConfig, eval_cfg: EvalConfig) -> int:

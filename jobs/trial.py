@@ -16,10 +16,10 @@ import traceback
 
 import torch
 
-from jobs import bench, capability, environment, evaluate, models, reference, vllm_backend
+from jobs import bench, capability, environment, evaluate, models, reference, tasks, vllm_backend
 from jobs.config import TrialConfig
 from jobs.quantize import apply_dtype, check_kernel, weight_bytes
-from jobs.spec import Status, TrialResult, TrialSpec, failure_reason
+from jobs.spec import TASK_SAMPLES_FILE, Status, TrialResult, TrialSpec, failure_reason
 from kernels.catalog import Unsupported
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,10 @@ def _execute(spec: TrialSpec, result: TrialResult) -> None:
             torch.cuda.empty_cache()
         vllm_backend.run(cfg, windows, ref, model_config, device, result)
     else:
-        _run_hf(model, cfg, windows, ref, device, result)
+        _run_hf(model, tokenizer, cfg, windows, ref, device, result)
 
 
-def _run_hf(model, cfg: TrialConfig, windows: torch.Tensor, ref: reference.Reference, device: torch.device,
+def _run_hf(model, tokenizer, cfg: TrialConfig, windows: torch.Tensor, ref: reference.Reference, device: torch.device,
             result: TrialResult) -> None:
     compute = cfg.dtype.compute_dtype
     compute_dtype = model.dtype if compute == "auto" else models.TORCH_DTYPES[compute]
@@ -142,6 +142,10 @@ def _run_hf(model, cfg: TrialConfig, windows: torch.Tensor, ref: reference.Refer
 
     log.info("evaluate: %s", cfg.eval)
     evaluate.record(evaluate.score_model(model, windows, cfg.eval.batch_size, device, ref), result)
+    if cfg.eval.tasks:
+        log.info("lm-eval tasks: %s", cfg.eval.tasks)
+        metrics, result.artifacts[TASK_SAMPLES_FILE] = tasks.run_tasks(model, tokenizer, cfg.eval, device, cfg.seed)
+        result.metrics.update(metrics)
     log.info("metrics: %s", result.metrics)
 
 

@@ -13,6 +13,11 @@ their standard errors (``nll_delta_stderr``, ``perplexity_delta_stderr``) come f
 per-window differences, not from the two runs' own standard errors (which would count the
 windows' shared difficulty twice and call real differences noise). A delta within
 ``NOISE_Z`` standard errors of zero is marked ``perplexity_delta_within_noise``.
+
+lm-eval task metrics are paired the same way, example by example (``<task>.<metric>_delta`` and
+its ``_delta_stderr``), and for a 0/1 score the examples that flipped each way against the
+baseline: ``<task>.<metric>_correct_to_wrong`` and ``_wrong_to_correct`` (fractions of the
+examples both scored). Equal accuracy can hide many flips (arXiv 2407.09141).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from jobs.spec import EVAL_WINDOW_COLUMNS as WINDOW_COLUMNS
+from jobs.spec import TASK_SAMPLE_COLUMNS
 from orchestrator import tracking
 from orchestrator.errors import ConfigError
 
@@ -41,6 +47,14 @@ COMPARISON_METRICS = {name for name, _, _ in DELTAS} | set(PAIRED_DELTAS)
 COMPARISON_TAGS = {"baseline", "baseline_run_id"}
 NOISE_Z = 1.96  # two-sided 95%: a delta closer to zero than this many standard errors is within noise
 MAX_WINDOWS = 1_000_000  # of a stored eval_windows.csv, read back as untrusted input
+MAX_SAMPLES = 5_000_000  # rows of a stored task_samples.csv
+TASK_DELTA_SUFFIXES = ("_delta", "_delta_stderr", "_correct_to_wrong", "_wrong_to_correct")
+_TASK_PART = re.compile(r"[A-Za-z0-9_\-]{1,200}")
+
+
+def is_comparison_metric(name: str) -> bool:
+    """Whether a metric comes from the pairing (so only this report's pairing may set it)."""
+    return name in COMPARISON_METRICS or ("." in name and name.endswith(TASK_DELTA_SUFFIXES))
 
 def pair_key(params: dict[str, str]) -> tuple:
     """What a trial and its baseline share: every param outside COMPARED_SECTIONS, and of the
@@ -116,6 +130,49 @@ def parse_windows(text: str) -> dict[str, list[float]]:
     return columns
 
 
+def parse_samples(text: str) -> dict[tuple[str, str], dict[int, float]]:
+    """A trial's ``task_samples.csv`` as {(task, metric): {doc_id: value}}, checked as untrusted
+    input (ValueError): the exact columns, plain names, integer ids, finite values, no repeats."""
+    lines = text.splitlines()
+    if not lines or tuple(lines[0].split(",")) != TASK_SAMPLE_COLUMNS:
+        raise ValueError(f"task_samples.csv: the header must be {','.join(TASK_SAMPLE_COLUMNS)}")
+    if len(lines) - 1 > MAX_SAMPLES:
+        raise ValueError(f"task_samples.csv: more than {MAX_SAMPLES} rows")
+    out: dict[tuple[str, str], dict[int, float]] = {}
+    for i, line in enumerate(lines[1:], start=2):
+        cells = line.split(",")
+        if len(cells) != 4 or not (_TASK_PART.fullmatch(cells[0]) and _TASK_PART.fullmatch(cells[2])
+                                   and cells[1].isdigit() and len(cells[1]) <= 12 and len(cells[3]) <= 40):
+            raise ValueError(f"task_samples.csv: line {i} is not task,doc_id,metric,value")
+        value = float(cells[3])
+        scores = out.setdefault((cells[0], cells[2]), {})
+        if not math.isfinite(value) or int(cells[1]) in scores:
+            raise ValueError(f"task_samples.csv: line {i}: a repeated example or a value that is not finite")
+        scores[int(cells[1])] = value
+    return out
+
+
+def task_deltas(samples: dict[tuple[str, str], dict[int, float]],
+                base: dict[tuple[str, str], dict[int, float]]) -> dict[str, float]:
+    """Each task metric's paired delta against the baseline over the examples both scored, and
+    for 0/1 scores the fraction that flipped each way."""
+    out = {}
+    for (task, metric), scores in samples.items():
+        theirs = base.get((task, metric), {})
+        both = sorted(scores.keys() & theirs.keys())
+        if not both:
+            continue
+        name = f"{task}.{metric}"
+        differences = [scores[d] - theirs[d] for d in both]
+        out[f"{name}_delta"] = statistics.fmean(differences)
+        if len(both) > 1:
+            out[f"{name}_delta_stderr"] = statistics.stdev(differences) / math.sqrt(len(both))
+        if {scores[d] for d in both} | {theirs[d] for d in both} <= {0.0, 1.0}:
+            out[f"{name}_correct_to_wrong"] = sum(theirs[d] > scores[d] for d in both) / len(both)
+            out[f"{name}_wrong_to_correct"] = sum(theirs[d] < scores[d] for d in both) / len(both)
+    return out
+
+
 def paired_deltas(windows: dict[str, list[float]], base: dict[str, list[float]]) -> dict[str, float]:
     """Accuracy deltas against the baseline with their paired standard errors, from both runs'
     per-window NLLs (empty unless both scored the same number of windows, at least two)."""
@@ -150,7 +207,8 @@ class Row:
     is_baseline: bool = False
     label: str = ""  # the overrides that tell this trial from the others in the sweep
     windows: dict[str, list[float]] = field(default_factory=dict)  # its per-window means, if it has them
-    windows_problem: str = ""  # why its stored per-window means were not used
+    samples: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)  # its lm-eval examples' scores
+    windows_problem: str = ""  # why its stored per-window means or task samples were not used
 
     def value(self, column: str) -> Any:
         if column == "trial":
@@ -159,7 +217,7 @@ class Row:
             return self.params.get(f"{column}.name", "")
         if column in ("status", "baseline", "run_id"):
             return getattr(self, column)
-        if column in COMPARISON_METRICS:  # from this report's pairing only, never a stale logged value
+        if is_comparison_metric(column):  # from this report's pairing only, never a stale logged value
             return self.deltas.get(column)
         return self.metrics.get(column)
 
@@ -186,7 +244,8 @@ def compare(rows: list[Row], baseline: dict[str, str]) -> None:
         if base.status != "FINISHED":
             row.baseline += f" ({base.status}: nothing to compare with)"
         elif row.status == "FINISHED":
-            row.deltas = {**deltas(row.metrics, base.metrics), **paired_deltas(row.windows, base.windows)}
+            row.deltas = {**deltas(row.metrics, base.metrics), **paired_deltas(row.windows, base.windows),
+                          **task_deltas(row.samples, base.samples)}
 
 
 def notes(rows: list[Row]) -> list[str]:
@@ -200,8 +259,8 @@ def notes(rows: list[Row]) -> list[str]:
                        f"top-1 {row.metrics.get('top1_agreement', math.nan):.1%} from it")
     for row in rows:
         if row.windows_problem:
-            out.append(f"{row.label}: its stored per-window means were refused ({row.windows_problem}); "
-                       f"no paired standard error for it or for the trials it is the baseline of")
+            out.append(f"{row.label}: its stored per-example scores were refused ({row.windows_problem}); "
+                       f"no paired standard errors or flips for it or for the trials it is the baseline of")
     missing = [r.label for r in rows if r.baseline.startswith("missing")]
     if missing:
         out.append(f"no baseline for {len(missing)} trials ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -38,11 +39,18 @@ def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
                                   else cfg, resolve=True)
 
 
+# Settings added after sweeps were stored: at these values they are left out of the key, so a cell
+# that does not use them keeps the key it had.
+KEY_NEUTRAL_DEFAULTS = {"eval": {"tasks": [], "task_limit": None, "num_fewshot": None}}
+
+
 def trial_key(config: dict[str, Any]) -> str:
     """A stable hash of the canonical resolved config: same cell, same key, whatever the overrides.
     Of the resources only the GPU model counts: more CPUs or a longer timeout is the same trial."""
     keyed = {**{k: config[k] for k in TRIAL_SECTIONS},
              "resources": {k: config["resources"][k] for k in KEYED_RESOURCES}}
+    for section, defaults in KEY_NEUTRAL_DEFAULTS.items():
+        keyed[section] = {k: v for k, v in keyed[section].items() if k not in defaults or v != defaults[k]}
     canonical = json.dumps(keyed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -55,6 +63,9 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
     if model["source"] == "build" and model["build"] is None:
         raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
     _check_dtype(cfg.dtype, cfg.quant)
+    for task in plain["eval"]["tasks"]:
+        if not (isinstance(task, str) and re.fullmatch(r"[A-Za-z0-9_\-]{1,200}", task)):
+            raise ConfigError("eval.tasks", task, "allowed: lm-eval task names (letters, digits, _ and -)")
     config = trial_config(plain)
     spec = TrialSpec(trial_key=trial_key(config), config=config, overrides=cell_overrides(overrides))
     if spec.settings.backend.name == "vllm":

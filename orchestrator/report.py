@@ -26,12 +26,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from jobs.spec import EVAL_WINDOWS_FILE
+from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE
 from orchestrator import tracking
-from orchestrator.pairing import NOISE_Z, Row, compare, describe, notes, parse_windows, stored_baseline
+from orchestrator.pairing import (NOISE_Z, Row, compare, describe, notes, parse_samples, parse_windows,
+                                  stored_baseline)
 
 LATENCY_MAX_TRIALS = 40
-MAX_WINDOWS_BYTES = 64 * 2**20
+MAX_EXAMPLES_BYTES = 256 * 2**20
 COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
            "speedup_decode", "prefill_tokens_per_s", "speedup_prefill", "peak_memory_mb", "memory_ratio",
            "weight_memory_ratio", "perplexity", "perplexity_stderr", "perplexity_delta", "perplexity_delta_stderr",
@@ -51,7 +52,7 @@ def load(client, parent) -> tuple[list[Row], dict[str, str]]:
         run = max(runs, key=sweep_state.attempt_of)
         rows.append(Row(key, run.info.run_id, run.data.tags.get("overrides", ""), run.data.tags.get("status", "?"),
                         dict(run.data.params), dict(run.data.metrics), dict(run.data.tags)))
-        rows[-1].windows = _eval_windows(client, rows[-1])
+        _load_examples(client, rows[-1])
     rows.sort(key=lambda r: (r.params.get("model.name", ""), r.overrides))
     # Sweeps from before the tag was written were compared with the default.
     baseline = stored_baseline(parent.data.tags) if "baseline" in parent.data.tags else schema.SweepConfig().baseline
@@ -89,23 +90,28 @@ def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[l
     return rows, names
 
 
-def _eval_windows(client, row: Row) -> dict[str, list[float]]:
-    """A finished trial's per-window accuracy (for paired standard errors); empty for a run without
-    it (noop, or from before it was stored) and for a malformed one, which is noted on the row."""
-    if row.status != "FINISHED" or "nll" not in row.metrics:
-        return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = Path(client.download_artifacts(row.run_id, EVAL_WINDOWS_FILE, tmp))
-        except Exception:
-            return {}
-        try:
-            if path.stat().st_size > MAX_WINDOWS_BYTES:
-                raise ValueError(f"{EVAL_WINDOWS_FILE}: larger than {MAX_WINDOWS_BYTES} bytes")
-            return parse_windows(path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            row.windows_problem = str(e)[:200]
-            return {}
+def _load_examples(client, row: Row) -> None:
+    """A finished trial's per-window accuracy and per-example task scores, for paired standard
+    errors and flips. A run without them (noop, reused, or from before they were stored) has
+    none; a malformed one is refused and noted on the row."""
+    if row.status != "FINISHED":
+        return
+    for name, wanted, parse, attribute in (
+            (EVAL_WINDOWS_FILE, "nll" in row.metrics, parse_windows, "windows"),
+            (TASK_SAMPLES_FILE, any("." in m for m in row.metrics), parse_samples, "samples")):
+        if not wanted:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = Path(client.download_artifacts(row.run_id, name, tmp))
+            except Exception:
+                continue
+            try:
+                if path.stat().st_size > MAX_EXAMPLES_BYTES:
+                    raise ValueError(f"{name}: larger than {MAX_EXAMPLES_BYTES} bytes")
+                setattr(row, attribute, parse(path.read_text()))
+            except (ValueError, UnicodeDecodeError) as e:
+                row.windows_problem = str(e)[:200]
 
 
 def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
@@ -122,16 +128,28 @@ def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
 def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], latency) -> list[str]:
     """The report's files in ``folder``; ``latency(row)`` gives a row's latency samples or None."""
     names = ["comparison.csv"]
+    columns = COLUMNS + task_columns(rows)
     with open(folder / "comparison.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows([_csv_value(r.value(c)) for c in COLUMNS] for r in rows)
+        writer.writerow(columns)
+        writer.writerows([_csv_value(r.value(c)) for c in columns] for r in rows)
     figures = plots(rows, latency)
     for name, png in figures.items():
         (folder / name).write_bytes(png)
     names += list(figures)
     (folder / "comparison.html").write_text(_html(parent, rows, baseline, figures))
     return names + ["comparison.html"]
+
+
+def task_metrics(rows: list[Row]) -> list[str]:
+    """The lm-eval task metrics any trial logged (``<task>.<metric>``), without their stderrs."""
+    return sorted({m for r in rows for m in r.metrics if "." in m and not m.endswith("_stderr")})
+
+
+def task_columns(rows: list[Row]) -> tuple[str, ...]:
+    """Each task metric's CSV columns: value, stderr, paired delta and its stderr, the flips."""
+    return tuple(f"{m}{suffix}" for m in task_metrics(rows)
+                 for suffix in ("", "_stderr", "_delta", "_delta_stderr", "_correct_to_wrong", "_wrong_to_correct"))
 
 
 def _csv_value(value: Any) -> Any:
@@ -327,6 +345,7 @@ def _html(parent, rows: list[Row], baseline: dict[str, str], figures: dict[str, 
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, c))}</td>" for c in HTML_COLUMNS) + "</tr>"
                    for r in rows)
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(rows))
+    tasks = _tasks_html(rows)
     images = "".join(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
                      f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
                      for name, png in figures.items())
@@ -342,10 +361,36 @@ top-1 agreement are against the unquantized model on the same tokens. ± is one 
 windows; a perplexity delta's is paired (both runs scored the same windows), and "(noise)" marks a delta within
 {NOISE_Z} standard errors of zero.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{tasks}
 {f"<h2>Notes</h2><ul>{items}</ul>" if items else ""}
 {images}
 </body></html>
 """
+
+
+def _tasks_html(rows: list[Row]) -> str:
+    """lm-eval tasks: one line per trial and task metric, with its paired delta and flips."""
+    metrics = task_metrics(rows)
+    if not metrics:
+        return ""
+    head = "".join(f"<th>{c}</th>" for c in ("trial", "task metric", "value ± stderr", "Δ vs baseline ± stderr",
+                                              "correct → wrong", "wrong → correct"))
+    lines = []
+    for row in rows:
+        for m in metrics:
+            if m not in row.metrics:
+                continue
+            value, se = row.metrics[m], row.metrics.get(f"{m}_stderr", math.nan)
+            delta, delta_se = row.value(f"{m}_delta"), row.value(f"{m}_delta_stderr")
+            cells = (row.label, m, f"{value:.4g}" + (f" ± {se:.2g}" if math.isfinite(se) else ""),
+                     "" if delta is None or row.is_baseline else f"{delta:+.3g}" + (
+                         f" ± {delta_se:.2g}" if delta_se is not None else ""),
+                     *("" if row.is_baseline or row.value(f"{m}{s}") is None else f"{row.value(f'{m}{s}'):.1%}"
+                       for s in ("_correct_to_wrong", "_wrong_to_correct")))
+            lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return (f"<h2>lm-eval tasks</h2><p>Deltas are paired over the examples both runs scored; flips are the "
+            f"fractions of those examples whose 0/1 score changed each way against the baseline.</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>")
 
 
 def print_table(rows: list[Row], sweep_id: str) -> None:

@@ -208,7 +208,7 @@ def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
             # against the other sweep's baseline: this sweep's report makes its own.
             env = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")
                    and k not in tracking.RUN_LAYOUT_TAGS and k not in pairing.COMPARISON_TAGS}
-            metrics = {k: v for k, v in source.data.metrics.items() if k not in pairing.COMPARISON_METRICS}
+            metrics = {k: v for k, v in source.data.metrics.items() if not pairing.is_comparison_metric(k)}
             tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FINISHED, metrics=metrics, env=env),
                                  {"reused_from": source.info.run_id,
                                   "reused_from_sweep": source.data.tags.get("sweep_id", "")})

@@ -134,3 +134,8 @@ def test_missing_local_model_path_fails_with_the_path():
                                   "model": {"name": "m", "source": "path", "path": "/nonexistent/model",
                                             "dtype": "float32", "trust_remote_code": False, "build": None}}))
     assert r.status == Status.FAILED and "/nonexistent/model" in r.reason
+
+
+def test_lm_eval_tasks_on_vllm_are_unsupported_before_any_model_loads():
+    r = _run("backend=vllm", "eval=lm_eval")
+    assert r.status == Status.UNSUPPORTED and r.reason.startswith("eval.tasks (lm-evaluation-harness) runs on backend=hf")

@@ -25,6 +25,7 @@ BAD_INPUT = [
     (["-m", "seed=range(0,"], "seed=range(0,: cannot be parsed"),
     (["+dtype=int4"], "+dtype=int4: already in the defaults list; allowed: dtype=int4"),
     (["-m", "seed=-1"], "seed=-1: invalid value; allowed: >= 0"),
+    (["-m", "eval=lm_eval", "eval.tasks=[arc_easy,../x]"], "eval.tasks=../x: invalid value; allowed: lm-eval task names"),
     (["-m", "resources.memory_gb=1e300"], "resources.memory_gb=1e+300: invalid value; allowed: <= 100000"),
     (["-m", "resources.timeout_s=nan"], "resources.timeout_s=nan: invalid value; allowed: a finite number"),
     (["-m", "resources.num_cpus=inf"], "resources.num_cpus=inf: invalid value; allowed: a finite number"),

@@ -138,7 +138,7 @@ def test_accuracy_deltas_carry_their_paired_standard_error_and_say_when_they_are
     assert "perplexity_delta" in fp8 and "perplexity_delta_stderr" not in fp8
     page = (tmp_path / "out" / "comparison.html").read_text()
     assert page.count(" (noise)</td>") == 1 and " ± " in page
-    assert "dtype=fp8_e4m3 kernel=torch: its stored per-window means were refused (eval_windows.csv: row 4 is not window 3" in page
+    assert "dtype=fp8_e4m3 kernel=torch: its stored per-example scores were refused (eval_windows.csv: row 4 is not window 3" in page
     header = (tmp_path / "out" / "comparison.csv").read_text().splitlines()[0].split(",")
     assert {"perplexity_delta_stderr", "perplexity_delta_within_noise", "kl_divergence_p99_9"} <= set(header)
 
