@@ -67,13 +67,15 @@ class TokenScores:
 
 def log_probs(model, windows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """fp32 log-probabilities of every next token of ``windows``, ``[n, seq_len - 1, vocab]``, on ``device``."""
-    logits = model(input_ids=windows.to(device), use_cache=False).logits[:, :-1]
-    return F.log_softmax(logits.float(), dim=-1)
+    logits = model(input_ids=windows.to(device), use_cache=False).logits[:, :-1].float()
+    # In place: one vocab-wide buffer per window outlives this, not two.
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 def score_dense(logp: torch.Tensor, targets: torch.Tensor, ref_logp: torch.Tensor) -> TokenScores:
     """Scores from full rows of log-probs, the quantized model's and the reference's."""
-    kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)
+    # A window at a time: KL's elementwise temporaries are one window's, not the batch's.
+    kl = torch.stack([F.kl_div(q, p, log_target=True, reduction="none").sum(-1) for q, p in zip(logp, ref_logp)])
     return TokenScores(nll=-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
                        ref_nll=-ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), kl=kl,
                        top1=(logp.argmax(-1) == ref_logp.argmax(-1)).float())

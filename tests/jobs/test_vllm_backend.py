@@ -167,7 +167,10 @@ def test_a_sweep_over_backends_measures_vllm_as_hf_under_the_same_names(run_cli,
     compared = client.get_run(vllm_run.info.run_id).data.metrics
     assert compared["speedup_decode"] == m["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
     artifacts = {a.path for a in client.list_artifacts(vllm_run.info.run_id)}
-    assert {"vllm.log", "vllm_engine_args.json", "latency_ms.json", "trial.log"} <= artifacts
+    assert {"vllm.log", "vllm_engine_args.json", "latency_ms.json", "trial.log", "eval_windows.csv"} <= artifacts
+    # Paired with hf's windows: vLLM's bf16 and transformers' bf16 differ by less than the noise.
+    assert 0 < compared["perplexity_delta_stderr"] and compared["perplexity_delta_within_noise"] in (0.0, 1.0)
+    assert m["kl_divergence_max"] >= m["kl_divergence_p99_9"] >= m["kl_divergence_p50"] >= 0
     with tempfile.TemporaryDirectory() as tmp:
         args = json.loads(Path(client.download_artifacts(vllm_run.info.run_id, "vllm_engine_args.json", tmp)).read_text())
         engine_log = Path(client.download_artifacts(vllm_run.info.run_id, "vllm.log", tmp)).read_text()
