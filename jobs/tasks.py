@@ -79,8 +79,7 @@ def run_tasks(model, tokenizer, eval_cfg: EvalConfig, device, seed: int) -> tupl
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_cfg.batch_size, device=str(device),
-              max_length=model.config.max_position_embeddings)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_cfg.batch_size, device=str(device))
     tasks = [SHIPPED.get(name, name) for name in eval_cfg.tasks]
     out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=eval_cfg.num_fewshot, limit=eval_cfg.task_limit,
                           log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
