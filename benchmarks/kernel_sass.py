@@ -4,7 +4,7 @@ loop: SASS instructions, instructions per weight element and thread, registers, 
 shared memory, the width of the weight loads, layout conversions and tensor-core ops. Table
 plus JSON.
 
-Run time is what a GPU measures (``benchmarks/kernels.py``); this is what explains it and
+Run time is what a GPU measures (``benchmarks/kernel_speed.py``); this is what explains it and
 what can be checked on any machine: a decode GEMV issuing 15 instructions per int4 weight
 element cannot stream 3 TB/s, one issuing 5 can. The integer arguments that Triton
 specializes at run time (multiples of 16: N, K, leading strides; strides of 1) are

@@ -15,10 +15,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING
-
 from kernels.catalog import FORMATS, GRANULARITIES, KERNELS, OVERFLOWS, ROUNDINGS, SCALE_RULES
 
+# omegaconf.MISSING, which Hydra reads as "required"; spelled out so that a trial (a noop one in a
+# fresh Ray worker, say) need not import omegaconf to read its config.
+MISSING: Any = "???"
 TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -204,7 +205,7 @@ def build(schema: type, data: dict[str, Any], prefix: str = "") -> Any:
     values = {}
     for f in dataclasses.fields(schema):
         if f.name not in data:
-            if f.default is MISSING:
+            if f.default == MISSING:
                 raise ValueError(f"{prefix}{f.name}: missing")
             continue
         value, nested = data[f.name], nested_schema(hints[f.name])

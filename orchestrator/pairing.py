@@ -208,7 +208,7 @@ class Row:
     label: str = ""  # the overrides that tell this trial from the others in the sweep
     windows: dict[str, list[float]] = field(default_factory=dict)  # its per-window means, if it has them
     samples: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)  # its lm-eval examples' scores
-    windows_problem: str = ""  # why its stored per-window means or task samples were not used
+    examples_problem: str = ""  # why its stored per-window means or task samples were not used
 
     def value(self, column: str) -> Any:
         if column == "trial":
@@ -258,8 +258,8 @@ def notes(rows: list[Row]) -> list[str]:
                        f"{row.params.get('model.dtype')}; the baseline {row.label} is itself at KL {kl:.3g}, "
                        f"top-1 {row.metrics.get('top1_agreement', math.nan):.1%} from it")
     for row in rows:
-        if row.windows_problem:
-            out.append(f"{row.label}: its stored per-example scores were refused ({row.windows_problem}); "
+        if row.examples_problem:
+            out.append(f"{row.label}: its stored per-example scores were refused ({row.examples_problem}); "
                        f"no paired standard errors or flips for it or for the trials it is the baseline of")
     missing = [r.label for r in rows if r.baseline.startswith("missing")]
     if missing:

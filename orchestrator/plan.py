@@ -68,7 +68,7 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
             raise ConfigError("eval.tasks", task, "allowed: lm-eval task names (letters, digits, _ and -)")
     config = trial_config(plain)
     spec = TrialSpec(trial_key=trial_key(config), config=config, overrides=cell_overrides(overrides))
-    if spec.settings.backend.name == "vllm":
+    if plain["backend"]["name"] == "vllm":
         _check_vllm(spec.settings)
     return spec
 

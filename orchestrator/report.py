@@ -111,7 +111,7 @@ def _load_examples(client, row: Row) -> None:
                     raise ValueError(f"{name}: larger than {MAX_EXAMPLES_BYTES} bytes")
                 setattr(row, attribute, parse(path.read_text()))
             except (ValueError, UnicodeDecodeError) as e:
-                row.windows_problem = str(e)[:200]
+                row.examples_problem = str(e)[:200]
 
 
 def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:

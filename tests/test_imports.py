@@ -88,3 +88,11 @@ def test_kernels_import_neither_jobs_nor_the_orchestrator_and_jobs_not_the_orche
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_script_shadows_a_package():
+    """A script's folder comes first on sys.path, and Ray workers inherit the driver's: a
+    ``benchmarks/kernels.py`` made ``import kernels`` load the benchmark in every trial."""
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    scripts = {p.stem for folder in ("benchmarks", "cluster") for p in (ROOT / folder).glob("*.py")}
+    assert packages >= {"orchestrator", "jobs", "kernels"} and not scripts & packages

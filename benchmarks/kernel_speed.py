@@ -10,7 +10,7 @@ Each kernel's output is checked against an fp64 reference with bf16 activations 
 Beside each Triton kernel runs torchao's kernel on the same codes and scales where torchao
 has the scheme (``kernel=torchao``); ``vs torchao`` is torchao's time over ours.
 
-    python benchmarks/kernels.py --json kernels.json [--shape 1x8192x8192 --shape 2048x8192x8192]
+    python benchmarks/kernel_speed.py --json kernels.json [--shape 1x8192x8192 --shape 2048x8192x8192]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
                     help="MxNxK to run instead of the default list (repeatable), e.g. the targets' 1x8192x8192")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py times the kernels on a CUDA GPU, and there is none here; "
+        sys.exit("benchmarks/kernel_speed.py times the kernels on a CUDA GPU, and there is none here; "
                  "benchmarks/kernel_sass.py reads their SASS for one without it")
     roof = roofline()
     print(f"roofline: copy {roof['copy_gbps']:.0f} GB/s, bf16 matmul {roof['bf16_tflops']:.0f} TFLOP/s, "
