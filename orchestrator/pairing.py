@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from jobs.spec import EVAL_WINDOW_COLUMNS as WINDOW_COLUMNS
-from jobs.spec import TASK_SAMPLE_COLUMNS
+from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLE_COLUMNS, TASK_SAMPLES_FILE
 from orchestrator import tracking
 from orchestrator.errors import ConfigError
 
@@ -48,6 +48,8 @@ COMPARISON_TAGS = {"baseline", "baseline_run_id"}
 NOISE_Z = 1.96  # two-sided 95%: a delta closer to zero than this many standard errors is within noise
 MAX_WINDOWS = 1_000_000  # of a stored eval_windows.csv, read back as untrusted input
 MAX_SAMPLES = 5_000_000  # rows of a stored task_samples.csv
+MAX_FILE_BYTES = 256 * 2**20  # of either file
+PAIRED_FILES = (EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE)
 TASK_DELTA_SUFFIXES = ("_delta", "_delta_stderr", "_correct_to_wrong", "_wrong_to_correct")
 _TASK_PART = re.compile(r"[A-Za-z0-9_\-]{1,200}")
 

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE
-from orchestrator import tracking
-from orchestrator.pairing import (NOISE_Z, Row, compare, describe, notes, parse_samples, parse_windows,
-                                  stored_baseline)
+from orchestrator import store, tracking
+from orchestrator.pairing import (MAX_FILE_BYTES, NOISE_Z, Row, compare, describe, notes, parse_samples,
+                                  parse_windows, stored_baseline)
 
 LATENCY_MAX_TRIALS = 40
-MAX_EXAMPLES_BYTES = 256 * 2**20
 COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
            "speedup_decode", "prefill_tokens_per_s", "speedup_prefill", "peak_memory_mb", "memory_ratio",
            "weight_memory_ratio", "perplexity", "perplexity_stderr", "perplexity_delta", "perplexity_delta_stderr",
@@ -101,28 +100,22 @@ def _load_examples(client, row: Row) -> None:
             (TASK_SAMPLES_FILE, any("." in m for m in row.metrics), parse_samples, "samples")):
         if not wanted:
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = Path(client.download_artifacts(row.run_id, name, tmp))
-            except Exception:
-                continue
-            try:
-                if path.stat().st_size > MAX_EXAMPLES_BYTES:
-                    raise ValueError(f"{name}: larger than {MAX_EXAMPLES_BYTES} bytes")
-                setattr(row, attribute, parse(path.read_text()))
-            except (ValueError, UnicodeDecodeError) as e:
-                row.examples_problem = str(e)[:200]
+        try:
+            text = store.download_text(client, row.run_id, name, MAX_FILE_BYTES)
+            if text is not None:
+                setattr(row, attribute, parse(text))
+        except ValueError as e:
+            row.examples_problem = str(e)[:200]
 
 
 def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
     if row.status != "FINISHED" or "decode_tokens_per_s" not in row.metrics:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(row.run_id, "latency_ms.json", tmp)
-        except Exception:  # a reused or older run without it: no distribution to draw
-            return None
-        return json.loads(Path(path).read_text())
+    try:  # none for an older run, and none from a malformed one: no distribution to draw
+        text = store.download_text(client, row.run_id, "latency_ms.json", MAX_FILE_BYTES)
+        return None if text is None else json.loads(text)
+    except ValueError:
+        return None
 
 
 def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], latency) -> list[str]:

@@ -226,6 +226,22 @@ def upload_texts(artifact_uri: str, tracking_uri: str, files: dict[str, str]) ->
         repo.log_artifacts(tmp)
 
 
+def download_text(mlflow_client, run_id: str, name: str, max_bytes: int) -> Optional[str]:
+    """A run's text artifact, or None if it has none; ValueError if it is over ``max_bytes`` or not
+    UTF-8 (what the store holds is untrusted input)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(mlflow_client.download_artifacts(run_id, name, tmp))
+        except Exception:  # absent: a reused, older or failed run
+            return None
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"{name}: larger than {max_bytes} bytes")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}: not UTF-8 text") from None
+
+
 def _write_texts(folder: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         path = folder / name

@@ -197,6 +197,20 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
     return summary
 
 
+def _paired_files(client, run_id: str) -> dict[str, str]:
+    """A reused run's per-window and per-example files, which this sweep's report pairs (and checks
+    as it checks every stored file); one that is missing or refused is left out."""
+    files = {}
+    for name in pairing.PAIRED_FILES:
+        try:
+            text = store.download_text(client, run_id, name, pairing.MAX_FILE_BYTES)
+        except ValueError:
+            continue
+        if text is not None:
+            files[name] = text
+    return files
+
+
 def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
                     summary: SweepSummary) -> list[PlannedTrial]:
     """sweep.reuse=true: cells an earlier sweep finished are recorded from it, not re-run; the rest remain."""
@@ -209,7 +223,9 @@ def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
             env = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")
                    and k not in tracking.RUN_LAYOUT_TAGS and k not in pairing.COMPARISON_TAGS}
             metrics = {k: v for k, v in source.data.metrics.items() if not pairing.is_comparison_metric(k)}
-            tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FINISHED, metrics=metrics, env=env),
+            artifacts = _paired_files(tracker.client, source.info.run_id)
+            tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FINISHED, metrics=metrics, env=env,
+                                                     artifacts=artifacts),
                                  {"reused_from": source.info.run_id,
                                   "reused_from_sweep": source.data.tags.get("sweep_id", "")})
             summary.counts[Status.FINISHED.value] += 1

@@ -54,7 +54,7 @@ def test_samples_round_trip_and_a_tampered_file_is_refused():
 
 @pytest.mark.slow
 def test_an_lm_eval_sweep_logs_task_metrics_with_stderr_and_the_report_counts_flips(run_cli, tmp_path):
-    proc = run_cli("run", "-m", "dtype=bf16,int4", "eval=lm_eval", "eval.task_limit=40", "debug=fast",
+    proc = run_cli("run", "-m", "dtype=bf16,int4", "eval=lm_eval", "eval.task_limit=16", "debug=fast",
                    timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert SUMMARY.search(proc.stdout).group(2, 3) == ("2", "2"), proc.stdout

@@ -143,6 +143,15 @@ def test_accuracy_deltas_carry_their_paired_standard_error_and_say_when_they_are
     assert {"perplexity_delta_stderr", "perplexity_delta_within_noise", "kl_divergence_p99_9"} <= set(header)
 
 
+def test_a_reused_trial_carries_the_files_its_report_pairs(sweep_store):
+    from orchestrator import sweep
+
+    _, client, _, ids = sweep_store
+    files = sweep._paired_files(client, ids["base"])
+    assert set(files) == {"eval_windows.csv"} and pairing.parse_windows(files["eval_windows.csv"])["nll"] == BASE_NLL
+    assert sweep._paired_files(client, ids["lonely"]) == {}
+
+
 @pytest.mark.parametrize("text,problem", [
     ("window,nll\n0,1.0\n", "the header must be window,nll,reference_nll,kl_divergence,top1_agreement"),
     (_windows_csv([1.0, 2.0]).replace("\n1,", "\n0,"), "row 2 is not window 1"),
