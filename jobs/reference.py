@@ -116,6 +116,9 @@ def _write(model, windows: torch.Tensor, batch_size: int, device: torch.device, 
     with open(path, "wb") as f:
         np.lib.format.write_array_header_2_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
         for batch in windows.split(batch_size):
-            f.write(log_probs(model, batch, device).cpu().numpy().tobytes())
+            logp = log_probs(model, batch, device)
+            if logp.shape[1:] != shape[1:]:  # e.g. logits padded past config.vocab_size: rows would misalign
+                raise ValueError(f"the model's log-probs are {list(logp.shape[1:])} per window, not {list(shape[1:])}")
+            f.write(logp.cpu().numpy().tobytes())
         f.flush()
         os.fsync(f.fileno())

@@ -52,6 +52,8 @@ MAX_FILE_BYTES = 256 * 2**20  # of either file
 PAIRED_FILES = (EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE)
 TASK_DELTA_SUFFIXES = ("_delta", "_delta_stderr", "_correct_to_wrong", "_wrong_to_correct")
 _TASK_PART = re.compile(r"[A-Za-z0-9_\-]{1,200}")
+_DOC_ID = re.compile(r"[0-9]{1,12}")
+_NUMBER = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")  # what repr(float) writes, finite
 
 
 def is_comparison_metric(name: str) -> bool:
@@ -125,7 +127,7 @@ def parse_windows(text: str) -> dict[str, list[float]]:
         if len(cells) != len(WINDOW_COLUMNS) or cells[0] != str(i):
             raise ValueError(f"eval_windows.csv: row {i + 1} is not window {i} with {len(WINDOW_COLUMNS)} cells")
         for column, cell in zip(WINDOW_COLUMNS[1:], cells[1:]):
-            value = float(cell) if len(cell) <= 40 else math.nan
+            value = float(cell) if _NUMBER.fullmatch(cell) else math.nan
             if not math.isfinite(value):
                 raise ValueError(f"eval_windows.csv: window {i} {column}={cell[:40]!r} is not a finite number")
             columns[column].append(value)
@@ -144,7 +146,7 @@ def parse_samples(text: str) -> dict[tuple[str, str], dict[int, float]]:
     for i, line in enumerate(lines[1:], start=2):
         cells = line.split(",")
         if len(cells) != 4 or not (_TASK_PART.fullmatch(cells[0]) and _TASK_PART.fullmatch(cells[2])
-                                   and cells[1].isdigit() and len(cells[1]) <= 12 and len(cells[3]) <= 40):
+                                   and _DOC_ID.fullmatch(cells[1]) and _NUMBER.fullmatch(cells[3])):
             raise ValueError(f"task_samples.csv: line {i} is not task,doc_id,metric,value")
         value = float(cells[3])
         scores = out.setdefault((cells[0], cells[2]), {})

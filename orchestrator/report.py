@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional
 from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE
 from orchestrator import store, tracking
 from orchestrator.pairing import (MAX_FILE_BYTES, NOISE_Z, Row, compare, describe, notes, parse_samples,
-                                  parse_windows, stored_baseline)
+                                  is_comparison_metric, parse_windows, stored_baseline)
 
 LATENCY_MAX_TRIALS = 40
 COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
@@ -113,9 +113,13 @@ def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
         return None
     try:  # none for an older run, and none from a malformed one: no distribution to draw
         text = store.download_text(client, row.run_id, "latency_ms.json", MAX_FILE_BYTES)
-        return None if text is None else json.loads(text)
+        samples = None if text is None else json.loads(text)
     except ValueError:
         return None
+    if not (isinstance(samples, dict) and all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in samples.values())):
+        return None
+    return samples
 
 
 def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], latency) -> list[str]:
@@ -136,7 +140,8 @@ def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], laten
 
 def task_metrics(rows: list[Row]) -> list[str]:
     """The lm-eval task metrics any trial logged (``<task>.<metric>``), without their stderrs."""
-    return sorted({m for r in rows for m in r.metrics if "." in m and not m.endswith("_stderr")})
+    return sorted({m for r in rows for m in r.metrics
+                   if "." in m and not m.endswith("_stderr") and not is_comparison_metric(m)})
 
 
 def task_columns(rows: list[Row]) -> tuple[str, ...]:
@@ -386,6 +391,15 @@ def _tasks_html(rows: list[Row]) -> str:
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>")
 
 
+def _terminal_delta(row: Row) -> str:
+    """The perplexity delta for an 80-column terminal: ``-0.11±0.06``, ``~`` in front if within noise."""
+    delta, stderr = row.value("perplexity_delta"), row.value("perplexity_delta_stderr")
+    if delta is None or row.is_baseline or stderr is None or not math.isfinite(stderr):
+        return _fmt("perplexity_delta", delta)
+    noise = "~" if row.value("perplexity_delta_within_noise") == 1.0 else ""
+    return f"{noise}{delta:+.2g}±{stderr:.1g}"
+
+
 def print_table(rows: list[Row], sweep_id: str) -> None:
     from rich import box
     from rich.console import Console
@@ -398,15 +412,18 @@ def print_table(rows: list[Row], sweep_id: str) -> None:
         del shown["status"]
     # No vertical rules, no edge padding: a sweep of one model fits an 80-column terminal.
     table = Table(title=f"sweep {sweep_id} against its baselines (all columns: report/comparison.csv)",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column, header in shown.items():
         table.add_column(header, overflow="fold", no_wrap=column != "trial",
                          min_width=min(24, max([len(r.label) for r in rows] + [5])) if column == "trial" else None,
                          justify="left" if column in ("trial", "status") else "right")
     for r in rows:
-        table.add_row(*(_cell(r, c) if c == "perplexity_delta" else _fmt(c, r.value(c)) for c in shown),
+        table.add_row(*(_terminal_delta(r) if c == "perplexity_delta" else _fmt(c, r.value(c)) for c in shown),
                       style="bold" if r.is_baseline else None)
     console = Console()
     console.print(table)
+    if any(r.value("perplexity_delta_stderr") is not None for r in rows):
+        console.print(f"Δ ppl ± its paired standard error; ~ marks a delta within {NOISE_Z} of them (noise)",
+                      highlight=False)
     for note in notes(rows):
         console.print(f"note: {note}", highlight=False)

@@ -234,12 +234,14 @@ def download_text(mlflow_client, run_id: str, name: str, max_bytes: int) -> Opti
             path = Path(mlflow_client.download_artifacts(run_id, name, tmp))
         except Exception:  # absent: a reused, older or failed run
             return None
+        if not path.is_file():
+            raise ValueError(f"{name}: not a file")
         if path.stat().st_size > max_bytes:
             raise ValueError(f"{name}: larger than {max_bytes} bytes")
         try:
             return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{name}: not UTF-8 text") from None
+        except (UnicodeDecodeError, OSError):
+            raise ValueError(f"{name}: not readable UTF-8 text") from None
 
 
 def _write_texts(folder: Path, files: dict[str, str]) -> None:

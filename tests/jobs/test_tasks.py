@@ -47,7 +47,8 @@ def test_samples_round_trip_and_a_tampered_file_is_refused():
                               {"doc_id": 1, "metrics": ["acc", "ppl"], "acc": False, "ppl": (-3.0, 2)}]})
     assert pairing.parse_samples(text) == {("t", "acc"): {0: 1.0, 1: 0.0}}
     for bad in (text.replace("t,1,", "t,0,"), text.replace("1.0", "inf"), text.replace("t,0", "t;rm,0"),
-                text.replace("task,doc_id", "doc_id,task"), text.replace("t,1,", "t,-1,")):
+                text.replace("task,doc_id", "doc_id,task"), text.replace("t,1,", "t,-1,"),
+                text.replace("t,1,", "t,\u0661,"), text.replace("1.0", " 1_0.0")):
         with pytest.raises(ValueError, match="task_samples.csv"):
             pairing.parse_samples(bad)
 

@@ -143,12 +143,24 @@ def test_accuracy_deltas_carry_their_paired_standard_error_and_say_when_they_are
     assert {"perplexity_delta_stderr", "perplexity_delta_within_noise", "kl_divergence_p99_9"} <= set(header)
 
 
-def test_a_reused_trial_carries_the_files_its_report_pairs(sweep_store):
+def test_a_second_report_does_not_take_the_first_ones_task_deltas_for_task_metrics():
+    row = pairing.Row("k", "r", "", "FINISHED", {}, {"t.acc": 0.5, "t.acc_stderr": 0.1, "t.acc_delta": 0.1,
+                                                      "t.acc_delta_stderr": 0.1, "t.acc_correct_to_wrong": 0.2})
+    assert report.task_metrics([row]) == ["t.acc"]
+    assert "t.acc_delta_delta" not in report.task_columns([row])
+
+
+def test_a_reused_trial_carries_the_files_its_report_pairs(sweep_store, tmp_path):
     from orchestrator import sweep
 
     _, client, _, ids = sweep_store
     files = sweep._paired_files(client, ids["base"])
     assert set(files) == {"eval_windows.csv"} and pairing.parse_windows(files["eval_windows.csv"])["nll"] == BASE_NLL
+    assert sweep._paired_files(client, ids["lonely"]) == {}
+    # A folder where the file should be: refused, not a crash.
+    (tmp_path / "eval_windows.csv").mkdir()
+    (tmp_path / "eval_windows.csv" / "x").write_text("x")
+    client.log_artifacts(ids["lonely"], str(tmp_path / "eval_windows.csv"), "eval_windows.csv")
     assert sweep._paired_files(client, ids["lonely"]) == {}
 
 
@@ -157,7 +169,8 @@ def test_a_reused_trial_carries_the_files_its_report_pairs(sweep_store):
     (_windows_csv([1.0, 2.0]).replace("\n1,", "\n0,"), "row 2 is not window 1"),
     (_windows_csv([1.0]).replace("1.0,1.0,0.0", "nan,1.0,0.0"), "window 0 nll='nan' is not a finite number"),
     (_windows_csv([1.0]).replace("1.0,1.0,0.0", "1" * 41 + ",1.0,0.0"), "is not a finite number"),
-    (_windows_csv([1.0]).replace(",0.0,", ",__import__('os'),"), "could not convert"),
+    (_windows_csv([1.0]).replace(",0.0,", ",__import__('os'),"), "kl_divergence=\"__import__('os')\" is not a finite"),
+    (_windows_csv([1.0]).replace(",0.0,", ",1_0.0,"), "kl_divergence='1_0.0' is not a finite number"),
 ])
 def test_a_stored_per_window_file_is_checked_like_input(text, problem):
     with pytest.raises(ValueError, match=re.escape(problem)):
@@ -170,6 +183,7 @@ def test_report_command_prints_the_table_and_refuses_an_unknown_sweep(sweep_stor
     assert cli.main(["report", SWEEP, f"tracking.uri={uri}"]) == 0
     out = capsys.readouterr().out
     assert "×decode" in out and "3.00x" in out and "report: comparison.csv" in out
+    assert re.search(r"~\+[0-9.e-]+±", out) and "marks a delta within 1.96" in out  # int8: within noise
     assert cli.main(["report", "swp-000000", f"tracking.uri={uri}"]) == 2
     assert "no such sweep" in capsys.readouterr().err
 
