@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,6 +37,8 @@ EVAL_WINDOW_COLUMNS = ("window", "nll", "reference_nll", "kl_divergence", "top1_
 # Every lm-eval example's score (jobs/tasks.py writes it, the report pairs it with the baseline's for flips).
 TASK_SAMPLES_FILE = "task_samples.csv"
 TASK_SAMPLE_COLUMNS = ("task", "doc_id", "metric", "value")
+# An lm-eval task's or metric's name as eval.tasks takes it and task_samples.csv stores it.
+TASK_NAME = re.compile(r"[A-Za-z0-9_\-]{1,200}")
 
 
 def context_length(bench: BenchConfig, eval_cfg: EvalConfig) -> int:

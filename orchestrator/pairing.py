@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from jobs.spec import EVAL_WINDOW_COLUMNS as WINDOW_COLUMNS
-from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLE_COLUMNS, TASK_SAMPLES_FILE
+from jobs.spec import EVAL_WINDOWS_FILE, TASK_NAME, TASK_SAMPLE_COLUMNS, TASK_SAMPLES_FILE
 from orchestrator import tracking
 from orchestrator.errors import ConfigError
 
@@ -51,7 +51,6 @@ MAX_SAMPLES = 5_000_000  # rows of a stored task_samples.csv
 MAX_FILE_BYTES = 256 * 2**20  # of either file
 PAIRED_FILES = (EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE)
 TASK_DELTA_SUFFIXES = ("_delta", "_delta_stderr", "_correct_to_wrong", "_wrong_to_correct")
-_TASK_PART = re.compile(r"[A-Za-z0-9_\-]{1,200}")
 _DOC_ID = re.compile(r"[0-9]{1,12}")
 _NUMBER = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")  # what repr(float) writes, finite
 
@@ -145,7 +144,7 @@ def parse_samples(text: str) -> dict[tuple[str, str], dict[int, float]]:
     out: dict[tuple[str, str], dict[int, float]] = {}
     for i, line in enumerate(lines[1:], start=2):
         cells = line.split(",")
-        if len(cells) != 4 or not (_TASK_PART.fullmatch(cells[0]) and _TASK_PART.fullmatch(cells[2])
+        if len(cells) != 4 or not (TASK_NAME.fullmatch(cells[0]) and TASK_NAME.fullmatch(cells[2])
                                    and _DOC_ID.fullmatch(cells[1]) and _NUMBER.fullmatch(cells[3])):
             raise ValueError(f"task_samples.csv: line {i} is not task,doc_id,metric,value")
         value = float(cells[3])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from jobs.config import TrialConfig
-from jobs.spec import KEYED_RESOURCES, TRIAL_SECTIONS, TrialSpec, context_length
+from jobs.spec import KEYED_RESOURCES, TASK_NAME, TRIAL_SECTIONS, TrialSpec, context_length
 from kernels import catalog
 from orchestrator import schema
 from orchestrator.errors import ConfigError
@@ -64,7 +63,7 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
         raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
     _check_dtype(cfg.dtype, cfg.quant)
     for task in plain["eval"]["tasks"]:
-        if not (isinstance(task, str) and re.fullmatch(r"[A-Za-z0-9_\-]{1,200}", task)):
+        if not (isinstance(task, str) and TASK_NAME.fullmatch(task)):
             raise ConfigError("eval.tasks", task, "allowed: lm-eval task names (letters, digits, _ and -)")
     config = trial_config(plain)
     spec = TrialSpec(trial_key=trial_key(config), config=config, overrides=cell_overrides(overrides))

@@ -28,8 +28,8 @@ from typing import Any, Iterable, Optional
 
 from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE
 from orchestrator import store, tracking
-from orchestrator.pairing import (MAX_FILE_BYTES, NOISE_Z, Row, compare, describe, notes, parse_samples,
-                                  is_comparison_metric, parse_windows, stored_baseline)
+from orchestrator.pairing import (MAX_FILE_BYTES, NOISE_Z, TASK_DELTA_SUFFIXES, Row, compare, describe,
+                                  is_comparison_metric, notes, parse_samples, parse_windows, stored_baseline)
 
 LATENCY_MAX_TRIALS = 40
 COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
@@ -147,7 +147,7 @@ def task_metrics(rows: list[Row]) -> list[str]:
 def task_columns(rows: list[Row]) -> tuple[str, ...]:
     """Each task metric's CSV columns: value, stderr, paired delta and its stderr, the flips."""
     return tuple(f"{m}{suffix}" for m in task_metrics(rows)
-                 for suffix in ("", "_stderr", "_delta", "_delta_stderr", "_correct_to_wrong", "_wrong_to_correct"))
+                 for suffix in ("", "_stderr", *TASK_DELTA_SUFFIXES))
 
 
 def _csv_value(value: Any) -> Any:
