@@ -90,10 +90,10 @@ FP8_E5M2 = FloatSpec("fp8_e5m2", 5, 2, 57344.0, has_inf=True, has_nan=True)
 FP6_E2M3 = FloatSpec("fp6_e2m3", 2, 3, 7.5, has_inf=False, has_nan=False)
 FP6_E3M2 = FloatSpec("fp6_e3m2", 3, 2, 28.0, has_inf=False, has_nan=False)
 FP4_E2M1 = FloatSpec("fp4_e2m1", 2, 1, 6.0, has_inf=False, has_nan=False)
-INT8, INT4 = IntSpec("int8", 8), IntSpec("int4", 4)
+INT8, INT4, INT3 = IntSpec("int8", 8), IntSpec("int4", 4), IntSpec("int3", 3)
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    FP8_E4M3, FP8_E5M2, FP6_E2M3, FP6_E3M2, FP4_E2M1, INT8, INT4,
+    FP8_E4M3, FP8_E5M2, FP6_E2M3, FP6_E3M2, FP4_E2M1, INT8, INT4, INT3,
     BlockSpec("mxfp8_e4m3", FP8_E4M3, 32, "e8m0"),
     BlockSpec("mxfp8_e5m2", FP8_E5M2, 32, "e8m0"),
     BlockSpec("mxfp6_e2m3", FP6_E2M3, 32, "e8m0"),

@@ -53,8 +53,8 @@ from kernels import packing
 from kernels.catalog import (FORMATS, GRANULARITIES, BlockSpec, FloatSpec, Format, IntSpec, KnobError,
                              check_knobs, default_scale_rules)
 
-__all__ = ["FORMATS", "GRANULARITIES", "FormatError", "KnobError", "QuantizedTensor", "cast", "fake_quant",
-           "quantize", "value_table"]
+__all__ = ["FORMATS", "GRANULARITIES", "FormatError", "KnobError", "QuantizedTensor", "Scales", "block_length",
+           "cast", "choose_scales", "decode", "encode", "fake_quant", "nvfp4_tensor_scale", "quantize", "value_table"]
 
 MSE_RATIOS = 26  # clipping ratios tried by scale_rule=mse, evenly from 1.0 down to 0.5
 # NVFP4 multiplies by (1 / tensor_scale) / block_scale, as torchao and the MSLK kernel do; with
@@ -179,6 +179,33 @@ def cast(x: torch.Tensor, fmt: str, rounding: str = "nearest", overflow: str = "
 # ----------------------------------------------------------------------------- quantized tensors
 
 @dataclass
+class Scales:
+    """One scale per block, as the format stores it: fp32 (element formats; uint8 zero points
+    when asymmetric), E8M0 exponent bytes (MX), or E4M3 bytes under an fp32 tensor scale (NVFP4).
+
+    Chosen apart from the codes (:func:`choose_scales`), so that a method can fix a block's
+    scale first and round its elements later (GPTQ), and a static activation scale can be
+    chosen on calibration data and used on every input after.
+    """
+    scales: torch.Tensor
+    zero_points: Optional[torch.Tensor] = None
+    tensor_scale: Optional[torch.Tensor] = None
+
+    def take(self, index: torch.Tensor) -> "Scales":
+        """The scales of blocks ``index`` (the tensor scale is shared)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Scales(self.scales[index], pick(self.zero_points), self.tensor_scale)
+
+    def values(self, spec: Format) -> torch.Tensor:
+        """The fp32 scale of every block."""
+        if not isinstance(spec, BlockSpec):
+            return self.scales
+        if spec.scale == "e8m0":
+            return _e8m0_table(self.scales.device)[self.scales.long()]
+        return self.tensor_scale * value_table(FORMATS["fp8_e4m3"]).to(self.scales.device)[self.scales.long()]
+
+
+@dataclass
 class QuantizedTensor:
     """Packed codes plus scales. ``scales`` is fp32 per block for element formats, the
     E8M0 exponent bytes (MX) or the E4M3 bytes (NVFP4, under ``tensor_scale``)."""
@@ -192,6 +219,12 @@ class QuantizedTensor:
     # Kernel-specific layouts of this weight, made on first use (e.g. torchao's tensors).
     prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: Scales, spec: Format, shape: torch.Size) -> "QuantizedTensor":
+        """Pack unpacked ``codes`` ([blocks, block], as :func:`encode` gives them) with their scales."""
+        return cls(packing.pack(codes, spec.bits), scales.scales, spec, torch.Size(shape), codes.shape[1],
+                   scales.zero_points, scales.tensor_scale)
+
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedTensor(move(self.codes), move(self.scales), self.spec, self.shape, self.block,
@@ -200,6 +233,10 @@ class QuantizedTensor:
     @property
     def element(self) -> FloatSpec | IntSpec:
         return self.spec.element if isinstance(self.spec, BlockSpec) else self.spec
+
+    @property
+    def block_scales(self) -> Scales:
+        return Scales(self.scales, self.zero_points, self.tensor_scale)
 
     @property
     def nbytes(self) -> int:
@@ -217,19 +254,11 @@ class QuantizedTensor:
 
     def scale_values(self) -> torch.Tensor:
         """The fp32 scale of every block."""
-        if not isinstance(self.spec, BlockSpec):
-            return self.scales
-        if self.spec.scale == "e8m0":
-            return _e8m0_table(self.scales.device)[self.scales.long()]
-        return self.tensor_scale * value_table(FORMATS["fp8_e4m3"]).to(self.scales.device)[self.scales.long()]
+        return self.block_scales.values(self.spec)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = self.element_codes().reshape(-1, self.block)
-        if self.zero_points is not None:
-            values = codes.float() - self.zero_points.float()[:, None]
-        else:
-            values = value_table(self.element).to(codes.device)[codes.long()]
-        return (values * self.scale_values()[:, None]).reshape(self.shape).to(dtype)
+        return decode(codes, self.spec, self.block_scales).reshape(self.shape).to(dtype)
 
 
 def _check_input(x: torch.Tensor, element: FloatSpec | IntSpec) -> None:
@@ -240,52 +269,95 @@ def _check_input(x: torch.Tensor, element: FloatSpec | IntSpec) -> None:
         raise FormatError(f"the input holds NaN, which {element.name} cannot encode")
 
 
-def _blocks(x: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
-    """fp32 view [blocks, block] of ``x``: blocks run along the last dimension."""
-    if x.dim() == 0:
+def block_length(shape: torch.Size, spec: Format, granularity: str, group_size: int) -> int:
+    """Consecutive elements (row-major) sharing one scale; refuses a last dimension the group
+    or block does not divide."""
+    if len(shape) == 0:
         raise FormatError("expected a tensor with at least one dimension, got a scalar")
-    last = x.shape[-1]
-    block = {"per_tensor": x.numel(), "per_channel": last}.get(granularity, group_size)
+    last = shape[-1]
+    if isinstance(spec, BlockSpec):
+        granularity, group_size = "per_block", spec.block
+    block = {"per_tensor": shape.numel(), "per_channel": last}.get(granularity, group_size)
     if last % block and granularity in ("per_group", "per_block"):
         raise FormatError(f"group_size={block} does not divide the last dimension {last} of shape "
-                          f"{tuple(x.shape)}; pad the tensor or choose a group size that divides it")
-    return x.float().reshape(-1, block)
+                          f"{tuple(shape)}; pad the tensor or choose a group size that divides it")
+    return block
 
 
 def quantize(x: torch.Tensor, fmt: str, granularity: Optional[str] = None, group_size: int = 128,
              rounding: str = "nearest", scale_rule: Optional[str] = None, overflow: str = "saturate",
-             symmetric: bool = True, seed: int = 0) -> QuantizedTensor:
+             symmetric: bool = True, seed: int = 0, scales: Optional[Scales] = None) -> QuantizedTensor:
     """Quantize ``x`` to format ``fmt`` (a name in ``kernels.catalog.FORMATS``); knobs as in the module doc.
 
     ``granularity`` defaults to ``per_block`` for block formats and ``per_channel`` otherwise;
-    ``scale_rule`` to the format's first allowed rule (absmax, or floor for MX).
+    ``scale_rule`` to the format's first allowed rule (absmax, or floor for MX). ``scales``,
+    if given, are used instead of choosing them from ``x`` (a static activation scale): one
+    per block, or a single one for every block.
     """
     spec = FORMATS.get(fmt)
     if granularity is None:
         granularity = "per_block" if isinstance(spec, BlockSpec) else "per_channel"
     spec = check_knobs(fmt, granularity, group_size, rounding, scale_rule, overflow, symmetric)
-    scale_rule = scale_rule or default_scale_rules(spec)[0]
+    _check_input(x, FORMATS["fp8_e4m3"] if isinstance(spec, BlockSpec) else spec)  # block NaN: in the scale
+    blocks = x.float().reshape(-1, block_length(x.shape, spec, granularity, group_size))
+    if scales is None:
+        scales = choose_scales(blocks, spec, scale_rule or default_scale_rules(spec)[0], symmetric)
+    elif scales.scales.numel() == 1:
+        scales = scales.take(torch.zeros(blocks.shape[0], dtype=torch.long, device=blocks.device))
+    return QuantizedTensor.from_codes(encode(blocks, spec, scales, rounding, overflow, seed), scales, spec, x.shape)
+
+
+def choose_scales(blocks: torch.Tensor, spec: Format, scale_rule: str, symmetric: bool = True,
+                  tensor_scale: Optional[torch.Tensor] = None) -> Scales:
+    """Each block's scale (fp32 ``blocks`` [blocks, block]) by the format's rule. NVFP4 takes
+    the fp32 tensor scale of the whole tensor these blocks are part of, if they are not all of it."""
     if isinstance(spec, BlockSpec):
-        _check_input(x, FORMATS["fp8_e4m3"])  # NaN is carried by the block scale
-        blocks = _blocks(x, "per_block", spec.block)
         if spec.scale == "e8m0":
-            return _quantize_mx(blocks, spec, x.shape, scale_rule, rounding, overflow, seed)
-        return _quantize_nvfp4(blocks, spec, x.shape, rounding, seed)
-    _check_input(x, spec)
-    blocks = _blocks(x, granularity, group_size)
+            return _mx_scales(blocks, spec.element, scale_rule)
+        return _nvfp4_scales(blocks, spec.element, tensor_scale)
     if not symmetric:
-        return _quantize_asymmetric(blocks, spec, x.shape, rounding, seed)
+        lo = torch.clamp(blocks.amin(dim=1), max=0)  # the range holds 0, so 0 is exact
+        hi = torch.clamp(blocks.amax(dim=1), min=0)
+        scales = torch.where(hi > lo, (hi - lo) / (2 ** spec.bits - 1), torch.ones_like(hi))
+        return Scales(scales, zero_points=torch.clamp(torch.round(-lo / scales), 0, 2 ** spec.bits - 1).to(torch.uint8))
     if scale_rule == "none":
-        scales = torch.ones(blocks.shape[0], device=x.device)
+        return Scales(torch.ones(blocks.shape[0], device=blocks.device))
+    amax = blocks.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / spec.max, torch.ones_like(amax))
+    if scale_rule == "mse":
+        scales = scales * _mse_ratio(blocks, scales, spec)
+    return Scales(scales)
+
+
+def encode(blocks: torch.Tensor, spec: Format, scales: Scales, rounding: str = "nearest",
+           overflow: str = "saturate", seed: int = 0) -> torch.Tensor:
+    """Unpacked codes (uint8, the shape of fp32 ``blocks`` [blocks, block]) of each block under its scale."""
+    if isinstance(spec, BlockSpec):
+        if spec.scale == "e8m0":
+            special = scales.scales == 255  # a NaN block: codes 0
+            codes, _ = _round_element(blocks / scales.values(spec)[:, None], spec.element, rounding, overflow, seed)
+        else:
+            special = scales.scales == _nan_code(FORMATS["fp8_e4m3"])
+            block_scale = value_table(FORMATS["fp8_e4m3"]).to(blocks.device)[scales.scales.long()]
+            scaled = torch.where(special[:, None], 0.0, blocks) * ((1.0 / scales.tensor_scale) / block_scale)[:, None]
+            codes, _ = _round_element(scaled, spec.element, rounding, "saturate", seed)
+        return torch.where(special[:, None], 0, codes).to(torch.uint8)
+    if scales.zero_points is not None:
+        shifted = blocks / scales.scales[:, None] + scales.zero_points.float()[:, None]
+        return _round_element(shifted, spec, rounding, "saturate", seed, unsigned=True)[0]
+    # No division by a scale of 1 (a plain cast): x / 1 loses the sign of a NaN on CUDA.
+    s = scales.scales[:, None]
+    return _round_element(torch.where(s == 1, blocks, blocks / s), spec, rounding, overflow, seed)[0]
+
+
+def decode(codes: torch.Tensor, spec: Format, scales: Scales) -> torch.Tensor:
+    """fp32 values of unpacked ``codes`` [blocks, block] under their blocks' scales."""
+    if scales.zero_points is not None:
+        values = codes.float() - scales.zero_points.float()[:, None]
     else:
-        amax = blocks.abs().amax(dim=1)
-        scales = torch.where(amax > 0, amax / spec.max, torch.ones_like(amax))
-        if scale_rule == "mse":
-            scales = scales * _mse_ratio(blocks, scales, spec)
-    # No division for a plain cast: x / 1 loses the sign of a NaN on CUDA.
-    scaled = blocks if scale_rule == "none" else blocks / scales[:, None]
-    codes, _ = _round_element(scaled, spec, rounding, overflow, seed)
-    return QuantizedTensor(packing.pack(codes, spec.bits), scales, spec, x.shape, blocks.shape[1])
+        element = spec.element if isinstance(spec, BlockSpec) else spec
+        values = value_table(element).to(codes.device)[codes.long()]
+    return values * scales.values(spec)[:, None]
 
 
 def _mse_ratio(blocks: torch.Tensor, scales: torch.Tensor, spec: FloatSpec | IntSpec) -> torch.Tensor:
@@ -299,18 +371,6 @@ def _mse_ratio(blocks: torch.Tensor, scales: torch.Tensor, spec: FloatSpec | Int
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, ratio, best)
     return best
-
-
-def _quantize_asymmetric(blocks, spec: IntSpec, shape, rounding: str, seed: int) -> QuantizedTensor:
-    lo = torch.clamp(blocks.amin(dim=1), max=0)  # the range holds 0, so 0 is exact
-    hi = torch.clamp(blocks.amax(dim=1), min=0)
-    levels = 2 ** spec.bits - 1
-    scales = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
-    zero_points = torch.clamp(torch.round(-lo / scales), 0, levels)
-    codes, _ = _round_element(blocks / scales[:, None] + zero_points[:, None], spec, rounding, "saturate", seed,
-                              unsigned=True)
-    return QuantizedTensor(packing.pack(codes, spec.bits), scales, spec, shape, blocks.shape[1],
-                           zero_points=zero_points.to(torch.uint8))
 
 
 def _element_mbits(element: FloatSpec | IntSpec) -> int:
@@ -333,34 +393,30 @@ def _shared_exponent(amax: torch.Tensor, element: FloatSpec | IntSpec, rule: str
     return torch.where(amax > 0, e, -127).clamp(-127, 127)
 
 
-def _quantize_mx(blocks, spec: BlockSpec, shape, rule: str, rounding: str, overflow: str,
-                 seed: int) -> QuantizedTensor:
-    element = spec.element
+def _mx_scales(blocks: torch.Tensor, element: FloatSpec | IntSpec, rule: str) -> Scales:
     special = ~torch.isfinite(blocks).all(dim=1)  # E8M0 has no Inf: NaN or Inf makes the block NaN
     amax = torch.where(special, 0.0, blocks.abs().amax(dim=1))
-    exponent = torch.where(special, 255, _shared_exponent(amax, element, rule) + 127).to(torch.uint8)
-    scaled = blocks / _e8m0_table(blocks.device)[exponent.long()][:, None]
-    codes, _ = _round_element(scaled, element, rounding, overflow, seed)
-    codes = torch.where(special[:, None], 0, codes).to(torch.uint8)
-    return QuantizedTensor(packing.pack(codes, element.bits), exponent, spec, shape, spec.block)
+    return Scales(torch.where(special, 255, _shared_exponent(amax, element, rule) + 127).to(torch.uint8))
 
 
-def _quantize_nvfp4(blocks, spec: BlockSpec, shape, rounding: str, seed: int) -> QuantizedTensor:
+def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4's fp32 per-tensor scale, shape [1], from the finite values of ``x``."""
+    e4m3, fp4 = FORMATS["fp8_e4m3"], FORMATS["fp4_e2m1"]
+    amax = torch.where(torch.isfinite(x), x.float(), 0.0).abs().amax()
+    return torch.where(amax > 0, torch.clamp(amax / (e4m3.max * fp4.max), min=NVFP4_MIN_TENSOR_SCALE),
+                       torch.ones_like(amax)).reshape(1)
+
+
+def _nvfp4_scales(blocks: torch.Tensor, element: FloatSpec, tensor_scale: Optional[torch.Tensor]) -> Scales:
     e4m3 = FORMATS["fp8_e4m3"]
     special = ~torch.isfinite(blocks).all(dim=1)  # NaN or Inf makes its block NaN, not the whole tensor
     blocks = torch.where(special[:, None], 0.0, blocks)
-    amax = blocks.abs().amax()
-    tensor_scale = torch.where(amax > 0, torch.clamp(amax / (e4m3.max * spec.element.max), min=NVFP4_MIN_TENSOR_SCALE),
-                               torch.ones_like(amax))
-    block_scale = blocks.abs().amax(dim=1) / spec.element.max / tensor_scale
-    scale_codes, block_scale = _round_float(torch.clamp(block_scale, min=2.0 ** e4m3.emin, max=e4m3.max), e4m3,
-                                            "nearest", "saturate", 0)
-    scaled = blocks * ((1.0 / tensor_scale) / block_scale)[:, None]
-    codes, _ = _round_element(scaled, spec.element, rounding, "saturate", seed)
-    scale_codes = torch.where(special, _nan_code(e4m3), scale_codes).to(torch.uint8)
-    codes = torch.where(special[:, None], 0, codes).to(torch.uint8)
-    return QuantizedTensor(packing.pack(codes, spec.element.bits), scale_codes, spec, shape,
-                           spec.block, tensor_scale=tensor_scale.reshape(1))
+    if tensor_scale is None:
+        tensor_scale = nvfp4_tensor_scale(blocks)
+    block_scale = blocks.abs().amax(dim=1) / element.max / tensor_scale
+    scale_codes, _ = _round_float(torch.clamp(block_scale, min=2.0 ** e4m3.emin, max=e4m3.max), e4m3,
+                                  "nearest", "saturate", 0)
+    return Scales(torch.where(special, _nan_code(e4m3), scale_codes).to(torch.uint8), tensor_scale=tensor_scale)
 
 
 def fake_quant(x: torch.Tensor, fmt: str, **knobs) -> torch.Tensor:

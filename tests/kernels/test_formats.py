@@ -193,7 +193,7 @@ def test_nvfp4_nan_or_inf_makes_its_block_nan_and_leaves_the_tensor_scale_to_the
 
 # --------------------------------------------------------------------------- storage and round trips
 
-@pytest.mark.parametrize("width", [4, 6, 8])
+@pytest.mark.parametrize("width", [3, 4, 6, 8])
 def test_packing_round_trips_every_code(width, device):
     codes = torch.randint(0, 2 ** width, (96, 64), dtype=torch.uint8, device=device)
     packed = packing.pack(codes, width)
@@ -201,7 +201,7 @@ def test_packing_round_trips_every_code(width, device):
     assert torch.equal(packing.unpack(packed, width, codes.numel()).view(96, 64), codes)
 
 
-ALL_CASES = [("int8", {}), ("int4", {"granularity": "per_group", "group_size": 32}),
+ALL_CASES = [("int8", {}), ("int4", {"granularity": "per_group", "group_size": 32}), ("int3", {"granularity": "per_group", "group_size": 64}),
              ("int4", {"granularity": "per_group", "group_size": 128, "symmetric": False}),
              ("int8", {"granularity": "per_tensor", "scale_rule": "mse"}),
              ("fp8_e4m3", {"granularity": "per_tensor"}), ("fp8_e5m2", {}), ("fp6_e2m3", {}),
