@@ -81,6 +81,60 @@ class QuantConfig:
     activations: bool = False  # dynamic, one scale per token
     kv_cache: bool = False     # keys and values, per token and head
     skip_layers: list[str] = rule(["lm_head"])  # names or fnmatch patterns kept unquantized
+    # Activation scales: dynamic (per token, from each input) or static (one per layer, chosen on
+    # the calibration data by the observer and stored with the layer; element formats only).
+    activation_scales: str = rule("dynamic", choices=("dynamic", "static"))
+    # static: absmax (the largest |x| seen), percentile (that percentile of |x|), or mse (the
+    # clipping of absmax with the least squared error on the calibration inputs).
+    activation_observer: str = rule("absmax", choices=("absmax", "percentile", "mse"))
+    activation_percentile: float = rule(99.99, gt=0, le=100)
+
+    @property
+    def static_activations(self) -> bool:
+        return self.activations and self.activation_scales == "static"
+
+
+@dataclass
+class GptqOptions:
+    """method=gptq (Frantar et al., ICLR 2023; the IST-DASLab/gptq reference): each linear's
+    columns rounded in turn, the error of each spread over the columns not yet rounded by the
+    inverse Hessian of the layer's calibration inputs."""
+    damp: float = rule(0.01, gt=0, le=1)  # added to the Hessian's diagonal, as a fraction of its mean
+    block_size: int = rule(128, ge=1)     # columns rounded before the rest are updated (lazy batch updates)
+    # Columns in order of descending Hessian diagonal ("act-order"); the group scales are then
+    # fixed from the unrounded weight first (static groups), so the layout stays the format's.
+    act_order: bool = False
+    static_groups: bool = False  # group scales from the unrounded weight, also without act_order
+
+
+@dataclass
+class MethodConfig:
+    """How the codes and scales of the dtype's format are chosen: never its layout.
+
+    rtn rounds each weight to the nearest code under the format's own scale rule; gptq minimises
+    each layer's output error on calibration inputs (``calib``). Each method's options sit under
+    its name (``method.gptq.damp``), so one override serves a sweep over methods.
+    """
+    name: str = rule("rtn", choices=("rtn", "gptq"))
+    gptq: GptqOptions = field(default_factory=GptqOptions)
+
+
+@dataclass
+class CalibConfig:
+    """The calibration data of methods and static scales: random windows of a text, never the eval text.
+
+    ``text``: a shipped text (its train split: eval uses the held-out documents), or a path to a
+    UTF-8 file. ``dataset``: an HF dataset id, used instead of ``text`` where a hub is reachable.
+    """
+    text: str = "stdlib-docs"
+    dataset: Optional[str] = None           # e.g. allenai/c4, or wikitext with dataset_config
+    dataset_config: Optional[str] = None    # e.g. wikitext-2-raw-v1
+    dataset_split: str = "train"
+    dataset_field: str = "text"
+    num_sequences: int = rule(128, ge=1)
+    seq_len: int = rule(512, ge=2)
+    batch_size: int = rule(8, ge=1)         # sequences per calibration forward pass
+    seed: int = rule(0, ge=0, le=2 ** 32 - 1)
 
 
 @dataclass
@@ -173,6 +227,9 @@ class TrialConfig:
     backend: BackendConfig = MISSING
     bench: BenchConfig = MISSING
     eval: EvalConfig = MISSING
+    # Defaults, not MISSING: configs stored before methods existed have neither section.
+    method: MethodConfig = field(default_factory=MethodConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     device: str = rule("auto", choices=("auto", "cpu", "cuda"))
     seed: int = rule(0, ge=0, le=2 ** 32 - 1)  # numpy's seeds are 32-bit
@@ -180,6 +237,11 @@ class TrialConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "TrialConfig":
         return build(cls, config)
+
+
+def uses_calibration(cfg: TrialConfig) -> bool:
+    """Whether the trial computes anything from calibration data (and ``calib`` is part of its key)."""
+    return cfg.dtype.format is not None and (cfg.method.name != "rtn" or cfg.quant.static_activations)
 
 
 def nested_schema(tp: Any) -> Optional[type]:

@@ -14,22 +14,18 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from jobs import data
+from jobs.cache import build_once, cache_root
 from jobs.config import ModelConfig, TinyModelBuild
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>"]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QUANTSWEEP_CACHE", Path.home() / ".cache" / "quantsweep")).expanduser()
 
 
 def built_model_dir(build: TinyModelBuild) -> Path:
@@ -62,25 +58,19 @@ def load_model(model_cfg: ModelConfig, device: torch.device):
 
 def ensure_built(build: TinyModelBuild) -> Path:
     """Build the tiny model once per machine; concurrent trials wait on a file lock."""
-    from filelock import FileLock
-
     out = built_model_dir(build)
-    if (out / "build.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not (out / "build.json").exists():
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            # A trial may be limited to one thread (Ray sets OMP_NUM_THREADS to its CPUs), but
-            # every trial on this machine waits for this build: use all cores while it runs.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(os.cpu_count() or threads)
-            try:
-                _build_tiny_llama(build, tmp)
-            finally:
-                torch.set_num_threads(threads)
-            tmp.rename(out)  # atomic: a reader sees a whole model or none
+
+    def make(tmp: Path) -> None:
+        # A trial may be limited to one thread (Ray sets OMP_NUM_THREADS to its CPUs), but
+        # every trial on this machine waits for this build: use all cores while it runs.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or threads)
+        try:
+            _build_tiny_llama(build, tmp)
+        finally:
+            torch.set_num_threads(threads)
+
+    build_once(out, "build.json", make)
     return out
 
 

@@ -25,15 +25,14 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from jobs.cache import build_once, cache_root, check_space
 from jobs.config import ModelConfig
 from jobs.evaluate import log_probs
-from jobs.models import cache_root
 
 log = logging.getLogger(__name__)
 FILE = "logp.npy"
@@ -81,34 +80,20 @@ def ensure_reference(model, model_cfg: ModelConfig, windows: torch.Tensor, batch
                      device: torch.device) -> tuple[Reference, bool]:
     """The reference of ``model`` (unquantized, at ``model.dtype``) on ``windows``, computed and
     stored if this node has none yet; and whether this call computed it."""
-    from filelock import FileLock
-
     folder = cache_root() / "references" / reference_key(model_cfg, windows, batch_size, device)
-    if (folder / "reference.json").exists():
-        return Reference(folder), False
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if (folder / "reference.json").exists():
-            return Reference(folder), False
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        shape = (len(windows), windows.shape[1] - 1, model.config.vocab_size)
-        _check_space(tmp, 4 * int(np.prod(shape)))
+    shape = (len(windows), windows.shape[1] - 1, model.config.vocab_size)
+
+    def make(tmp: Path) -> None:
+        check_space(tmp, 4 * int(np.prod(shape)), "the reference log-probs", "lower eval.max_tokens")
         _write(model, windows, batch_size, device, tmp / FILE, shape)
         (tmp / "reference.json").write_text(json.dumps(
             {"model": model_cfg.name, "shape": list(shape), "dtype": "float32", "batch_size": batch_size,
              "device": str(device), "torch_dtype": str(model.dtype)}, indent=2))
-        tmp.rename(folder)  # atomic: a reader sees a whole reference or none
-    log.info("reference: computed %s %s into %s", model_cfg.name, list(shape), folder)
-    return Reference(folder), True
 
-
-def _check_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise OSError(f"the reference log-probs need {needed / 2**30:.1f} GiB under {folder.parent}, which has "
-                      f"{free / 2**30:.1f} GiB free (lower eval.max_tokens, or point QUANTSWEEP_CACHE elsewhere)")
+    computed = build_once(folder, "reference.json", make)
+    if computed:
+        log.info("reference: computed %s %s into %s", model_cfg.name, list(shape), folder)
+    return Reference(folder), computed
 
 
 @torch.inference_mode()

@@ -29,7 +29,10 @@ class Status(str, enum.Enum):
 # where its results go (cluster, tracking, resources, sweep) do not, except the GPU model
 # it asks for (resources.accelerator_type): an H100 and an A100 time differently. A trial's
 # config also holds all its resources, so it can be run again as it first ran.
-TRIAL_SECTIONS = ("model", "dtype", "quant", "kernel", "backend", "bench", "eval", "device", "seed")
+TRIAL_SECTIONS = ("model", "dtype", "quant", "method", "calib", "kernel", "backend", "bench", "eval", "device", "seed")
+# Sections a trial's config may lack: those stored before they existed, and calib where neither the
+# method nor static activation scales use it (it is then no part of what the trial computes).
+OPTIONAL_SECTIONS = ("method", "calib")
 KEYED_RESOURCES = ("accelerator_type",)
 # A trial's per-window accuracy means (jobs/evaluate.py writes it, the report pairs it with the baseline's).
 EVAL_WINDOWS_FILE = "eval_windows.csv"

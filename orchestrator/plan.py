@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.config import TrialConfig
+from jobs import data
+from jobs.config import TrialConfig, uses_calibration
 from jobs.spec import KEYED_RESOURCES, TASK_NAME, TRIAL_SECTIONS, TrialSpec, context_length
 from kernels import catalog
 from orchestrator import schema
@@ -23,10 +25,17 @@ def trial_config(cfg: DictConfig | dict) -> dict[str, Any]:
     """The resolved, plain TRIAL_SECTIONS of a composed config, and its resources."""
     plain = _plain(cfg)
     config = {k: plain[k] for k in TRIAL_SECTIONS}
-    # Only the trial's own backend's options: they are part of what it computes, the others' are not.
-    backend = config["backend"]
-    config["backend"] = {"name": backend["name"], **{k: v for k, v in backend.items() if k == backend["name"]}}
+    # Only the trial's own backend's and method's options: they are part of what it computes, the others' are not.
+    for section in ("backend", "method"):
+        chosen = config[section]
+        config[section] = {"name": chosen["name"], **{k: v for k, v in chosen.items() if k == chosen["name"]}}
+    if config["dtype"]["format"] is None or not config["quant"]["weights"]:
+        config["method"] = {"name": "rtn"}  # no weights to quantize: every method is the same trial
+    if config["quant"]["activation_scales"] == "dynamic":  # the observer chooses static scales only
+        config["quant"] = {k: v for k, v in config["quant"].items() if k not in STATIC_SCALE_KEYS}
     config["resources"] = dict(plain["resources"])
+    if not uses_calibration(TrialConfig.from_dict(config)):
+        del config["calib"]
     return config
 
 
@@ -40,16 +49,22 @@ def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
 
 # Settings added after sweeps were stored: at these values they are left out of the key, so a cell
 # that does not use them keeps the key it had.
-KEY_NEUTRAL_DEFAULTS = {"eval": {"tasks": [], "task_limit": None, "num_fewshot": None}}
+# A section left empty is left out too (method=rtn: the key of a trial from before methods existed).
+KEY_NEUTRAL_DEFAULTS = {"eval": {"tasks": [], "task_limit": None, "num_fewshot": None},
+                        "quant": {"activation_scales": "dynamic"}, "method": {"name": "rtn"}}
+STATIC_SCALE_KEYS = ("activation_observer", "activation_percentile")
 
 
 def trial_key(config: dict[str, Any]) -> str:
     """A stable hash of the canonical resolved config: same cell, same key, whatever the overrides.
     Of the resources only the GPU model counts: more CPUs or a longer timeout is the same trial."""
-    keyed = {**{k: config[k] for k in TRIAL_SECTIONS},
+    keyed = {**{k: config[k] for k in TRIAL_SECTIONS if k in config},
              "resources": {k: config["resources"][k] for k in KEYED_RESOURCES}}
     for section, defaults in KEY_NEUTRAL_DEFAULTS.items():
-        keyed[section] = {k: v for k, v in keyed[section].items() if k not in defaults or v != defaults[k]}
+        if section in keyed:
+            keyed[section] = {k: v for k, v in keyed[section].items() if k not in defaults or v != defaults[k]}
+            if not keyed[section]:
+                del keyed[section]
     canonical = json.dumps(keyed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -62,6 +77,7 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
     if model["source"] == "build" and model["build"] is None:
         raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
     _check_dtype(cfg.dtype, cfg.quant)
+    _check_method(plain)
     for task in plain["eval"]["tasks"]:
         if not (isinstance(task, str) and TASK_NAME.fullmatch(task)):
             raise ConfigError("eval.tasks", task, "allowed: lm-eval task names (letters, digits, _ and -)")
@@ -96,6 +112,31 @@ def _check_dtype(dtype: DictConfig, quant: DictConfig) -> None:
     if not (quant.weights or quant.activations or quant.kv_cache):
         raise ConfigError("quant", quant.name, "at least one of quant.weights, quant.activations, quant.kv_cache",
                           problem="quantizes nothing")
+
+
+def _check_method(plain: dict) -> None:
+    """What the method and static activation scales need of the dtype and scheme."""
+    dtype, quant, method = plain["dtype"], plain["quant"], plain["method"]["name"]
+    if dtype["format"] is None:
+        return  # a plain cast: nothing is quantized, no method or scale applies
+    if method != "rtn" and quant["weights"] and dtype["rounding"] != "nearest":
+        raise ConfigError("dtype.rounding", dtype["rounding"], f"allowed with method={method}: nearest")
+    if quant["activation_scales"] == "static":
+        if not quant["activations"]:
+            raise ConfigError("quant.activation_scales", "static", "allowed without quant.activations: dynamic "
+                              "(take quant=w_a_static)")
+        if isinstance(catalog.get_format(dtype["format"]), catalog.BlockSpec):
+            raise ConfigError("quant.activation_scales", "static",
+                              f"allowed for {dtype['format']}: dynamic (static scales are for element formats: "
+                              "fp8, fp6, fp4, int8, int4, int3)")
+        if not dtype["symmetric"]:
+            raise ConfigError("dtype.symmetric", False, "allowed with quant.activation_scales=static: true")
+    calib, eval_text = plain["calib"], plain["eval"]["text"]
+    if calib["dataset"] is None and calib["text"] not in data.BUILTIN_TEXTS and (
+            calib["text"] == eval_text or Path(calib["text"]).expanduser().resolve() ==
+            Path(eval_text).expanduser().resolve()):
+        raise ConfigError("calib.text", calib["text"], "allowed: any text but the eval text (eval.text); "
+                          "calibrating on what is evaluated flatters the method", problem="is the eval text")
 
 
 def _check_vllm(cfg: TrialConfig) -> None:

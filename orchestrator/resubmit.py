@@ -25,7 +25,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from jobs.spec import TRIAL_SECTIONS, Status
+from jobs.spec import OPTIONAL_SECTIONS, TRIAL_SECTIONS, Status
 from orchestrator import lease, pairing, plan, store
 from orchestrator.compose import compose
 from orchestrator import sweep_state
@@ -74,8 +74,10 @@ def check_plain(node: Any, where: str, path: str = "") -> None:
 def _check_sections(stored: Any, where: str) -> dict:
     """Refuse a stored config that is not what this project writes."""
     expected = {*TRIAL_SECTIONS, "resources"}
-    if not isinstance(stored, dict) or set(stored) != expected:
-        odd = sorted(map(str, set(stored) ^ expected)) if isinstance(stored, dict) else [type(stored).__name__]
+    required = expected - set(OPTIONAL_SECTIONS)
+    if not isinstance(stored, dict) or not required <= set(stored) <= expected:
+        odd = (sorted(map(str, (set(stored) - expected) | (required - set(stored)))) if isinstance(stored, dict)
+               else [type(stored).__name__])
         raise ConfigError(f"config.yaml of {where}", ", ".join(odd),
                           f"allowed sections: {', '.join((*TRIAL_SECTIONS, 'resources'))}",
                           problem="stored config has unexpected contents")

@@ -17,8 +17,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from jobs.config import (BackendConfig, BenchConfig, DtypeConfig, EvalConfig, KernelConfig, ModelConfig,
-                         QuantConfig, TrialConfig, nested_schema, rule, type_hints)
+from jobs.config import (BackendConfig, BenchConfig, CalibConfig, DtypeConfig, EvalConfig, KernelConfig,
+                         MethodConfig, ModelConfig, QuantConfig, TrialConfig, nested_schema, rule, type_hints)
 from orchestrator.errors import ConfigError
 
 
@@ -67,7 +67,8 @@ class RootConfig(TrialConfig):
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "quant": QuantConfig, "kernel": KernelConfig,
+GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "quant": QuantConfig, "method": MethodConfig,
+                 "calib": CalibConfig, "kernel": KernelConfig,
                  "backend": BackendConfig, "bench": BenchConfig, "eval": EvalConfig,
                  "cluster": ClusterConfig, "tracking": TrackingConfig}
 
