@@ -1,28 +1,41 @@
-"""Apply a dtype (a number format and its knobs) to a model under a quant scheme.
+"""Apply a dtype (a number format and its knobs) to a model under a quant scheme, by a method.
 
 The scheme says what is quantized: linear weights (stored packed; their matmul is the
-chosen kernel), linear inputs (dynamic, one scale per token), and the KV cache (keys and
-values fake-quantized per token and head, after RoPE, as a cache stored in the format
-would hold them). Layers named in ``quant.skip_layers`` (``lm_head`` by default; the
-embeddings are not linear layers) stay in the compute dtype.
+chosen kernel), linear inputs (one scale per token, or one static scale per layer chosen on
+calibration data), and the KV cache (keys and values fake-quantized per token and head, after
+RoPE, as a cache stored in the format would hold them). Layers named in ``quant.skip_layers``
+(``lm_head`` by default; the embeddings are not linear layers) stay in the compute dtype.
+
+The method chooses the weights' codes and scales: ``rtn`` rounds to nearest; ``gptq``
+(jobs/gptq.py) works layer by layer on calibration inputs (jobs/sequential.py). While layers
+are calibrated, the quantized ones compute through the torch reference; the chosen kernel takes
+over when all are done.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from jobs.config import DtypeConfig, QuantConfig
+from jobs.config import DtypeConfig, QuantConfig, TrialConfig, uses_calibration
+from jobs.gptq import gptq_quantize, output_error
+from jobs.sequential import LayerInputs, calibrate
 from kernels import formats, metrics
 from kernels.catalog import BlockSpec, get_format
-from kernels.registry import Kernel, get_kernel
+from kernels.registry import Kernel, get_kernel, torch_reference
+
+log = logging.getLogger(__name__)
 
 KV_ATTENTION = "quantsweep_kv_sdpa"
 KNOBS = ("rounding", "scale_rule", "overflow", "symmetric")
+OBSERVER_STEPS = 57  # clippings the mse observer tries: absmax * 2**(-k/8), down to absmax / 128
 
 
 def weight_knobs(dtype_cfg: DtypeConfig, seed: int) -> dict:
@@ -86,40 +99,134 @@ def quantize_kv_cache(model: nn.Module, knobs: dict) -> None:
     model.set_attn_implementation(KV_ATTENTION)
 
 
-def apply_dtype(model: nn.Module, dtype_cfg: DtypeConfig, quant_cfg: QuantConfig, kernel_name: str,
-                compute_dtype: torch.dtype, seed: int = 0) -> list[dict]:
-    """Cast ``model`` to ``compute_dtype`` and quantize what the scheme says.
+def apply_dtype(model: nn.Module, cfg: TrialConfig, compute_dtype: torch.dtype,
+                calibration: Optional[torch.Tensor] = None,
+                stored: Optional[QuantizedLayers] = None) -> list[dict]:
+    """Cast ``model`` to ``compute_dtype`` and quantize what the scheme says, by the trial's method.
 
-    Returns one row per linear layer with a quantized weight: its shape, storage bytes,
-    bits per element and error against the unquantized weight (SQNR dB, relative, max abs).
+    ``calibration`` (token windows) is for methods and static scales that need data; ``stored``
+    is a cached quantized model's layers, put in place as they are.
+    Returns one row per linear layer with a quantized weight: its shape, storage bytes, bits per
+    element and error against the unquantized weight (SQNR dB, relative, max abs) and, when
+    calibrated, the output error on the calibration inputs, by this method and by RTN.
     """
+    dtype_cfg, quant_cfg = cfg.dtype, cfg.quant
     model.to(compute_dtype)
     if dtype_cfg.format is None:
         return []
     if quant_cfg.kv_cache:
-        quantize_kv_cache(model, token_knobs(dtype_cfg, seed))
+        quantize_kv_cache(model, token_knobs(dtype_cfg, cfg.seed))
     if not (quant_cfg.weights or quant_cfg.activations):
         return []
-    kernel = get_kernel(kernel_name)
-    input_knobs = token_knobs(dtype_cfg, seed) if quant_cfg.activations else None
-    rows = []
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and not _skipped(n, quant_cfg.skip_layers)]
-    for name, linear in targets:
-        q = None
-        if quant_cfg.weights:
-            try:
-                q = formats.quantize(linear.weight, **weight_knobs(dtype_cfg, seed))
-            except formats.FormatError as e:
-                raise formats.FormatError(f"layer {name}: {e}") from None
-            w, deq = linear.weight, q.dequantize()
-            rows.append({"layer": name, "shape": "x".join(map(str, q.shape)), "format": q.spec.name,
-                         "bytes": q.nbytes, "bits_per_element": q.bits_per_element,
-                         "sqnr_db": metrics.sqnr_db(w, deq), "relative_error": metrics.relative_error(w, deq),
-                         "max_abs_error": metrics.max_abs_error(w, deq)})
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, QuantizedLinear(linear, q, kernel, input_knobs))
+    rows: list[dict] = []
+    if stored is not None:
+        rows = stored.rows
+        for name, linear in targets:
+            knobs = input_knobs(cfg, stored.input_scales[name])
+            _replace(model, name, QuantizedLinear(linear, stored.weights[name], torch_reference, knobs))
+    elif calibration is not None:
+        def finish(group, inputs: Optional[LayerInputs]) -> None:
+            for name, linear in group:
+                _quantize_layer(model, name, linear, cfg, inputs, rows)
+        calibrate(model, calibration, cfg.calib.batch_size, targets, finish,
+                  keep_sample=quant_cfg.static_activations and quant_cfg.activation_observer != "absmax",
+                  seed=cfg.calib.seed)
+    else:
+        for name, linear in targets:
+            _quantize_layer(model, name, linear, cfg, None, rows)
+    kernel = get_kernel(cfg.kernel.name)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.kernel = kernel
     return rows
+
+
+@dataclass
+class QuantizedLayers:
+    """Every quantized linear layer's weight and static input scale, by name, and the layer rows:
+    what a cached quantized model holds (jobs/quantized_cache.py)."""
+    weights: dict[str, Optional[formats.QuantizedTensor]]
+    input_scales: dict[str, Optional[float]]
+    rows: list[dict]
+
+    @classmethod
+    def of(cls, model: nn.Module, rows: list[dict]) -> "QuantizedLayers":
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+        scales = {n: float(m.input_knobs["scales"].scales[0]) if m.input_knobs and "scales" in m.input_knobs else None
+                  for n, m in layers.items()}
+        return cls({n: m.weight_q for n, m in layers.items()}, scales, rows)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def _quantize_layer(model: nn.Module, name: str, linear: nn.Linear, cfg: TrialConfig, inputs: Optional[LayerInputs],
+                    rows: list[dict]) -> None:
+    """Quantize one layer by the trial's method (RTN where it saw no calibration input) and put it
+    in place, computing through the torch reference until every layer is done."""
+    dtype_cfg, quant_cfg = cfg.dtype, cfg.quant
+    input_scale = None
+    if quant_cfg.static_activations:
+        if inputs is None:
+            raise ValueError(f"layer {name}: no calibration input reached it, so it has no static activation scale")
+        input_scale = activation_scale(inputs, dtype_cfg, quant_cfg)
+    q = None
+    if quant_cfg.weights:
+        try:
+            rtn = formats.quantize(linear.weight, **weight_knobs(dtype_cfg, cfg.seed))
+            if cfg.method.name == "gptq" and inputs is not None:
+                q = gptq_quantize(linear.weight, inputs.hessian, dtype_cfg, cfg.method.gptq)
+            else:
+                if cfg.method.name != "rtn":
+                    log.warning("layer %s: no calibration input reached it; rounded to nearest", name)
+                q = rtn
+        except formats.FormatError as e:
+            raise formats.FormatError(f"layer {name}: {e}") from None
+        w, deq = linear.weight, q.dequantize()
+        row = {"layer": name, "shape": "x".join(map(str, q.shape)), "format": q.spec.name, "method": cfg.method.name,
+               "bytes": q.nbytes, "bits_per_element": q.bits_per_element, "sqnr_db": metrics.sqnr_db(w, deq),
+               "relative_error": metrics.relative_error(w, deq), "max_abs_error": metrics.max_abs_error(w, deq)}
+        if uses_calibration(cfg):
+            hessian = inputs.hessian if inputs is not None else None
+            row["output_error"] = math.nan if hessian is None else output_error(w, deq, hessian)
+            row["output_error_rtn"] = math.nan if hessian is None else output_error(w, rtn.dequantize(), hessian)
+            row["input_scale"] = math.nan if input_scale is None else input_scale
+        rows.append(row)
+    _replace(model, name, QuantizedLinear(linear, q, torch_reference, input_knobs(cfg, input_scale)))
+
+
+def input_knobs(cfg: TrialConfig, static_scale: Optional[float]) -> Optional[dict]:
+    """``fake_quant`` knobs of a layer's inputs: per token, or one static fp32 scale for all of them."""
+    if not cfg.quant.activations:
+        return None
+    knobs = token_knobs(cfg.dtype, cfg.seed)
+    if cfg.quant.static_activations:
+        knobs.update(granularity="per_tensor", scales=formats.Scales(torch.tensor([static_scale])))
+    return knobs
+
+
+def activation_scale(inputs: LayerInputs, dtype_cfg: DtypeConfig, quant_cfg: QuantConfig) -> float:
+    """A layer's static input scale from its calibration inputs, by ``quant.activation_observer``."""
+    spec = get_format(dtype_cfg.format)
+    if quant_cfg.activation_observer == "absmax":
+        clip = inputs.amax
+    else:
+        values = inputs.absolute_values()
+        if quant_cfg.activation_observer == "percentile":
+            k = max(1, math.ceil(quant_cfg.activation_percentile / 100 * values.numel()))
+            clip = float(values.kthvalue(k).values)
+        else:  # mse: the clipping of absmax whose rounding error over the inputs is least
+            def error(clip: float) -> float:
+                scales = formats.Scales(torch.tensor([clip / spec.max]))
+                q = formats.quantize(values, dtype_cfg.format, granularity="per_tensor", scales=scales,
+                                     overflow="saturate")
+                return float((q.dequantize() - values).pow(2).sum())
+            clip = min((inputs.amax * 2.0 ** (-k / 8) for k in range(OBSERVER_STEPS)), key=error)
+    return float(torch.tensor(clip / spec.max if clip > 0 else 1.0, dtype=torch.float32))  # the fp32 scale in use
 
 
 def check_kernel(model: nn.Module, kernel_name: str, dtype: torch.dtype, seed: int = 0) -> list[dict]:

@@ -11,14 +11,17 @@ import csv
 import io
 import json
 import logging
+import math
 import time
 import traceback
 
 import torch
 
-from jobs import bench, capability, environment, evaluate, models, reference, tasks, vllm_backend
-from jobs.config import TrialConfig
-from jobs.quantize import apply_dtype, check_kernel, weight_bytes
+from jobs import (bench, calibration, capability, environment, evaluate, models, quantized_cache, reference, tasks,
+                  vllm_backend)
+from jobs.cache import build_once
+from jobs.config import TrialConfig, uses_calibration
+from jobs.quantize import QuantizedLayers, apply_dtype, check_kernel, weight_bytes
 from jobs.spec import TASK_SAMPLES_FILE, Status, TrialResult, TrialSpec, failure_reason
 from kernels.catalog import Unsupported
 
@@ -67,10 +70,16 @@ def _layer_summary(rows: list[dict]) -> dict[str, float]:
         return {}
     sqnr = [r["sqnr_db"] for r in rows]
     elements = sum(8 * r["bytes"] / r["bits_per_element"] for r in rows)
-    return {"quantized_layers": float(len(rows)), "layer_sqnr_db_min": min(sqnr),
-            "layer_sqnr_db_mean": sum(sqnr) / len(sqnr),
-            "layer_relative_error_max": max(r["relative_error"] for r in rows),
-            "bits_per_element": 8 * sum(r["bytes"] for r in rows) / elements}
+    summary = {"quantized_layers": float(len(rows)), "layer_sqnr_db_min": min(sqnr),
+               "layer_sqnr_db_mean": sum(sqnr) / len(sqnr),
+               "layer_relative_error_max": max(r["relative_error"] for r in rows),
+               "bits_per_element": 8 * sum(r["bytes"] for r in rows) / elements}
+    for column in ("output_error", "output_error_rtn"):  # on calibration inputs, where the trial calibrated
+        values = [r[column] for r in rows if column in r and not math.isnan(r[column])]
+        if values:
+            summary[f"layer_{column}_mean"] = sum(values) / len(values)
+            summary[f"layer_{column}_max"] = max(values)
+    return summary
 
 
 class KernelMismatch(Exception):
@@ -122,11 +131,44 @@ def _execute(spec: TrialSpec, result: TrialResult) -> None:
         _run_hf(model, tokenizer, cfg, windows, ref, device, result)
 
 
+def _quantize(model, tokenizer, cfg: TrialConfig, compute_dtype: torch.dtype, device: torch.device,
+              result: TrialResult) -> list[dict]:
+    """Quantize ``model`` in place by the trial's method; a method that calibrates is run once per node
+    and its result stored (jobs/quantized_cache.py). Records ``quantize_s``, the method's time."""
+    started = time.perf_counter()
+    if not uses_calibration(cfg):
+        layers = apply_dtype(model, cfg, compute_dtype)
+        result.metrics["quantize_s"] = time.perf_counter() - started
+        return layers
+    folder = quantized_cache.folder(cfg, device)
+    made: list[dict] = []
+
+    def make(tmp) -> None:
+        windows = calibration.calibration_windows(tokenizer, cfg.calib, cfg.eval.text,
+                                                  model.config.max_position_embeddings)
+        log.info("quantize: %s on %d calibration windows of %d tokens", cfg.method.name, *windows.shape)
+        made.extend(apply_dtype(model, cfg, compute_dtype, calibration=windows))
+        result.metrics["quantize_s"] = time.perf_counter() - started
+        quantized_cache.save(tmp, QuantizedLayers.of(model, made), result.metrics["quantize_s"])
+
+    if build_once(folder, quantized_cache.MANIFEST, make):
+        layers = made
+    else:  # made by an earlier trial on this node (or while this one waited for the lock)
+        stored, result.metrics["quantize_s"] = quantized_cache.load(folder, device)
+        layers = apply_dtype(model, cfg, compute_dtype, stored=stored)
+        result.metrics["quantize_load_s"] = time.perf_counter() - started
+    reused = not made
+    result.metrics["quantized_model_reused"] = float(reused)
+    result.env["quantized_model"] = f"{folder.name} ({'reused' if reused else 'quantized'})"
+    log.info("quantized model %s: %s", folder, "reused" if reused else "quantized and stored")
+    return layers
+
+
 def _run_hf(model, tokenizer, cfg: TrialConfig, windows: torch.Tensor, ref: reference.Reference, device: torch.device,
             result: TrialResult) -> None:
     compute = cfg.dtype.compute_dtype
     compute_dtype = model.dtype if compute == "auto" else models.TORCH_DTYPES[compute]
-    layers = apply_dtype(model, cfg.dtype, cfg.quant, cfg.kernel.name, compute_dtype, cfg.seed)
+    layers = _quantize(model, tokenizer, cfg, compute_dtype, device, result)
     _gate_kernel(model, cfg, compute_dtype, result)
     result.metrics["weight_bytes"] = float(weight_bytes(model))
     result.metrics.update(_layer_summary(layers))

@@ -1,9 +1,11 @@
-"""FP8 W8A8 (e4m3): dynamic per-token activation quantization, then an fp8 x fp8 GEMM
-with fp32 accumulation and the row (token) and column (channel or tensor) scales applied
-to the accumulator.
+"""FP8 W8A8 (e4m3): per-token activation quantization, dynamic or under one static scale, then
+an fp8 x fp8 GEMM with fp32 accumulation and the row (token) and column (channel or tensor)
+scales applied to the accumulator.
 
 The activation kernel computes scale = max|x_row| / 448 (1 for an all-zero row), the same
-rule as ``kernels.formats`` with ``granularity=per_channel``. In Triton's interpreter the
+rule as ``kernels.formats`` with ``granularity=per_channel``; with a static scale (calibrated,
+``quant.activation_scales=static``) every row takes it and values beyond 448 saturate, as
+``kernels.formats`` does with ``granularity=per_tensor`` and given scales. In Triton's interpreter the
 in-kernel fp32 -> fp8 cast rounds wrongly, so there the kernel stores the scaled fp32
 values and torch does the cast; on a GPU the cast happens in registers.
 """
@@ -21,32 +23,39 @@ E4M3_MAX = 448.0
 
 
 @triton.jit
-def _act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.constexpr,
-                          CAST_IN_KERNEL: tl.constexpr):
+def _act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm, BK: tl.constexpr,
+                          STATIC: tl.constexpr, CAST_IN_KERNEL: tl.constexpr):
     row = tl.program_id(0)
-    amax = tl.zeros((BK,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + row * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    peak = tl.max(amax, axis=0)
-    scale = tl.where(peak > 0, peak / 448.0, 1.0)
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:
+        amax = tl.zeros((BK,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + row * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        peak = tl.max(amax, axis=0)
+        scale = tl.where(peak > 0, peak / 448.0, 1.0)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + row * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32) / scale
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)  # saturate: a static scale may not cover the row
         if CAST_IN_KERNEL:
             tl.store(q_ptr + row * stride_qm + rk, x.to(tl.float8e4nv), mask=rk < K)
         else:
             tl.store(q_ptr + row * stride_qm + rk, x, mask=rk < K)
 
 
-def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 e4m3 codes [M, K], fp32 scales [M]) of 2-D activations."""
+def quantize_fp8_per_token(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 e4m3 codes [M, K], fp32 scales [M]) of 2-D activations: each row's own scale, or the
+    one fp32 ``static_scale`` [1] for all."""
     m, k = x.shape
     scales = torch.empty(m, device=x.device, dtype=torch.float32)
     out = torch.empty((m, k), device=x.device, dtype=torch.float32 if INTERPRETED else torch.float8_e4m3fn)
-    _act_quant_fp8_kernel[(m,)](x, out, scales, k, x.stride(0), out.stride(0), BK=1024 if not INTERPRETED else 64,
+    static = static_scale is not None
+    _act_quant_fp8_kernel[(m,)](x, out, scales, static_scale.to(x.device, torch.float32) if static else scales, k,
+                                x.stride(0), out.stride(0), BK=1024 if not INTERPRETED else 64, STATIC=static,
                                 CAST_IN_KERNEL=not INTERPRETED)
     return (out.to(torch.float8_e4m3fn) if INTERPRETED else out), scales
 
@@ -98,10 +107,11 @@ def fp8_scaled_mm(xq: torch.Tensor, sx: torch.Tensor, weight: QuantizedTensor, o
     return y
 
 
-def fp8_w8a8_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_w8a8_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None,
+                    static_scale: torch.Tensor | None = None) -> torch.Tensor:
     check_activations(x, weight.shape[1])
     x2 = as_2d(x)
-    xq, sx = quantize_fp8_per_token(x2)
+    xq, sx = quantize_fp8_per_token(x2, static_scale)
     y = fp8_scaled_mm(xq, sx, weight, x.dtype)
     if bias is not None:
         y += bias

@@ -1,8 +1,8 @@
 """Kernel names -> functions computing ``y = q(x) @ dequant(W).T + b``.
 
 A kernel takes (activations, QuantizedTensor, bias, input_knobs) and returns activations
-of the input's dtype; ``input_knobs`` (or None) are the ``fake_quant`` knobs of dynamic
-per-token activation quantization. ``torch`` is the reference every other kernel is
+of the input's dtype; ``input_knobs`` (or None) are the ``fake_quant`` knobs of the
+activations: per token, or one static scale (``scales``) for all. ``torch`` is the reference every other kernel is
 checked against; ``triton`` dispatches on the weight's format and raises
 :class:`~kernels.catalog.Unsupported` for what it does not implement; ``torchao`` runs
 torchao's kernels on the same codes and scales (``kernels/torchao_kernels.py``).
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import formats
-from kernels.catalog import Unsupported, is_plain_fp8_per_token
+from kernels.catalog import Unsupported, is_plain_fp8_per_token, is_plain_fp8_static
 from kernels.formats import QuantizedTensor
 from kernels.torchao_kernels import torchao_linear
 
@@ -42,8 +42,11 @@ def triton_kernels(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torc
     if input_knobs is not None:
         if name == "fp8_e4m3" and is_plain_fp8_per_token(input_knobs):
             return fp8_matmul.fp8_w8a8_linear(x, weight, bias)
-        raise Unsupported(f"the triton kernels quantize activations only for fp8_e4m3 W8A8 (per token, absmax, "
-                          f"nearest, saturate), not {input_knobs['fmt']} activations with {name} weights")
+        if name == "fp8_e4m3" and is_plain_fp8_static(input_knobs):
+            return fp8_matmul.fp8_w8a8_linear(x, weight, bias, input_knobs["scales"].scales)
+        raise Unsupported(f"the triton kernels quantize activations only for fp8_e4m3 W8A8 (per token, absmax, or "
+                          f"one static scale; nearest, saturate), not {input_knobs['fmt']} activations with {name} "
+                          f"weights")
     if name in ("int4", "int8"):
         return wint_matmul.wint_linear(x, weight, bias)
     if name in mx_matmul.ELEMENTS:

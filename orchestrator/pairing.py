@@ -34,8 +34,10 @@ from jobs.spec import EVAL_WINDOWS_FILE, TASK_NAME, TASK_SAMPLE_COLUMNS, TASK_SA
 from orchestrator import tracking
 from orchestrator.errors import ConfigError
 
-# The sections a trial varies against its baseline; everything else must match.
-COMPARED_SECTIONS = ("dtype", "quant", "kernel", "backend")
+# The sections a trial varies against its baseline; everything else must match. A baseline is
+# named by the choices of all but calib (which has no name: it goes with the method).
+COMPARED_SECTIONS = ("dtype", "quant", "method", "calib", "kernel", "backend")
+BASELINE_SECTIONS = tuple(s for s in COMPARED_SECTIONS if s != "calib")
 # (metric logged on the trial, the metric it is made of, how: ratio trial/baseline or difference)
 DELTAS = (("speedup_prefill", "prefill_tokens_per_s", "ratio"),
           ("speedup_decode", "decode_tokens_per_s", "ratio"),
@@ -77,10 +79,10 @@ def stored_baseline(tags: dict[str, str]) -> dict[str, str]:
     except ValueError:
         baseline = None
     if not (isinstance(baseline, dict) and baseline and all(
-            k in COMPARED_SECTIONS and isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", v)
+            k in BASELINE_SECTIONS and isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", v)
             for k, v in baseline.items())):
         raise ConfigError("baseline tag of the sweep", tags["baseline"][:100],
-                          f"a JSON object of {', '.join(COMPARED_SECTIONS)} to config names",
+                          f"a JSON object of {', '.join(BASELINE_SECTIONS)} to config names",
                           problem="stored tag is malformed")
     return baseline
 
@@ -216,8 +218,9 @@ class Row:
     def value(self, column: str) -> Any:
         if column == "trial":
             return self.label
-        if column in ("model", "dtype", "quant", "kernel", "backend"):
-            return self.params.get(f"{column}.name", "")
+        if column in ("model", "dtype", "quant", "method", "kernel", "backend"):
+            # Runs from before methods existed were rounded to nearest.
+            return self.params.get(f"{column}.name", "rtn" if column == "method" else "")
         if column in ("status", "baseline", "run_id"):
             return getattr(self, column)
         if is_comparison_metric(column):  # from this report's pairing only, never a stale logged value

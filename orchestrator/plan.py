@@ -165,12 +165,12 @@ def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
                 key = next(k for k in a if a[k] != b.get(k))
                 raise ConfigError(f"{section}.{key}", b[key], f"one value for the whole sweep (first cell: {a[key]})",
                                   problem="varies across the sweep")
-    from orchestrator.pairing import COMPARED_SECTIONS
+    from orchestrator.pairing import BASELINE_SECTIONS
 
     for section in first.sweep.baseline:
-        if section not in COMPARED_SECTIONS:
+        if section not in BASELINE_SECTIONS:
             raise ConfigError(f"sweep.baseline.{section}", first.sweep.baseline[section],
-                              f"keys of sweep.baseline: {', '.join(COMPARED_SECTIONS)}", problem="unknown key")
+                              f"keys of sweep.baseline: {', '.join(BASELINE_SECTIONS)}", problem="unknown key")
     if first.sweep.id is not None:
         from orchestrator.tracking import check_sweep_id
 

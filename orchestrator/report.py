@@ -9,8 +9,8 @@ the baseline itself is from that reference. A trial without a baseline says so i
 
 The report (``report/`` on the parent run; ``orchestrator report ID``, and at the end of
 every sweep): ``comparison.csv``, ``comparison.html`` (the table and the plots, one
-self-contained file), a Pareto plot per model, a speedup heatmap (format x kernel) and the
-latency distributions. matplotlib is imported only here, when a report is made.
+self-contained file), a Pareto plot per model (colour: kernel, marker: method), a speedup
+heatmap (format x kernel) and the latency distributions. matplotlib is imported only here, when a report is made.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from orchestrator.pairing import (MAX_FILE_BYTES, NOISE_Z, TASK_DELTA_SUFFIXES, 
                                   is_comparison_metric, notes, parse_samples, parse_windows, stored_baseline)
 
 LATENCY_MAX_TRIALS = 40
-COLUMNS = ("trial", "status", "model", "dtype", "quant", "kernel", "backend", "decode_tokens_per_s",
+MARKERS = "osD^vP*X"  # one per method in the Pareto plots
+COLUMNS = ("trial", "status", "model", "dtype", "quant", "method", "kernel", "backend", "decode_tokens_per_s",
            "speedup_decode", "prefill_tokens_per_s", "speedup_prefill", "peak_memory_mb", "memory_ratio",
            "weight_memory_ratio", "perplexity", "perplexity_stderr", "perplexity_delta", "perplexity_delta_stderr",
            "perplexity_delta_within_noise", "kl_divergence", "kl_divergence_stderr", "kl_divergence_p99_9",
@@ -194,8 +195,9 @@ def _slug(text: str) -> str:
 
 
 def _label(row: Row) -> str:
-    return f"{row.params.get('dtype.name')}/{row.params.get('kernel.name')}" + (
-        "" if row.params.get("backend.name") in (None, "hf") else f"/{row.params.get('backend.name')}")
+    return "/".join([row.params.get("dtype.name", ""), row.params.get("kernel.name", "")] +
+                    [v for v, plain in ((row.value("method"), "rtn"), (row.params.get("backend.name"), "hf"))
+                     if v not in (None, plain)])
 
 
 def _png(fig) -> bytes:
@@ -225,6 +227,8 @@ def _pareto(model: str, rows: list[Row]):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     kernels = sorted({r.params.get("kernel.name", "") for r in rows})
     colors = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kernels)}
+    methods = sorted({r.value("method") for r in rows})
+    markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(methods)}
     for ax, (metric, xlabel) in zip(axes, panels):
         points = []
         for row in rows:
@@ -233,7 +237,8 @@ def _pareto(model: str, rows: list[Row]):
                 continue
             y = row.metrics["decode_tokens_per_s"]
             points.append((x, y))
-            ax.scatter(x, y, s=60, color=colors[row.params.get("kernel.name", "")], edgecolor="black", zorder=3)
+            ax.scatter(x, y, s=60, color=colors[row.params.get("kernel.name", "")], marker=markers[row.value("method")],
+                       edgecolor="black", zorder=3)
             ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if points:
             front = _frontier(points)
@@ -247,6 +252,9 @@ def _pareto(model: str, rows: list[Row]):
         ax.grid(True, alpha=0.3)
         for kernel in kernels:
             ax.scatter([], [], color=colors[kernel], edgecolor="black", label=f"kernel={kernel}")
+        if len(methods) > 1:
+            for method in methods:
+                ax.scatter([], [], color="white", marker=markers[method], edgecolor="black", label=f"method={method}")
         ax.legend(fontsize=8, loc="best")
     bench = rows[0].params
     fig.suptitle(f"{model}: decode throughput against accuracy cost (batch {bench.get('bench.batch_size')}, "

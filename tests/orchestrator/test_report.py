@@ -210,7 +210,7 @@ def test_planning_finds_the_cells_without_a_baseline():
 
 
 def test_a_baseline_on_a_section_that_is_not_compared_is_refused():
-    with pytest.raises(ConfigError, match=r"sweep\.baseline\.model.*keys of sweep\.baseline: dtype, quant, kernel, backend"):
+    with pytest.raises(ConfigError, match=r"sweep\.baseline\.model.*keys of sweep\.baseline: dtype, quant, method, kernel, backend"):
         plan.sweep_settings([compose("+sweep.baseline.model=tiny-llama")])
 
 
