@@ -54,7 +54,7 @@ def test_quantized_trials_report_layers_and_packed_bytes(results):
     assert int4["quantized_layers"] == int8["quantized_layers"] == 14  # 7 linears x 2 layers; lm_head skipped
     assert int4["layer_sqnr_db_min"] < int8["layer_sqnr_db_min"]
     assert results["int4"].artifacts["layers.csv"].startswith(
-        "layer,shape,format,bytes,bits_per_element,sqnr_db,relative_error,max_abs_error")
+        "layer,shape,format,method,bytes,bits_per_element,sqnr_db,relative_error,max_abs_error\r\n")
 
 
 @pytest.mark.parametrize("dtype,bits", [("fp8_e4m3", 8 + 32 / 256), ("fp6_e3m2", 6 + 32 / 256), ("mxfp4", 4.25),
@@ -139,3 +139,40 @@ def test_missing_local_model_path_fails_with_the_path():
 def test_lm_eval_tasks_on_vllm_are_unsupported_before_any_model_loads():
     r = _run("backend=vllm", "eval=lm_eval")
     assert r.status == Status.UNSUPPORTED and r.reason.startswith("eval.tasks (lm-evaluation-harness) runs on backend=hf")
+
+
+CALIB = ("calib.num_sequences=16", "calib.seq_len=128")
+
+
+@pytest.mark.slow  # three trials that calibrate: ~40 s
+def test_a_quantized_model_is_reused_by_trials_with_its_quantization_and_no_others(tiny_model_cfg):
+    first = _run("dtype=int4", "method=gptq", "calib.seed=5", *CALIB)
+    other_bench = _run("dtype=int4", "method=gptq", "calib.seed=5", "bench.batch_size=2", *CALIB)
+    other_calib = _run("dtype=int4", "method=gptq", "calib.seed=6", *CALIB)
+    for r in (first, other_bench, other_calib):
+        assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))
+    folder = first.env["quantized_model"].split()[0]
+    assert first.env["quantized_model"] == f"{folder} (quantized)" and first.metrics["quantized_model_reused"] == 0
+    assert other_bench.env["quantized_model"] == f"{folder} (reused)"
+    assert other_bench.metrics["quantized_model_reused"] == 1
+    assert other_bench.metrics["quantize_s"] == first.metrics["quantize_s"]  # the method's time, as stored
+    assert other_bench.metrics["quantize_load_s"] < first.metrics["quantize_s"]
+    assert other_bench.metrics["kl_divergence"] == first.metrics["kl_divergence"]  # the same codes
+    assert other_bench.artifacts["layers.csv"] == first.artifacts["layers.csv"]
+    assert other_calib.env["quantized_model"].endswith("(quantized)")
+    assert other_calib.env["quantized_model"].split()[0] != folder
+    # The method's per-layer record: GPTQ's output error on the calibration inputs, beside RTN's.
+    header = first.artifacts["layers.csv"].splitlines()[0]
+    assert header.endswith("output_error,output_error_rtn,input_scale")
+    assert first.metrics["layer_output_error_mean"] < first.metrics["layer_output_error_rtn_mean"]
+
+
+@pytest.mark.slow  # the Triton trial runs in the interpreter: ~90 s
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_static_fp8_activation_scales_run_through_the_reference_and_the_triton_kernel(tiny_model_cfg, kernel):
+    r = (_run_triton if kernel == "triton" else _run)("dtype=fp8_e4m3", "quant=w_a_static", *CALIB)
+    assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))
+    scales = [float(line.rsplit(",", 1)[1]) for line in r.artifacts["layers.csv"].splitlines()[1:]]
+    assert len(scales) == 14 and all(s > 0 for s in scales)
+    if kernel == "triton":
+        assert r.metrics["kernel_relative_error_max"] < 2e-3  # the gate passed against the torch reference

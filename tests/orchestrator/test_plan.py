@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from orchestrator.errors import ConfigError
@@ -100,3 +102,48 @@ def test_a_trial_keeps_only_its_own_backends_options():
 def test_trial_keys_do_not_move_between_versions(overrides, key):
     """Keys of sweeps already in a store: a new setting at its default must leave them as they were."""
     assert trial_spec(compose(*overrides), list(overrides)).trial_key == key
+
+
+def test_a_method_and_its_calibration_are_part_of_the_key_only_where_they_act():
+    def key(*overrides):
+        return trial_spec(compose(*overrides), list(overrides))
+
+    rtn, gptq = key("dtype=int4"), key("dtype=int4", "method=gptq")
+    assert rtn.trial_key == "af2bda50a10a64cf" and gptq.trial_key != rtn.trial_key
+    assert "calib" not in rtn.config and rtn.config["method"] == {"name": "rtn"}
+    assert gptq.config["method"]["gptq"]["damp"] == 0.01 and gptq.config["calib"]["num_sequences"] == 128
+    # Calibration settings move only the keys of trials that calibrate.
+    assert key("dtype=int4", "calib.seed=1").trial_key == rtn.trial_key
+    assert key("dtype=int4", "method=gptq", "calib.seed=1").trial_key != gptq.trial_key
+    assert key("dtype=int4", "method=gptq", "method.gptq.act_order=true").trial_key != gptq.trial_key
+    # Nothing to quantize, nothing for a method to do: bf16 under gptq is the bf16 trial.
+    assert key("method=gptq").trial_key == key().trial_key
+    # Static activation scales calibrate too; the observer counts only for them.
+    dynamic = key("dtype=fp8_e4m3", "quant=w_a_dynamic")
+    assert key("dtype=fp8_e4m3", "quant=w_a_dynamic", "quant.activation_observer=mse").trial_key == dynamic.trial_key
+    static = key("dtype=fp8_e4m3", "quant=w_a_static")
+    assert "calib" in static.config and static.trial_key != dynamic.trial_key
+    assert key("dtype=fp8_e4m3", "quant=w_a_static", "quant.activation_observer=mse").trial_key != static.trial_key
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["dtype=int4", "method=gptq", "dtype.rounding=stochastic"],
+     "dtype.rounding=stochastic: invalid value; allowed with method=gptq: nearest"),
+    (["dtype=mxfp4", "quant=w_a_static"], "quant.activation_scales=static: invalid value; allowed for mxfp4: dynamic"),
+    (["dtype=int8", "quant.activation_scales=static"],
+     "quant.activation_scales=static: invalid value; allowed without quant.activations: dynamic"),
+    (["method=bogus"], "Could not find 'method/bogus'"),
+    (["method=gptq", "method.gptq.damp=0"], "method.gptq.damp=0.0: invalid value; allowed: > 0"),
+    (["calib.num_sequences=0"], "calib.num_sequences=0: invalid value; allowed: >= 1"),
+])
+def test_bad_method_settings_are_refused_before_submission(overrides, message):
+    with pytest.raises(Exception, match=re.escape(message)):
+        trial_spec(compose(*overrides), overrides)
+
+
+def test_calibrating_on_the_eval_text_is_refused(tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("a text to evaluate on " * 100)
+    overrides = ["dtype=int4", "method=gptq", f"eval.text={text}", f"calib.text={text}"]
+    with pytest.raises(ConfigError, match=r"calib\.text=.*mine\.txt: is the eval text; allowed: any text but"):
+        trial_spec(compose(*overrides), overrides)
