@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from jobs import bench, evaluate, models
-from jobs.config import BenchConfig, TrialConfig
+from jobs.config import BenchConfig, TrialConfig, uses_calibration
 from jobs.reference import Reference
 from jobs.spec import context_length
 from kernels.catalog import Unsupported
@@ -83,6 +83,12 @@ def online_quantization(cfg: TrialConfig, device: torch.device) -> str | None:
     fmt, scheme = dtype.format, None
     if fmt is not None:
         what = f"dtype={dtype.name} ({fmt} {dtype.granularity}) with quant={quant.name}"
+        if uses_calibration(cfg):
+            # Online quantization rounds to nearest with dynamic scales; GPTQ's codes or calibrated
+            # scales reach vLLM only in a pre-quantized checkpoint.
+            raise Unsupported(f"backend=vllm quantizes online by round-to-nearest with dynamic scales; "
+                              f"method={cfg.method.name}, quant.activation_scales={quant.activation_scales} needs "
+                              f"a pre-quantized checkpoint as the model (run it with backend=hf here)")
         for knob, default in DEFAULT_KNOBS.items():
             if getattr(dtype, knob) != default:
                 raise Unsupported(f"backend=vllm: {what}: vLLM's online quantization has no dtype.{knob}="

@@ -141,6 +141,21 @@ def test_fp8_per_token_activation_quantization_is_bit_exact(dtype):
     assert torch.equal(codes.view(torch.uint8), ref.element_codes())
 
 
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_fp8_static_activation_quantization_is_bit_exact_and_saturates(dtype):
+    """One calibrated scale for every row; rows it does not cover saturate at +-448, as in kernels.formats."""
+    x, w = _inputs(9, 64, 300, dtype)
+    scale = formats.Scales(torch.tensor([float(x.float().abs().max()) / 448 / 4]))  # clips the largest quarter
+    codes, scales = quantize_fp8_per_token(x, scale.scales)
+    ref = formats.quantize(x, "fp8_e4m3", granularity="per_tensor", scales=scale)
+    assert torch.equal(scales, scale.scales.expand(9))
+    assert torch.equal(codes.view(torch.uint8).reshape(-1), ref.element_codes().reshape(-1))
+    assert (ref.dequantize().abs() == 448 * scale.scales).any()
+    knobs = {"fmt": "fp8_e4m3", "granularity": "per_tensor", "group_size": 128, "rounding": "nearest",
+             "scale_rule": None, "overflow": "saturate", "symmetric": True, "seed": 0, "scales": scale}
+    _check(x, formats.quantize(w, "fp8_e4m3"), knobs)
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8_e4m3", "mxfp8_e5m2", "nvfp4"])
 @pytest.mark.parametrize("dtype", ACT_DTYPES)
