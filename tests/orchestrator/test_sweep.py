@@ -56,6 +56,37 @@ def test_smoke_sweep_records_one_parent_and_three_finished_children(run_cli, tmp
     assert proc.stdout.rstrip().splitlines()[-1].startswith(f"sweep {sweep_id}:")  # the summary line stays last
 
 
+def test_a_sweep_over_methods_compares_them_against_one_baseline_with_standard_errors(run_cli, tmp_path,
+                                                                                     tiny_model_cfg):
+    import csv
+    import io
+
+    proc = run_cli("run", "-m", "method=rtn,gptq", "dtype=bf16,int4,mxfp4,nvfp4", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = SUMMARY.search(proc.stdout)
+    # bf16 under gptq is the bf16 trial (no weights to quantize): 8 cells, 7 trials.
+    assert summary and summary.groups()[1:5] == ("7", "7", "0", "0"), proc.stdout
+    parents, children = mlflow_runs(tmp_path / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    base = next(r for r in children if r.data.params["dtype.name"] == "bf16")
+    for run in children:
+        params, metrics = run.data.params, client.get_run(run.info.run_id).data.metrics
+        if run is base:
+            continue
+        assert run.data.tags["baseline_run_id"] == base.info.run_id
+        assert metrics["perplexity_delta_stderr"] > 0 and metrics["quantize_s"] > 0
+        if params["method.name"] == "gptq":
+            assert params["calib.num_sequences"] == "16" and params["method.gptq.damp"] == "0.01"
+            assert metrics["layer_output_error_mean"] < metrics["layer_output_error_rtn_mean"]
+        else:
+            assert not any(p.startswith("calib.") for p in params)
+    table = client.download_artifacts(parents[0].info.run_id, "report/comparison.csv", str(tmp_path))
+    rows = list(csv.DictReader(io.StringIO(open(table).read())))
+    assert {(r["dtype"], r["method"]) for r in rows} == {("bf16", "rtn")} | {
+        (d, m) for d in ("int4", "mxfp4", "nvfp4") for m in ("rtn", "gptq")}
+    assert all(r["perplexity_delta_stderr"] for r in rows if r["dtype"] != "bf16")
+
+
 def test_a_failing_trial_is_recorded_failed_with_its_traceback_while_the_others_finish(run_cli, tmp_path, tiny_model_cfg):
     # group_size=512 divides none of the tiny model's layers: int4 (per-group) raises, int8 (per-channel) does not.
     proc = run_cli("run", "-m", "dtype=int8,int4", "dtype.group_size=512", *FAST)
