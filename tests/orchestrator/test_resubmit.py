@@ -329,3 +329,17 @@ def test_configs_stored_before_backend_options_were_nested_are_read_in_todays_la
     assert _nest_backend_options(noop) == {"backend": {"name": "noop", "noop": {"sleep_s": 1.0, "allocate_gb": 0.0}}}
     assert _nest_backend_options({"backend": {"name": "hf", "sleep_s": 0.0, "allocate_gb": 0.0}}) == {
         "backend": {"name": "hf"}}
+
+
+def test_configs_stored_before_methods_existed_are_read_with_their_keys():
+    from orchestrator.plan import trial_config, trial_key
+    from orchestrator.resubmit import _check_sections
+    from tests.helpers import compose
+
+    stored = trial_config(compose("dtype=int4"))
+    del stored["method"]  # what a sweep stored before methods existed (no calib either: rtn has none)
+    assert "calib" not in stored and _check_sections(stored, "trial x") is stored
+    assert trial_key(stored) == "af2bda50a10a64cf"  # the key it was stored under
+    del stored["seed"]
+    with pytest.raises(Exception, match="seed: stored config has unexpected contents"):
+        _check_sections(stored, "trial x")
