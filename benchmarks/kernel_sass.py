@@ -111,9 +111,10 @@ def cases() -> list[Case]:
         Case("fp8 W8A8 GEMM", fp8_matmul._fp8_matmul_kernel,
              {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "sx_ptr": "*fp32", "sw_ptr": "*fp32", "y_ptr": "*bf16"},
              {"SW_PER_CHANNEL": True}, lambda c: c["BN"] * c["BK"], fp8_matmul._configs()),
-        Case("fp8 per-token quantize", fp8_matmul._act_quant_fp8_kernel,
-             {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}, {"BK": 1024, "CAST_IN_KERNEL": True},
-             lambda c: 1024, [triton.Config({}, num_warps=4)]),
+        *(Case(f"fp8 {kind} quantize", fp8_matmul._act_quant_fp8_kernel,
+               {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "static_ptr": "*fp32"},
+               {"BK": 1024, "STATIC": static, "CAST_IN_KERNEL": True}, lambda c: 1024, [triton.Config({}, num_warps=4)])
+          for kind, static in (("per-token", False), ("static-scale", True))),
     ]
 
 
