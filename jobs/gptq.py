@@ -64,6 +64,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, dtype_cfg: DtypeC
     H.diagonal().add_(options.damp * H.diagonal().mean())
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
+    columns = order.tolist()  # once: a device tensor read per column would synchronise each time
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
     # Dynamic groups take their scale at their first column from the updated weights: blocks hold whole groups.
     step = options.block_size if static else math.lcm(options.block_size, group)
@@ -72,7 +73,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, dtype_cfg: DtypeC
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(order[i1 + i])
+            col = columns[i1 + i]
             g = col // group
             if not static and col % group == 0:
                 by_group[g] = formats.choose_scales(W1[:, i:i + group], spec, rule, dtype_cfg.symmetric, tensor_scale)

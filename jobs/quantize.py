@@ -70,10 +70,14 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
-        # Packed codes and scales follow the module's device but keep their own dtypes.
+        # Packed codes and a static input scale follow the module's device but keep their own dtypes.
         super()._apply(fn, recurse)
         if self.weight_q is not None:
             self.weight_q = self.weight_q.to(fn(torch.empty(0, device=self.weight_q.codes.device)).device)
+        static = self.input_knobs["scales"] if self.input_knobs and "scales" in self.input_knobs else None
+        if static is not None:
+            device = fn(torch.empty(0, device=static.scales.device)).device
+            self.input_knobs = {**self.input_knobs, "scales": static.to(device)}
         return self
 
     def extra_repr(self) -> str:
@@ -124,7 +128,7 @@ def apply_dtype(model: nn.Module, cfg: TrialConfig, compute_dtype: torch.dtype,
     if stored is not None:
         rows = stored.rows
         for name, linear in targets:
-            knobs = input_knobs(cfg, stored.input_scales[name])
+            knobs = input_knobs(cfg, stored.input_scales[name], linear.weight.device)
             _replace(model, name, QuantizedLinear(linear, stored.weights[name], torch_reference, knobs))
     elif calibration is not None:
         def finish(group, inputs: Optional[LayerInputs]) -> None:
@@ -196,16 +200,17 @@ def _quantize_layer(model: nn.Module, name: str, linear: nn.Linear, cfg: TrialCo
             row["output_error_rtn"] = math.nan if hessian is None else output_error(w, rtn.dequantize(), hessian)
             row["input_scale"] = math.nan if input_scale is None else input_scale
         rows.append(row)
-    _replace(model, name, QuantizedLinear(linear, q, torch_reference, input_knobs(cfg, input_scale)))
+    knobs = input_knobs(cfg, input_scale, linear.weight.device)
+    _replace(model, name, QuantizedLinear(linear, q, torch_reference, knobs))
 
 
-def input_knobs(cfg: TrialConfig, static_scale: Optional[float]) -> Optional[dict]:
+def input_knobs(cfg: TrialConfig, static_scale: Optional[float], device: torch.device) -> Optional[dict]:
     """``fake_quant`` knobs of a layer's inputs: per token, or one static fp32 scale for all of them."""
     if not cfg.quant.activations:
         return None
     knobs = token_knobs(cfg.dtype, cfg.seed)
     if cfg.quant.static_activations:
-        knobs.update(granularity="per_tensor", scales=formats.Scales(torch.tensor([static_scale])))
+        knobs.update(granularity="per_tensor", scales=formats.Scales(torch.tensor([static_scale], device=device)))
     return knobs
 
 

@@ -191,6 +191,10 @@ class Scales:
     zero_points: Optional[torch.Tensor] = None
     tensor_scale: Optional[torch.Tensor] = None
 
+    def to(self, device: torch.device | str) -> "Scales":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Scales(self.scales.to(device), move(self.zero_points), move(self.tensor_scale))
+
     def take(self, index: torch.Tensor) -> "Scales":
         """The scales of blocks ``index`` (the tensor scale is shared)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
@@ -302,8 +306,10 @@ def quantize(x: torch.Tensor, fmt: str, granularity: Optional[str] = None, group
     blocks = x.float().reshape(-1, block_length(x.shape, spec, granularity, group_size))
     if scales is None:
         scales = choose_scales(blocks, spec, scale_rule or default_scale_rules(spec)[0], symmetric)
-    elif scales.scales.numel() == 1:
-        scales = scales.take(torch.zeros(blocks.shape[0], dtype=torch.long, device=blocks.device))
+    else:
+        scales = scales.to(blocks.device)
+        if scales.scales.numel() == 1:
+            scales = scales.take(torch.zeros(blocks.shape[0], dtype=torch.long, device=blocks.device))
     return QuantizedTensor.from_codes(encode(blocks, spec, scales, rounding, overflow, seed), scales, spec, x.shape)
 
 
