@@ -138,7 +138,8 @@ def _quantize(model, tokenizer, cfg: TrialConfig, compute_dtype: torch.dtype, de
     started = time.perf_counter()
     if not uses_calibration(cfg):
         layers = apply_dtype(model, cfg, compute_dtype)
-        result.metrics["quantize_s"] = time.perf_counter() - started
+        if cfg.dtype.format is not None:  # a plain cast quantizes nothing
+            result.metrics["quantize_s"] = time.perf_counter() - started
         return layers
     folder = quantized_cache.folder(cfg, device)
     made: list[dict] = []
