@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.cache import cache_root
+from jobs.cache import cache_root, check_space
 from jobs.config import TrialConfig
 from jobs.quantize import QuantizedLayers
 from kernels.catalog import FORMATS
@@ -52,6 +52,8 @@ def save(out: Path, layers: QuantizedLayers, quantize_s: float) -> None:
                 if getattr(q, part) is not None:
                     tensors[f"{name}.{part}"] = getattr(q, part).contiguous().cpu()
         manifest["layers"][name] = entry
+    check_space(out, sum(t.numel() * t.element_size() for t in tensors.values()), "the quantized model",
+                "delete older ones under quantized/")
     save_file(tensors, str(out / TENSORS))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
