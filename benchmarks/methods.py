@@ -90,8 +90,8 @@ def main() -> None:
             c["layer_output_error_mean"] = gptq["layer_output_error_rtn_mean"]
 
     print(f"\nunquantized tiny model (fp32): perplexity {reference_ppl:.2f}\n")
-    print("| format | method | ppl ± se | Δppl vs fp32 ± se | Δppl vs RTN ± se | KL ± se | top-1 | layer out. err. "
-          "| method s |")
+    print("| format | method | ppl ± se | Δppl vs fp32 ± se | Δppl vs RTN ± se | KL ± se | top-1 "
+          "| layer out. err. | method s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in cells:
         vs_rtn = (f"{c['vs_rtn_perplexity_delta']:+.3f} ± {c['vs_rtn_perplexity_delta_stderr']:.3f}"

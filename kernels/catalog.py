@@ -173,7 +173,8 @@ def is_plain_fp8_per_token(knobs: dict) -> bool:
     """Activation knobs that are plain fp8_e4m3 per token (absmax, nearest, saturate): what the
     fp8 W8A8 kernels (ours and torchao's) compute."""
     return (knobs["fmt"] == "fp8_e4m3" and knobs["granularity"] == "per_channel" and knobs["rounding"] == "nearest"
-            and knobs.get("scale_rule") in (None, "absmax") and knobs["overflow"] == "saturate" and "scales" not in knobs)
+            and knobs.get("scale_rule") in (None, "absmax") and knobs["overflow"] == "saturate"
+            and "scales" not in knobs)
 
 
 def is_plain_fp8_static(knobs: dict) -> bool:

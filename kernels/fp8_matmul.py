@@ -47,7 +47,8 @@ def _act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_
             tl.store(q_ptr + row * stride_qm + rk, x, mask=rk < K)
 
 
-def quantize_fp8_per_token(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token(x: torch.Tensor,
+                           static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 e4m3 codes [M, K], fp32 scales [M]) of 2-D activations: each row's own scale, or the
     one fp32 ``static_scale`` [1] for all."""
     m, k = x.shape

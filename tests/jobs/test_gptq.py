@@ -14,7 +14,8 @@ FAMILIES = [("int4", {"granularity": "per_group", "group_size": 128}),
             ("int3", {"granularity": "per_group", "group_size": 64}),
             ("int8", {"granularity": "per_channel"}), ("int8", {"granularity": "per_tensor"}),
             ("fp8_e4m3", {"granularity": "per_channel"}), ("fp4_e2m1", {"granularity": "per_group", "group_size": 32}),
-            ("mxfp4", {"granularity": "per_block"}), ("mxfp8_e4m3", {"granularity": "per_block", "scale_rule": "rceil"}),
+            ("mxfp4", {"granularity": "per_block"}),
+            ("mxfp8_e4m3", {"granularity": "per_block", "scale_rule": "rceil"}),
             ("mxint8", {"granularity": "per_block"}), ("nvfp4", {"granularity": "per_block"})]
 OPTIONS = {"default": GptqOptions(), "act_order": GptqOptions(act_order=True),
            "static_groups": GptqOptions(static_groups=True, block_size=32)}

@@ -152,7 +152,8 @@ def test_a_quantized_model_is_reused_by_trials_with_its_quantization_and_no_othe
 
     for seed in (5, 6):  # stored by an earlier run of this test, where the test cache persists
         spec = trial_spec(compose("dtype=int4", "method=gptq", f"calib.seed={seed}", *CALIB, *FAST), [])
-        shutil.rmtree(quantized_cache.folder(spec.settings, trial.select_device(spec.settings.device)), ignore_errors=True)
+        device = trial.select_device(spec.settings.device)
+        shutil.rmtree(quantized_cache.folder(spec.settings, device), ignore_errors=True)
     first = _run("dtype=int4", "method=gptq", "calib.seed=5", *CALIB)
     other_bench = _run("dtype=int4", "method=gptq", "calib.seed=5", "bench.batch_size=2", *CALIB)
     other_calib = _run("dtype=int4", "method=gptq", "calib.seed=6", *CALIB)

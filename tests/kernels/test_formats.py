@@ -201,7 +201,8 @@ def test_packing_round_trips_every_code(width, device):
     assert torch.equal(packing.unpack(packed, width, codes.numel()).view(96, 64), codes)
 
 
-ALL_CASES = [("int8", {}), ("int4", {"granularity": "per_group", "group_size": 32}), ("int3", {"granularity": "per_group", "group_size": 64}),
+ALL_CASES = [("int8", {}), ("int4", {"granularity": "per_group", "group_size": 32}),
+             ("int3", {"granularity": "per_group", "group_size": 64}),
              ("int4", {"granularity": "per_group", "group_size": 128, "symmetric": False}),
              ("int8", {"granularity": "per_tensor", "scale_rule": "mse"}),
              ("fp8_e4m3", {"granularity": "per_tensor"}), ("fp8_e5m2", {}), ("fp6_e2m3", {}),
