@@ -423,7 +423,7 @@ def print_table(rows: list[Row], sweep_id: str) -> None:
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column, header in shown.items():
         table.add_column(header, overflow="fold", no_wrap=column != "trial",
-                         min_width=min(24, max([len(r.label) for r in rows] + [5])) if column == "trial" else None,
+                         min_width=min(16, max([len(r.label) for r in rows] + [5])) if column == "trial" else None,
                          justify="left" if column in ("trial", "status") else "right")
     for r in rows:
         table.add_row(*(_terminal_delta(r) if c == "perplexity_delta" else _fmt(c, r.value(c)) for c in shown),

@@ -224,3 +224,19 @@ def test_a_big_sweep_draws_the_latency_of_its_baselines_and_pareto_optimal_trial
     shown = report._latency_rows(rows)
     assert [r.key for r in shown] == ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]
     assert report._latency_rows(rows[:10]) == rows[:10]
+
+
+def test_the_terminal_table_keeps_every_column_in_80_columns_with_long_labels(capsys):
+    def row(i, label, baseline=False):
+        r = pairing.Row(f"k{i}", f"r{i}", label, "FINISHED", {"model.name": "a"},
+                        {"kl_divergence": 1e-3, "decode_tokens_per_s": 50.0, "top1_agreement": 0.97})
+        r.is_baseline, r.label = baseline, label
+        return r
+    rows = [row(0, "method=rtn dtype=bf16", True)] + [row(i, f"method=gptq dtype=mxfp{i} quant=w_a_static")
+                                                       for i in range(1, 4)]
+    report.print_table(rows, "swp-000000")
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines())
+    header = next(line for line in out.splitlines() if "tok/s" in line)
+    assert header.split() == ["trial", "tok/s", "×decode", "×prefill", "×memory", "Δ", "ppl", "KL", "top-1"]
+    assert "97.0%" in out.splitlines()[out.splitlines().index(header) + 2]  # the last column, whole
