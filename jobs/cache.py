@@ -17,6 +17,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("QUANTSWEEP_CACHE", Path.home() / ".cache" / "quantsweep")).expanduser()
 
 
+def node_identity(device) -> dict[str, str]:
+    """What moves the last bits of anything computed here: the hardware and the library versions."""
+    import torch
+    import transformers
+
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"hardware": hardware, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def build_once(folder: Path, marker: str, build: Callable[[Path], None]) -> bool:
     """Make ``folder`` by ``build(tmp)`` unless it holds ``marker`` (a file ``build`` writes last);
     whether this call built it."""

@@ -197,7 +197,8 @@ def _quantize_layer(model: nn.Module, name: str, linear: nn.Linear, cfg: TrialCo
         if uses_calibration(cfg):
             hessian = inputs.hessian if inputs is not None else None
             row["output_error"] = math.nan if hessian is None else output_error(w, deq, hessian)
-            row["output_error_rtn"] = math.nan if hessian is None else output_error(w, rtn.dequantize(), hessian)
+            rtn_deq = deq if q is rtn else rtn.dequantize()
+            row["output_error_rtn"] = math.nan if hessian is None else output_error(w, rtn_deq, hessian)
             row["input_scale"] = math.nan if input_scale is None else input_scale
         rows.append(row)
     knobs = input_knobs(cfg, input_scale, linear.weight.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.cache import cache_root, check_space
+from jobs.cache import cache_root, check_space, node_identity
 from jobs.config import TrialConfig
 from jobs.quantize import QuantizedLayers
 from kernels.catalog import FORMATS
@@ -29,13 +29,9 @@ PARTS = ("codes", "scales", "zero_points", "tensor_scale")
 
 
 def folder(cfg: TrialConfig, device: torch.device) -> Path:
-    import transformers
-
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     identity = {"model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name"},
                 **{k: dataclasses.asdict(getattr(cfg, k)) for k in ("dtype", "quant", "method", "calib")},
-                "seed": cfg.seed, "hardware": hardware, "torch": torch.__version__,
-                "transformers": transformers.__version__}
+                "seed": cfg.seed, **node_identity(device)}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / "quantized" / f"{cfg.model.name}-{cfg.dtype.name}-{cfg.method.name}-{digest}"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.cache import build_once, cache_root, check_space
+from jobs.cache import build_once, cache_root, check_space, node_identity
 from jobs.config import ModelConfig
 from jobs.evaluate import log_probs
 
@@ -66,13 +66,9 @@ class Reference:
 
 
 def reference_key(model_cfg: ModelConfig, windows: torch.Tensor, batch_size: int, device: torch.device) -> str:
-    import transformers
-
     model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "name"}
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     identity = {"model": model, "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-                "shape": list(windows.shape), "batch_size": batch_size, "hardware": hardware,
-                "torch": torch.__version__, "transformers": transformers.__version__}
+                "shape": list(windows.shape), "batch_size": batch_size, **node_identity(device)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

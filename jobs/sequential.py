@@ -62,6 +62,16 @@ class _Collector:
         raise _Stop
 
 
+def _run_each(run: Callable[[int], None], batches: int) -> None:
+    """``run(b)`` for every batch, each until a hook stops it (or to its end)."""
+    with torch.no_grad():
+        for b in range(batches):
+            try:
+                run(b)
+            except _Stop:
+                pass
+
+
 def decoder_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
     """The module list holding most of the model's linear layers (a decoder's blocks), if any."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
@@ -103,12 +113,7 @@ def _calibrate_stage(run: Callable[[int], None], batches: int, layers: list[tupl
         collector = _Collector(first.in_features, first.weight.device, sample // batches if sample else 0, seed)
         handle = first.register_forward_pre_hook(collector)
         try:
-            with torch.no_grad():
-                for b in range(batches):
-                    try:
-                        run(b)
-                    except _Stop:
-                        pass
+            _run_each(run, batches)
         finally:
             handle.remove()
         finish(group, collector.inputs if collector.inputs.tokens else None)
@@ -152,12 +157,7 @@ def _block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.
 
     handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(batch, use_cache=False)
-                except _Stop:
-                    pass
+        _run_each(lambda b: model(batches[b], use_cache=False), len(batches))
     finally:
         handle.remove()
     return caught

@@ -10,7 +10,8 @@ the baseline itself is from that reference. A trial without a baseline says so i
 The report (``report/`` on the parent run; ``orchestrator report ID``, and at the end of
 every sweep): ``comparison.csv``, ``comparison.html`` (the table and the plots, one
 self-contained file), a Pareto plot per model (colour: kernel, marker: method), a speedup
-heatmap (format x kernel) and the latency distributions. matplotlib is imported only here, when a report is made.
+heatmap (format x kernel) and the latency distributions. matplotlib is imported only here,
+when a report is made.
 """
 
 from __future__ import annotations
