@@ -50,6 +50,17 @@ class TinyModelBuild:
 
 
 @dataclass
+class OutlierPlant:
+    """Outlier input channels planted in a loaded model by function-preserving rescales, as real LLMs have
+    them and a briefly trained small one does not: in ``channels`` residual channels the norm gains before
+    the attention and MLP times ``scale`` (the next layers' input columns divided by it), and in as many
+    MLP channels the up_proj rows times ``scale`` (down_proj's input columns divided by it)."""
+    channels: int = rule(4, ge=1)
+    scale: float = rule(32.0, gt=1)
+    seed: int = rule(0, ge=0, le=2 ** 32 - 1)
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     source: str = rule("hub", choices=("hub", "path", "build"))
@@ -57,6 +68,7 @@ class ModelConfig:
     dtype: str = rule("bfloat16", choices=TORCH_DTYPE_NAMES)  # the unquantized reference's dtype
     trust_remote_code: bool = False
     build: Optional[TinyModelBuild] = None
+    outliers: Optional[OutlierPlant] = None  # planted at load (jobs/transforms.py), before the reference
 
 
 @dataclass
@@ -108,15 +120,49 @@ class GptqOptions:
 
 
 @dataclass
+class SmoothQuantOptions:
+    """method.scaling=smoothquant (Xiao et al., ICML 2023): each input channel j of the layers after a norm
+    divided by ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` and their weight columns multiplied by it,
+    the division folded into the norm's gain."""
+    alpha: float = rule(0.5, ge=0, le=1)  # migration strength: 0 leaves activations as they are
+
+
+@dataclass
+class AwqOptions:
+    """method.scaling=awq (Lin et al., MLSys 2024; llm-awq's auto_scale): per input channel scales
+    ``s = mean|X|^a`` for ``a`` on a grid from 0 (the identity) up, the one with the least output error of
+    the quantized layers on the calibration inputs kept, and folded into the op before them."""
+    grid: int = rule(20, ge=1)  # a in {0, 1/grid, ..., (grid-1)/grid}
+
+
+@dataclass
 class MethodConfig:
     """How the codes and scales of the dtype's format are chosen: never its layout.
 
-    rtn rounds each weight to the nearest code under the format's own scale rule; gptq minimises
-    each layer's output error on calibration inputs (``calib``). Each method's options sit under
-    its name (``method.gptq.damp``), so one override serves a sweep over methods.
+    ``name`` rounds: rtn to the nearest code under the format's own scale rule; gptq minimises each
+    layer's output error on calibration inputs (``calib``). Before it, function-preserving transforms:
+    ``rotation`` (QuaRot: orthogonal matrices folded into the weights, online where they cannot be),
+    ``scaling`` (SmoothQuant or AWQ scales folded into the op before each layer), and ``clip`` (each
+    block's scale shrunk where that lowers the layer's output error on calibration inputs). Each
+    option's settings sit under its name (``method.gptq.damp``, ``method.awq.grid``), so one override
+    serves a sweep over them.
     """
     name: str = rule("rtn", choices=("rtn", "gptq"))
     gptq: GptqOptions = field(default_factory=GptqOptions)
+    # Residual stream (norm gains folded first), down_proj inputs (online), and each head's values
+    # (folded) and keys (online, when the KV cache is quantized): jobs/rotation.py.
+    rotation: str = rule("none", choices=("none", "hadamard", "random"))
+    rotation_size: int = rule(0, choices=(0, 8, 16, 32, 64, 128, 256, 512))  # 0: full; else block-diagonal
+    scaling: str = rule("none", choices=("none", "smoothquant", "awq"))
+    smoothquant: SmoothQuantOptions = field(default_factory=SmoothQuantOptions)
+    awq: AwqOptions = field(default_factory=AwqOptions)
+    clip: bool = False  # activation-aware clipping (AWQ's auto_clip), searched per block of each layer
+    clip_grid: int = rule(20, ge=1)           # ratios 1, 1 - (1 - clip_min)/grid, ..., down to clip_min
+    clip_min: float = rule(0.5, gt=0, le=1)
+
+    @property
+    def transforms(self) -> bool:
+        return self.rotation != "none" or self.scaling != "none" or self.clip
 
 
 @dataclass
@@ -241,7 +287,9 @@ class TrialConfig:
 
 def uses_calibration(cfg: TrialConfig) -> bool:
     """Whether the trial computes anything from calibration data (and ``calib`` is part of its key)."""
-    return cfg.dtype.format is not None and (cfg.method.name != "rtn" or cfg.quant.static_activations)
+    method = cfg.method
+    return cfg.dtype.format is not None and (method.name != "rtn" or cfg.quant.static_activations
+                                             or method.scaling != "none" or method.clip)
 
 
 def nested_schema(tp: Any) -> Optional[type]:

@@ -22,6 +22,7 @@ With an identity Hessian no error moves to another column, and GPTQ's codes are 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -30,10 +31,11 @@ from kernels import formats
 from kernels.catalog import BlockSpec, check_knobs, default_scale_rules
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, dtype_cfg: DtypeConfig,
-                  options: GptqOptions) -> formats.QuantizedTensor:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, dtype_cfg: DtypeConfig, options: GptqOptions,
+                  scales: Optional[formats.Scales] = None) -> formats.QuantizedTensor:
     """``weight`` [out, in] quantized to the dtype's format, minimising ``tr(dW H dW^T)`` for the
-    layer inputs' second moment ``hessian`` [in, in]. Runs on the weight's device."""
+    layer inputs' second moment ``hessian`` [in, in]; under the given block ``scales`` (searched
+    clipping), else under the format's rule. Runs on the weight's device."""
     spec = check_knobs(dtype_cfg.format, dtype_cfg.granularity, dtype_cfg.group_size, "nearest",
                        dtype_cfg.scale_rule, dtype_cfg.overflow, dtype_cfg.symmetric)
     rule = dtype_cfg.scale_rule or default_scale_rules(spec)[0]
@@ -51,9 +53,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, dtype_cfg: DtypeC
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    static = options.static_groups or options.act_order or groups == 1
+    static = options.static_groups or options.act_order or groups == 1 or scales is not None
     if static:
-        fixed = formats.choose_scales(W.reshape(-1, block), spec, rule, dtype_cfg.symmetric, tensor_scale)
+        fixed = scales.to(W.device) if scales is not None else formats.choose_scales(
+            W.reshape(-1, block), spec, rule, dtype_cfg.symmetric, tensor_scale)
         row_index = torch.arange(rows, device=W.device)
         by_group = [fixed.take(torch.zeros_like(row_index) if per_tensor else row_index * groups + g)
                     for g in range(groups)]

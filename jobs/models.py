@@ -46,13 +46,16 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
 
 
 def load_model(model_cfg: ModelConfig, device: torch.device):
-    """(model in eval mode on ``device`` at ``model.dtype``, tokenizer)."""
+    """(model in eval mode on ``device`` at ``model.dtype``, with ``model.outliers`` planted, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=TORCH_DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.outliers is not None:
+        from jobs.scaling import plant_outliers
+        plant_outliers(model, model_cfg.outliers)
     return model.to(device).eval(), tokenizer
 
 

@@ -9,7 +9,9 @@ RoPE, as a cache stored in the format would hold them). Layers named in ``quant.
 The method chooses the weights' codes and scales: ``rtn`` rounds to nearest; ``gptq``
 (jobs/gptq.py) works layer by layer on calibration inputs (jobs/sequential.py). While layers
 are calibrated, the quantized ones compute through the torch reference; the chosen kernel takes
-over when all are done.
+over when all are done. Before that, the method's function-preserving transforms rewrite the
+unquantized model: a rotation (jobs/rotation.py), then SmoothQuant or AWQ scales (jobs/scaling.py);
+a searched clipping (jobs/clipping.py) chooses each layer's scales as it is quantized.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from jobs.clipping import clip_scales
 from jobs.config import DtypeConfig, QuantConfig, TrialConfig, uses_calibration
 from jobs.gptq import gptq_quantize, output_error
+from jobs.rotation import rotate
+from jobs.scaling import scale_model
 from jobs.sequential import LayerInputs, calibrate
 from kernels import formats, metrics
 from kernels.catalog import BlockSpec, get_format
 from kernels.registry import Kernel, get_kernel, torch_reference
+from kernels.rotations import Rotation
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +67,11 @@ class QuantizedLinear(nn.Module):
         self.weight = None if weight is not None else nn.Parameter(linear.weight.detach(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.kernel, self.input_knobs = kernel, input_knobs
+        self.input_rotation: Optional[Rotation] = getattr(linear, "input_rotation", None)  # online, before all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation.apply(x)
         if self.weight_q is not None:
             return self.kernel(x, self.weight_q, self.bias, self.input_knobs)
         if self.input_knobs is not None:
@@ -90,12 +99,15 @@ def _skipped(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in patterns)
 
 
-def quantize_kv_cache(model: nn.Module, knobs: dict) -> None:
-    """Route attention through SDPA on fake-quantized keys and values."""
+def quantize_kv_cache(model: nn.Module, knobs: dict, head_rotation: Optional[Rotation] = None) -> None:
+    """Route attention through SDPA on fake-quantized keys and values, queries and keys first rotated
+    online per head where the model is rotated (its values are, in v_proj)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attention(module, query, key, value, attention_mask, **kwargs):
+        if head_rotation is not None:
+            query, key = head_rotation.apply(query), head_rotation.apply(key)
         return sdpa_attention_forward(module, query, formats.fake_quant(key, **knobs),
                                       formats.fake_quant(value, **knobs), attention_mask, **kwargs)
 
@@ -114,16 +126,27 @@ def apply_dtype(model: nn.Module, cfg: TrialConfig, compute_dtype: torch.dtype,
     element and error against the unquantized weight (SQNR dB, relative, max abs) and, when
     calibrated, the output error on the calibration inputs, by this method and by RTN.
     """
-    dtype_cfg, quant_cfg = cfg.dtype, cfg.quant
+    dtype_cfg, quant_cfg, method = cfg.dtype, cfg.quant, cfg.method
     model.to(compute_dtype)
     if dtype_cfg.format is None:
         return []
+    targets = _targets(model, quant_cfg)
+    head_rotation = rotate(model, method, cfg.seed) if method.rotation != "none" else None
+    notes: dict[str, dict] = {}
+    if stored is not None:
+        with torch.no_grad():
+            for name, value in stored.params.items():  # what the transforms changed outside the quantized layers
+                model.get_parameter(name).copy_(value)
+    elif method.scaling != "none":
+        knobs = weight_knobs(dtype_cfg, cfg.seed)
+        notes = scale_model(model, calibration, method, cfg.calib.batch_size, cfg.calib.seed,
+                            {n for n, _ in targets} if quant_cfg.weights else set(),
+                            lambda w: formats.quantize(w, **knobs).dequantize())
     if quant_cfg.kv_cache:
-        quantize_kv_cache(model, token_knobs(dtype_cfg, cfg.seed))
+        quantize_kv_cache(model, token_knobs(dtype_cfg, cfg.seed), head_rotation)
     if not (quant_cfg.weights or quant_cfg.activations):
         return []
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not _skipped(n, quant_cfg.skip_layers)]
+    targets = _targets(model, quant_cfg)  # a rotation replaced the down_proj layers
     rows: list[dict] = []
     if stored is not None:
         rows = stored.rows
@@ -144,23 +167,34 @@ def apply_dtype(model: nn.Module, cfg: TrialConfig, compute_dtype: torch.dtype,
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.kernel = kernel
+    for row in rows:
+        row.update(notes.get(row["layer"], {}))
     return rows
+
+
+def _targets(model: nn.Module, quant_cfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not _skipped(n, quant_cfg.skip_layers)]
 
 
 @dataclass
 class QuantizedLayers:
-    """Every quantized linear layer's weight and static input scale, by name, and the layer rows:
-    what a cached quantized model holds (jobs/quantized_cache.py)."""
+    """Every quantized linear layer's weight and static input scale, by name, the layer rows, and the
+    model's other parameters where a transform changed them: what a cached quantized model holds
+    (jobs/quantized_cache.py). A rotation is made again on load; it needs no data."""
     weights: dict[str, Optional[formats.QuantizedTensor]]
     input_scales: dict[str, Optional[float]]
     rows: list[dict]
+    params: dict[str, torch.Tensor]
 
     @classmethod
-    def of(cls, model: nn.Module, rows: list[dict]) -> "QuantizedLayers":
+    def of(cls, model: nn.Module, rows: list[dict], cfg: TrialConfig) -> "QuantizedLayers":
         layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
         scales = {n: float(m.input_knobs["scales"].scales[0]) if m.input_knobs and "scales" in m.input_knobs else None
                   for n, m in layers.items()}
-        return cls({n: m.weight_q for n, m in layers.items()}, scales, rows)
+        changed = cfg.method.rotation != "none" or cfg.method.scaling != "none"
+        params = {n: p.detach() for n, p in model.named_parameters()} if changed else {}
+        return cls({n: m.weight_q for n, m in layers.items()}, scales, rows, params)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -178,22 +212,27 @@ def _quantize_layer(model: nn.Module, name: str, linear: nn.Linear, cfg: TrialCo
         if inputs is None:
             raise ValueError(f"layer {name}: no calibration input reached it, so it has no static activation scale")
         input_scale = activation_scale(inputs, dtype_cfg, quant_cfg)
-    q = None
+    q, method = None, cfg.method
     if quant_cfg.weights:
+        knobs, scales, ratios = weight_knobs(dtype_cfg, cfg.seed), None, None
         try:
-            rtn = formats.quantize(linear.weight, **weight_knobs(dtype_cfg, cfg.seed))
-            if cfg.method.name == "gptq" and inputs is not None:
-                q = gptq_quantize(linear.weight, inputs.hessian, dtype_cfg, cfg.method.gptq)
+            rtn = formats.quantize(linear.weight, **knobs)
+            if inputs is None and uses_calibration(cfg) and method.name != "rtn" or method.clip:
+                log.warning("layer %s: no calibration input reached it; rounded to nearest", name)
+            if method.clip and inputs is not None:
+                scales, ratios = clip_scales(linear.weight, inputs.hessian, dtype_cfg, method)
+            if method.name == "gptq" and inputs is not None:
+                q = gptq_quantize(linear.weight, inputs.hessian, dtype_cfg, method.gptq, scales)
             else:
-                if cfg.method.name != "rtn":
-                    log.warning("layer %s: no calibration input reached it; rounded to nearest", name)
-                q = rtn
+                q = rtn if scales is None else formats.quantize(linear.weight, **knobs, scales=scales)
         except formats.FormatError as e:
             raise formats.FormatError(f"layer {name}: {e}") from None
         w, deq = linear.weight, q.dequantize()
-        row = {"layer": name, "shape": "x".join(map(str, q.shape)), "format": q.spec.name, "method": cfg.method.name,
+        row = {"layer": name, "shape": "x".join(map(str, q.shape)), "format": q.spec.name, "method": method.name,
                "bytes": q.nbytes, "bits_per_element": q.bits_per_element, "sqnr_db": metrics.sqnr_db(w, deq),
                "relative_error": metrics.relative_error(w, deq), "max_abs_error": metrics.max_abs_error(w, deq)}
+        if ratios is not None:
+            row["clip_ratio_mean"] = float(ratios.mean())
         if uses_calibration(cfg):
             hessian = inputs.hessian if inputs is not None else None
             row["output_error"] = math.nan if hessian is None else output_error(w, deq, hessian)

@@ -5,7 +5,8 @@ The key is everything that decides the codes: the model, the dtype, the quant sc
 and its options, the calibration data, the seed, the hardware and the torch and transformers
 versions (a GPU's reductions move the last bits of a Hessian). What is stored is every
 quantized layer's packed codes and scales (safetensors) and, beside them, their formats,
-shapes, static input scales and the layer rows with the time the method took.
+shapes, static input scales and the layer rows with the time the method took; and where a
+rotation or scaling rewrote the model, its other parameters (norms, embeddings, unquantized layers).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kernels.catalog import FORMATS
 from kernels.formats import QuantizedTensor
 
 TENSORS = "layers.safetensors"
+PARAMS = "params.safetensors"  # the model's other parameters, where a transform changed them
 MANIFEST = "quantized.json"  # written last: its presence says the folder is whole
 PARTS = ("codes", "scales", "zero_points", "tensor_scale")
 
@@ -48,9 +50,12 @@ def save(out: Path, layers: QuantizedLayers, quantize_s: float) -> None:
                 if getattr(q, part) is not None:
                     tensors[f"{name}.{part}"] = getattr(q, part).contiguous().cpu()
         manifest["layers"][name] = entry
-    check_space(out, sum(t.numel() * t.element_size() for t in tensors.values()), "the quantized model",
-                "delete older ones under quantized/")
+    params = {name: p.contiguous().cpu() for name, p in layers.params.items()}
+    check_space(out, sum(t.numel() * t.element_size() for t in [*tensors.values(), *params.values()]),
+                "the quantized model", "delete older ones under quantized/")
     save_file(tensors, str(out / TENSORS))
+    if params:
+        save_file(params, str(out / PARAMS))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -71,4 +76,5 @@ def load(where: Path, device: torch.device) -> tuple[QuantizedLayers, float]:
             weights[name] = QuantizedTensor(parts["codes"], parts["scales"], FORMATS[entry["format"]],
                                             torch.Size(entry["shape"]), int(entry["block"]), parts["zero_points"],
                                             parts["tensor_scale"])
-    return QuantizedLayers(weights, scales, manifest["rows"]), float(manifest["quantize_s"])
+    params = load_file(str(where / PARAMS), device=str(device)) if (where / PARAMS).exists() else {}
+    return QuantizedLayers(weights, scales, manifest["rows"], params), float(manifest["quantize_s"])

@@ -32,6 +32,8 @@ class LayerInputs:
     xtx: torch.Tensor          # sum of x^T x over tokens, fp32 [in, in]
     tokens: int = 0
     amax: float = 0.0          # largest |x|
+    channel_amax: Optional[torch.Tensor] = None    # largest |x| per input channel (SmoothQuant)
+    channel_abs_sum: Optional[torch.Tensor] = None  # sum of |x| per input channel (AWQ)
     sample: list[torch.Tensor] = field(default_factory=list)  # |x| values, a seeded sample of them
 
     @property
@@ -50,13 +52,21 @@ class _Collector:
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        inputs = self.inputs
+        x = args[0].detach()
+        rotation = getattr(module, "input_rotation", None)  # an online rotation (jobs/rotation.py) comes first
+        x = (x if rotation is None else rotation.apply(x)).reshape(-1, x.shape[-1]).float()
+        inputs, magnitude = self.inputs, x.abs()
         inputs.xtx += x.T @ x
         inputs.tokens += x.shape[0]
-        inputs.amax = max(inputs.amax, float(x.abs().max()))
+        channel_amax, channel_sum = magnitude.amax(dim=0), magnitude.sum(dim=0)
+        inputs.amax = max(inputs.amax, float(channel_amax.max()))
+        if inputs.channel_amax is None:
+            inputs.channel_amax, inputs.channel_abs_sum = channel_amax, channel_sum
+        else:
+            inputs.channel_amax = torch.maximum(inputs.channel_amax, channel_amax)
+            inputs.channel_abs_sum += channel_sum
         if self.sample_per_batch:
-            flat = x.abs().reshape(-1)
+            flat = magnitude.reshape(-1)
             pick = torch.randint(0, flat.numel(), (min(self.sample_per_batch, flat.numel()),), generator=self.gen)
             inputs.sample.append(flat[pick.to(flat.device)].cpu())
         raise _Stop

@@ -59,7 +59,8 @@ def _captured_log():
 
 def _table_csv(rows: list[dict]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # a transform's notes are on some layers only
+    writer = csv.DictWriter(out, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
@@ -150,7 +151,7 @@ def _quantize(model, tokenizer, cfg: TrialConfig, compute_dtype: torch.dtype, de
         log.info("quantize: %s on %d calibration windows of %d tokens", cfg.method.name, *windows.shape)
         made.extend(apply_dtype(model, cfg, compute_dtype, calibration=windows))
         result.metrics["quantize_s"] = time.perf_counter() - started
-        quantized_cache.save(tmp, QuantizedLayers.of(model, made), result.metrics["quantize_s"])
+        quantized_cache.save(tmp, QuantizedLayers.of(model, made, cfg), result.metrics["quantize_s"])
 
     if build_once(folder, quantized_cache.MANIFEST, make):
         layers = made

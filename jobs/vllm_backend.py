@@ -83,12 +83,14 @@ def online_quantization(cfg: TrialConfig, device: torch.device) -> str | None:
     fmt, scheme = dtype.format, None
     if fmt is not None:
         what = f"dtype={dtype.name} ({fmt} {dtype.granularity}) with quant={quant.name}"
-        if uses_calibration(cfg):
-            # Online quantization rounds to nearest with dynamic scales; GPTQ's codes or calibrated
-            # scales reach vLLM only in a pre-quantized checkpoint.
+        if uses_calibration(cfg) or cfg.method.transforms:
+            # Online quantization rounds to nearest with dynamic scales; GPTQ's codes, calibrated
+            # scales or a rotated model reach vLLM only in a pre-quantized checkpoint.
             raise Unsupported(f"backend=vllm quantizes online by round-to-nearest with dynamic scales; "
-                              f"method={cfg.method.name}, quant.activation_scales={quant.activation_scales} needs "
-                              f"a pre-quantized checkpoint as the model (run it with backend=hf here)")
+                              f"method={cfg.method.name} (rotation={cfg.method.rotation}, scaling="
+                              f"{cfg.method.scaling}, clip={cfg.method.clip}), quant.activation_scales="
+                              f"{quant.activation_scales} needs a pre-quantized checkpoint as the model "
+                              f"(run it with backend=hf here)")
         for knob, default in DEFAULT_KNOBS.items():
             if getattr(dtype, knob) != default:
                 raise Unsupported(f"backend=vllm: {what}: vLLM's online quantization has no dtype.{knob}="

@@ -26,17 +26,33 @@ def trial_config(cfg: DictConfig | dict) -> dict[str, Any]:
     plain = _plain(cfg)
     config = {k: plain[k] for k in TRIAL_SECTIONS}
     # Only the trial's own backend's and method's options: they are part of what it computes, the others' are not.
-    for section in ("backend", "method"):
-        chosen = config[section]
-        config[section] = {"name": chosen["name"], **{k: v for k, v in chosen.items() if k == chosen["name"]}}
-    if config["dtype"]["format"] is None or not config["quant"]["weights"]:
-        config["method"] = {"name": "rtn"}  # no weights to quantize: every method is the same trial
+    backend = config["backend"]
+    config["backend"] = {"name": backend["name"], **{k: v for k, v in backend.items() if k == backend["name"]}}
+    config["method"] = _method_config(config["method"], config["dtype"], config["quant"])
     if config["quant"]["activation_scales"] == "dynamic":  # the observer chooses static scales only
         config["quant"] = {k: v for k, v in config["quant"].items() if k not in STATIC_SCALE_KEYS}
     config["resources"] = dict(plain["resources"])
     if not uses_calibration(TrialConfig.from_dict(config)):
         del config["calib"]
     return config
+
+
+def _method_config(method: dict[str, Any], dtype: dict[str, Any], quant: dict[str, Any]) -> dict[str, Any]:
+    """The method's settings that decide what the trial computes: its rounding's options, and each
+    transform's only where it is on. A plain cast has no method; without quantized weights every rounding
+    is the same trial (rtn), and a rotation or SmoothQuant still shapes the activations and KV cache."""
+    if dtype["format"] is None:
+        return {"name": "rtn"}
+    weights = quant["weights"]
+    name = method["name"] if weights else "rtn"
+    kept = {"name": name, **({name: method[name]} if name in method else {})}
+    if method["rotation"] != "none":
+        kept.update(rotation=method["rotation"], rotation_size=method["rotation_size"])
+    if method["scaling"] != "none":
+        kept.update(scaling=method["scaling"], **{method["scaling"]: method[method["scaling"]]})
+    if method["clip"] and weights:
+        kept.update(clip=True, clip_grid=method["clip_grid"], clip_min=method["clip_min"])
+    return kept
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -51,7 +67,8 @@ def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
 # that does not use them keeps the key it had.
 # A section left empty is left out too (method=rtn: the key of a trial from before methods existed).
 KEY_NEUTRAL_DEFAULTS = {"eval": {"tasks": [], "task_limit": None, "num_fewshot": None},
-                        "quant": {"activation_scales": "dynamic"}, "method": {"name": "rtn"}}
+                        "quant": {"activation_scales": "dynamic"}, "method": {"name": "rtn"},
+                        "model": {"outliers": None}}
 STATIC_SCALE_KEYS = ("activation_observer", "activation_percentile")
 
 
@@ -121,6 +138,7 @@ def _check_method(plain: dict) -> None:
         return  # a plain cast: nothing is quantized, no method or scale applies
     if method != "rtn" and quant["weights"] and dtype["rounding"] != "nearest":
         raise ConfigError("dtype.rounding", dtype["rounding"], f"allowed with method={method}: nearest")
+    _check_transforms(plain["method"], quant, dtype)
     if quant["activation_scales"] == "static":
         if not quant["activations"]:
             raise ConfigError("quant.activation_scales", "static", "allowed without quant.activations: dynamic "
@@ -215,3 +233,26 @@ def print_plan(trials: Sequence) -> None:
         asks = ", ".join(f"{k}={v}" for k, v in t.ray_options.items())
         print(f"  {t.spec.trial_key}  {' '.join(t.spec.overrides) or '(defaults)'}  [{asks}]"
               f"{'  baseline' if t.baseline else ''}")
+
+
+def _check_transforms(method: dict, quant: dict, dtype: dict) -> None:
+    """Transforms that would do nothing, or undo each other, are refused with the reason."""
+    scaling = method["scaling"]
+    if scaling != "none" and method["rotation"] != "none":
+        raise ConfigError("method.scaling", scaling, f"allowed with method.rotation={method['rotation']}: none "
+                          "(a rotation spreads every channel over all the others: no outlier channel is left to "
+                          "rescale, and scales applied first would be spread with it)")
+    if scaling == "smoothquant" and not quant["activations"]:
+        raise ConfigError("method.scaling", "smoothquant", f"allowed with quant={quant['name']} (weights only): "
+                          "none or awq (SmoothQuant moves the difficulty of quantized activations into the weights; "
+                          "take quant=w_a_dynamic or w_a_static)")
+    if scaling == "awq" and not quant["weights"]:
+        raise ConfigError("method.scaling", "awq", f"allowed with quant={quant['name']} (weights not quantized): "
+                          "none or smoothquant (AWQ chooses scales for the weights' rounding)")
+    if method["clip"] and quant["weights"]:
+        for key, allowed in (("rounding", "nearest"), ("overflow", "saturate")):
+            if dtype[key] != allowed:
+                raise ConfigError(f"dtype.{key}", dtype[key], f"allowed with method.clip=true: {allowed}")
+        if dtype["scale_rule"] == "mse":
+            raise ConfigError("dtype.scale_rule", "mse", "allowed with method.clip=true: the format's others "
+                              "(mse clips on the weights' own error; method.clip searches the output's)")
