@@ -184,3 +184,26 @@ def test_static_fp8_activation_scales_run_through_the_reference_and_the_triton_k
     assert len(scales) == 14 and all(s > 0 for s in scales)
     if kernel == "triton":
         assert r.metrics["kernel_relative_error_max"] < 2e-3  # the gate passed against the torch reference
+
+
+@pytest.mark.slow  # four trials that calibrate: ~40 s
+@pytest.mark.parametrize("method", [("method.scaling=awq", "method.clip=true"),
+                                    ("method=gptq", "method.rotation=hadamard", "method.rotation_size=16")])
+def test_a_transformed_model_is_stored_and_reused_whole(tiny_model_cfg, method):
+    """A scaling or a rotation rewrites the norms, embeddings and unquantized layers too: a reused model
+    is the same model (the same KL to the last bit), with its online rotations."""
+    import shutil
+
+    from jobs import quantized_cache
+
+    overrides = ("dtype=int4", "quant=w_a_kv", *method, *CALIB)
+    spec = trial_spec(compose(*overrides, *FAST), [])
+    shutil.rmtree(quantized_cache.folder(spec.settings, trial.select_device(spec.settings.device)), ignore_errors=True)
+    first, again = _run(*overrides), _run(*overrides, "bench.batch_size=2")
+    for r in (first, again):
+        assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))
+    assert again.metrics["quantized_model_reused"] == 1
+    assert again.metrics["kl_divergence"] == first.metrics["kl_divergence"]
+    assert again.artifacts["layers.csv"] == first.artifacts["layers.csv"]
+    if "method.scaling=awq" in method:  # the layer record says what each transform chose
+        assert {"awq_alpha", "awq_gain", "clip_ratio_mean"} <= set(first.artifacts["layers.csv"].splitlines()[0].split(","))

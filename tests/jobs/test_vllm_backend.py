@@ -90,7 +90,8 @@ def test_on_the_cpu_the_kv_cache_holds_the_trials_sequences_not_a_share_of_the_n
     (["dtype=mxfp8_e4m3"], "vLLM has no CPU kernel for mxfp8"),
     (["dtype=fp8_e4m3", "quant=w_a_dynamic", "method=gptq"], "quantizes online by round-to-nearest with dynamic "
                                                             "scales; method=gptq"),
-    (["dtype=fp8_e4m3", "quant=w_a_static"], "method=rtn, quant.activation_scales=static needs a pre-quantized"),
+    (["dtype=fp8_e4m3", "quant=w_a_static"], "quant.activation_scales=static needs a pre-quantized"),
+    (["dtype=fp8_e4m3", "quant=w_a_dynamic", "method.rotation=hadamard"], "(rotation=hadamard, scaling=none"),
 ])
 def test_what_vllm_cannot_run_is_unsupported_with_the_reason(overrides, reason):
     with pytest.raises(Unsupported, match="^backend=vllm") as info:

@@ -126,6 +126,28 @@ def test_a_method_and_its_calibration_are_part_of_the_key_only_where_they_act():
     assert key("dtype=fp8_e4m3", "quant=w_a_static", "quant.activation_observer=mse").trial_key != static.trial_key
 
 
+def test_a_transform_is_part_of_the_key_only_where_it_is_on_and_acts():
+    def spec(*overrides):
+        return trial_spec(compose(*overrides), list(overrides))
+
+    plain = spec("dtype=int4")
+    # Off (the defaults) or with nothing quantized, a transform leaves the key as it was.
+    assert spec("dtype=int4", "method.rotation_size=32", "method.awq.grid=5").trial_key == plain.trial_key
+    assert spec("method.rotation=hadamard").trial_key == spec().trial_key  # a plain cast
+    rotated = spec("dtype=int4", "method.rotation=hadamard")
+    assert rotated.config["method"] == {"name": "rtn", "rotation": "hadamard", "rotation_size": 0}
+    assert "calib" not in rotated.config  # a rotation needs no data
+    assert spec("dtype=int4", "method.rotation=hadamard", "method.rotation_size=32").trial_key != rotated.trial_key
+    awq = spec("dtype=int4", "method=gptq", "method.scaling=awq", "method.clip=true")
+    assert awq.config["method"] == {"name": "gptq", "gptq": awq.config["method"]["gptq"], "scaling": "awq",
+                                    "awq": {"grid": 20}, "clip": True, "clip_grid": 20, "clip_min": 0.5}
+    assert "calib" in awq.config and "calib" in spec("dtype=int4", "method.clip=true").config
+    # Without quantized weights the rounding and the clipping have nothing to act on; SmoothQuant still does.
+    inputs_only = spec("dtype=int8", "quant=w_a_dynamic", "quant.weights=false", "method=gptq", "method.clip=true",
+                       "method.scaling=smoothquant")
+    assert inputs_only.config["method"] == {"name": "rtn", "scaling": "smoothquant", "smoothquant": {"alpha": 0.5}}
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["dtype=int4", "method=gptq", "dtype.rounding=stochastic"],
      "dtype.rounding=stochastic: invalid value; allowed with method=gptq: nearest"),
@@ -135,6 +157,18 @@ def test_a_method_and_its_calibration_are_part_of_the_key_only_where_they_act():
     (["method=bogus"], "Could not find 'method/bogus'"),
     (["method=gptq", "method.gptq.damp=0"], "method.gptq.damp=0.0: invalid value; allowed: > 0"),
     (["calib.num_sequences=0"], "calib.num_sequences=0: invalid value; allowed: >= 1"),
+    (["dtype=int4", "quant=w_a_dynamic", "method.rotation=hadamard", "method.scaling=smoothquant"],
+     "method.scaling=smoothquant: invalid value; allowed with method.rotation=hadamard: none (a rotation spreads"),
+    (["dtype=int4", "method.scaling=smoothquant"],
+     "method.scaling=smoothquant: invalid value; allowed with quant=weight_only (weights only): none or awq"),
+    (["dtype=int8", "quant=kv_cache", "method.scaling=awq"],
+     "method.scaling=awq: invalid value; allowed with quant=kv_cache (weights not quantized): none or smoothquant"),
+    (["dtype=int4", "method.clip=true", "dtype.scale_rule=mse"],
+     "dtype.scale_rule=mse: invalid value; allowed with method.clip=true: the format's others"),
+    (["dtype=fp8_e4m3", "method.clip=true", "dtype.overflow=nan"],
+     "dtype.overflow=nan: invalid value; allowed with method.clip=true: saturate"),
+    (["method.rotation=givens"], "method.rotation=givens: invalid value; allowed: none, hadamard, random"),
+    (["method.rotation_size=24"], "method.rotation_size=24: invalid value; allowed: 0, 8, 16, 32, 64, 128, 256, 512"),
 ])
 def test_bad_method_settings_are_refused_before_submission(overrides, message):
     with pytest.raises(Exception, match=re.escape(message)):
