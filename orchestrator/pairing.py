@@ -196,6 +196,21 @@ def paired_deltas(windows: dict[str, list[float]], base: dict[str, list[float]])
     return out
 
 
+def method_label(params: dict[str, str]) -> str:
+    """The method and its transforms in a few characters: ``gptq+hadamard/16``, ``rtn+awq+clip``.
+    Runs from before methods existed were rounded to nearest."""
+    parts = [params.get("method.name", "rtn")]
+    rotation = params.get("method.rotation", "none")
+    if rotation != "none":
+        size = params.get("method.rotation_size", "0")
+        parts.append(rotation if size == "0" else f"{rotation}/{size}")
+    if params.get("method.scaling", "none") != "none":
+        parts.append(params["method.scaling"])
+    if params.get("method.clip") == "True":
+        parts.append("clip")
+    return "+".join(parts)
+
+
 @dataclass
 class Row:
     """One trial key's latest attempt, with its comparison against its baseline."""
@@ -218,9 +233,10 @@ class Row:
     def value(self, column: str) -> Any:
         if column == "trial":
             return self.label
-        if column in ("model", "dtype", "quant", "method", "kernel", "backend"):
-            # Runs from before methods existed were rounded to nearest.
-            return self.params.get(f"{column}.name", "rtn" if column == "method" else "")
+        if column == "method":
+            return method_label(self.params)
+        if column in ("model", "dtype", "quant", "kernel", "backend"):
+            return self.params.get(f"{column}.name", "")
         if column in ("status", "baseline", "run_id"):
             return getattr(self, column)
         if is_comparison_metric(column):  # from this report's pairing only, never a stale logged value

@@ -188,6 +188,14 @@ def test_report_command_prints_the_table_and_refuses_an_unknown_sweep(sweep_stor
     assert "no such sweep" in capsys.readouterr().err
 
 
+def test_the_method_column_names_the_rounding_and_every_transform_on():
+    assert pairing.method_label({}) == "rtn"  # a run from before methods existed
+    assert pairing.method_label({"method.name": "gptq", "method.rotation": "hadamard",
+                                 "method.rotation_size": "16"}) == "gptq+hadamard/16"
+    assert pairing.method_label({"method.name": "rtn", "method.rotation": "random", "method.rotation_size": "0",
+                                 "method.scaling": "awq", "method.clip": "True"}) == "rtn+random+awq+clip"
+
+
 def test_pareto_frontier_keeps_the_points_no_other_beats():
     points = [(0.0, 100.0), (0.001, 150.0), (0.002, 120.0), (0.05, 300.0), (0.06, 250.0)]
     assert report._frontier(points) == [(0.0, 100.0), (0.001, 150.0), (0.05, 300.0)]
