@@ -217,7 +217,7 @@ def _quantize_layer(model: nn.Module, name: str, linear: nn.Linear, cfg: TrialCo
         knobs, scales, ratios = weight_knobs(dtype_cfg, cfg.seed), None, None
         try:
             rtn = formats.quantize(linear.weight, **knobs)
-            if inputs is None and uses_calibration(cfg) and method.name != "rtn" or method.clip:
+            if inputs is None and (method.name != "rtn" or method.clip):
                 log.warning("layer %s: no calibration input reached it; rounded to nearest", name)
             if method.clip and inputs is not None:
                 scales, ratios = clip_scales(linear.weight, inputs.hessian, dtype_cfg, method)
