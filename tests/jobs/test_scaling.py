@@ -5,27 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from jobs import models
-from jobs.config import MethodConfig, OutlierPlant, TrialConfig
+from jobs.config import MethodConfig, OutlierPlant
 from jobs.decoder import move_scales
 from jobs.scaling import awq_search, plant_outliers, scale_model
 from jobs.sequential import LayerInputs
 from kernels import formats
-from orchestrator.plan import trial_config
-from tests.helpers import compose
+from tests.helpers import fp32_tiny_model, logits_of
 
 TOKENS = torch.randint(0, 2000, (2, 48), generator=torch.Generator().manual_seed(0))
 WINDOWS = torch.randint(0, 2000, (8, 64), generator=torch.Generator().manual_seed(1))
 
 
-def _fp32_model():
-    cfg = TrialConfig.from_dict(trial_config(compose("model.dtype=float32")))
-    return models.load_model(cfg.model, torch.device("cpu"))[0]
-
-
-def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(TOKENS).logits
 
 
 def _int4(w: torch.Tensor) -> torch.Tensor:
@@ -34,12 +24,12 @@ def _int4(w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("scaling", ["smoothquant", "awq"])
 def test_scales_moved_without_quantizing_leave_the_logits_as_they_were(tiny_model_cfg, scaling):
-    model = _fp32_model()
-    before = _logits(model)
+    model = fp32_tiny_model()
+    before = logits_of(model, TOKENS)
     quantized = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     notes = scale_model(model, WINDOWS, MethodConfig(scaling=scaling), batch_size=4, seed=0, quantized=quantized,
                         dequantize=_int4)
-    assert torch.allclose(_logits(model), before, rtol=0, atol=1e-5 * before.abs().max())
+    assert torch.allclose(logits_of(model, TOKENS), before, rtol=0, atol=1e-5 * before.abs().max())
     per_block = 5 if scaling == "smoothquant" else 7  # q k v gate up (+ o, down: AWQ's v->o and up->down)
     assert len(notes) == per_block * len(model.model.layers)
     if scaling == "smoothquant":  # its scales went into the norms' gains
@@ -48,12 +38,12 @@ def test_scales_moved_without_quantizing_leave_the_logits_as_they_were(tiny_mode
 
 
 def test_planted_outliers_leave_the_function_and_make_outlier_inputs(tiny_model_cfg):
-    model = _fp32_model()
-    before = _logits(model)
+    model = fp32_tiny_model()
+    before = logits_of(model, TOKENS)
     seen = []
     plant_outliers(model, OutlierPlant(channels=4, scale=32.0, seed=0))
     handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
-    assert torch.allclose(_logits(model), before, rtol=0, atol=1e-5 * before.abs().max())
+    assert torch.allclose(logits_of(model, TOKENS), before, rtol=0, atol=1e-5 * before.abs().max())
     handle.remove()
     channel_amax = seen[0].abs().reshape(-1, seen[0].shape[-1]).amax(dim=0)
     assert (channel_amax > 8 * channel_amax.median()).sum() >= 4
