@@ -124,13 +124,13 @@ def apply_dtype(model: nn.Module, cfg: TrialConfig, compute_dtype: torch.dtype,
     is a cached quantized model's layers, put in place as they are.
     Returns one row per linear layer with a quantized weight: its shape, storage bytes, bits per
     element and error against the unquantized weight (SQNR dB, relative, max abs) and, when
-    calibrated, the output error on the calibration inputs, by this method and by RTN.
+    calibrated, the output error on the calibration inputs, by this method and by RTN, with what
+    the scaling and the clipping chose for it.
     """
     dtype_cfg, quant_cfg, method = cfg.dtype, cfg.quant, cfg.method
     model.to(compute_dtype)
     if dtype_cfg.format is None:
         return []
-    targets = _targets(model, quant_cfg)
     head_rotation = rotate(model, method, cfg.seed) if method.rotation != "none" else None
     notes: dict[str, dict] = {}
     if stored is not None:
@@ -139,14 +139,14 @@ def apply_dtype(model: nn.Module, cfg: TrialConfig, compute_dtype: torch.dtype,
                 model.get_parameter(name).copy_(value)
     elif method.scaling != "none":
         knobs = weight_knobs(dtype_cfg, cfg.seed)
-        notes = scale_model(model, calibration, method, cfg.calib.batch_size, cfg.calib.seed,
-                            {n for n, _ in targets} if quant_cfg.weights else set(),
+        quantized = {n for n, _ in _targets(model, quant_cfg)} if quant_cfg.weights else set()
+        notes = scale_model(model, calibration, method, cfg.calib.batch_size, cfg.calib.seed, quantized,
                             lambda w: formats.quantize(w, **knobs).dequantize())
     if quant_cfg.kv_cache:
         quantize_kv_cache(model, token_knobs(dtype_cfg, cfg.seed), head_rotation)
     if not (quant_cfg.weights or quant_cfg.activations):
         return []
-    targets = _targets(model, quant_cfg)  # a rotation replaced the down_proj layers
+    targets = _targets(model, quant_cfg)
     rows: list[dict] = []
     if stored is not None:
         rows = stored.rows
