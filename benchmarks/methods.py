@@ -79,7 +79,7 @@ METHODS = {"W4A16": {**ROUNDED, **WEIGHT_ONLY_EXTRA}, "W4A4": {**ROUNDED, **ACTI
 ALL_METHODS = list(dict.fromkeys(m for ms in METHODS.values() for m in ms))
 # The timing benchmark is not reported here: one short step.
 BENCH = ("bench.warmup=0", "bench.repeats=1", "bench.decode_tokens=1", "bench.prompt_len=16")
-SIZES = {"default": ("calib.num_sequences=64", "calib.seq_len=256", "eval.max_tokens=8192"),
+SIZES = {"default": ("calib.num_sequences=64", "calib.seq_len=256"),
          "quick": ("calib.num_sequences=32", "calib.seq_len=256", "eval.max_tokens=4096")}
 
 
@@ -141,7 +141,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32 x 256 calibration tokens, 4,096 eval tokens")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every cell, after the sizes "
                         "(e.g. calib.num_sequences=128 calib.seq_len=512 eval.max_tokens=16384: the configs' own)")
+    parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1: see the docstring)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     common = (*BENCH, *SIZES["quick" if args.quick else "default"], *args.extra)
     wanted = {"rtn", *args.methods}
 
