@@ -11,7 +11,8 @@ windows, with its standard error), KL and top-1 against it, the mean per-layer o
 weights on the calibration inputs (where the trial calibrated; an RTN cell takes the counterfactual
 its GPTQ cell measured under the same rotation), the method's time and the cell's. Per (model,
 format, scheme): each method's perplexity against plain RTN's, paired window by window, and the
-methods ordered by their perplexity increase, then by KL.
+methods ordered by their perplexity increase, then by KL. The JSON keeps each cell's per-window NLLs
+(``window_nll``; the unquantized model's are ``reference_window_nll``), so any two cells can be paired.
 
 The grid, per model and format (20 cells; 120 in all):
 
@@ -23,26 +24,30 @@ The grid, per model and format (20 cells; 120 in all):
 default grid.
 
 Sizes. The default run calibrates on 64 windows of 256 tokens (16k tokens, a quarter of
-``conf/calib``'s 128 x 512) and evaluates on 8,192 held-out tokens (32 windows of 256; half of
-``conf/eval``'s), with the timing benchmark cut to one step (its numbers are not reported): at the
-configs' own sizes the 120 cells take over an hour on two CPU cores, where a W4A4 cell's fake-quantized
-inputs and a GPTQ or AWQ cell's calibration dominate. ``--quick`` takes 32 windows of 256 and 4,096
-eval tokens. Calibrated quantized models are cached per node (``$QUANTSWEEP_CACHE``): a second run
-reuses them and reports the stored method time.
+``conf/calib``'s 128 x 512) and evaluates on ``conf/eval``'s 16,384 held-out tokens (64 windows of
+256), with the timing benchmark cut to one step (its numbers are not reported), in one torch thread
+(``--threads``): on a two-core machine shared with other processes, torch's two threads oversubscribe
+the cores and a GPTQ cell took four times as long (76 s against 18 s). So the 120 cells take about
+20 minutes on two cores (20.4 min on 2026-11-30, docs/benchmarks.md). At the configs' calibration
+size (``--extra calib.num_sequences=128 calib.seq_len=512``) single GPTQ, AWQ and SmoothQuant cells
+took three to five times longer: over an hour in all, by estimate. ``--quick`` takes 32 windows of
+256 and 4,096 eval tokens. Calibrated quantized models are cached per node (``$QUANTSWEEP_CACHE``): a
+second run reuses them and reports the stored method time.
 
 The published shapes to compare with:
 
 - SpinQuant (Liu et al. 2024), Llama-3-8B WikiText-2 perplexity (fp16 6.1): W4A16 RTN 7.8, GPTQ 7.2,
-  QuaRot (Hadamard + GPTQ) 6.4; W4A4 KV4 RTN and GPTQ ~1e3 (collapse), QuaRot 8.0. Rotation matters
-  little for weight-only and everything for 4-bit activations; GPTQ helps on top of either.
+  QuaRot (Hadamard + GPTQ) 6.4; W4A4 KV4 RTN and GPTQ ~1e3 (collapse), QuaRot 8.0. Weight-only:
+  RTN > GPTQ > rotation + GPTQ; with 4-bit activations rotation is what keeps the model working, and
+  GPTQ without it does not.
 - FP-Quant / MR-GPTQ (Egiazarian et al. 2025, "Bridging the Gap Between Promise and Performance for
-  Microscaling FP4 Quantization"): for MXFP4, Hadamard rotation + GPTQ is best (the rotation fixes
-  the power-of-two scale's poor fit of outliers; block-wise Hadamard of the block size is enough);
-  for NVFP4 weight-only, a Hadamard rotation alone does not help RTN (its small blocks under an
-  E4M3 scale already fit outliers, and rotating makes the block's distribution more Gaussian, which
-  FP4's grid fits worse), GPTQ does.
-- AWQ (Lin et al. 2024): below RTN at W4A16 g128; SmoothQuant (Xiao et al. 2023): makes W8A8 work,
-  at W4A4 far from enough (QuaRot's table: SmoothQuant W4A4 Llama-2-7B ppl in the hundreds).
+  Microscaling FP4 Quantization"): MXFP4's power-of-two scales cost it much more than NVFP4, and
+  Hadamard rotation + GPTQ (block-wise, MR-GPTQ) is best for it, bringing it near NVFP4; NVFP4's
+  16-element groups already isolate outliers ("provably neutralizes traditional outlier mitigation"),
+  so for NVFP4 weight-only a Hadamard rotation alone does not help RTN; GPTQ does.
+- AWQ (Lin et al. 2024): below RTN at W4A16 g128. SmoothQuant (Xiao et al. 2023): made W8A8 work; at
+  W4A4 far behind rotations (SpinQuant's abstract: 25 points of zero-shot accuracy behind it on
+  LLaMA-2 7B W4A4KV4).
 
     python benchmarks/methods.py --json methods.json
     python benchmarks/methods.py --quick --models tiny-llama-outliers --formats mxfp4 --schemes W4A4
@@ -130,6 +135,17 @@ def ordering(group: list[dict], key: str) -> str:
                       for c in done)
 
 
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -150,7 +166,7 @@ def main() -> None:
     wanted = {"rtn", *args.methods}
 
     started_all = time.perf_counter()
-    cells, references = [], {}
+    cells, references, reference_nll = [], {}, {}
     for model in args.models:
         for fmt in args.formats:
             for scheme in args.schemes:
@@ -168,6 +184,7 @@ def main() -> None:
                     else:
                         m, w = out["metrics"], out["windows"]
                         references.setdefault(model, math.exp(statistics.fmean(w["reference_nll"])))
+                        reference_nll.setdefault(model, w["reference_nll"])
                         cell.update({"perplexity": m["perplexity"], "perplexity_stderr": m["perplexity_stderr"],
                                      **against(w, w["reference_nll"]),
                                      "kl_divergence": m["kl_divergence"],
@@ -181,8 +198,10 @@ def main() -> None:
                             rtn_nll = w["nll"]
                         elif rtn_nll is not None:
                             cell.update({f"vs_rtn_{k}": v for k, v in against(w, rtn_nll).items()})
-                    cells.append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
+                    if out["status"] == "FINISHED":  # kept for the JSON, so any two cells can be paired later
+                        cell["window_nll"] = w["nll"]
+                    cells.append(cell)
     wall_s = time.perf_counter() - started_all
 
     def same(c: dict, method: str) -> dict | None:
@@ -195,7 +214,8 @@ def main() -> None:
             c["layer_output_error_mean"] = gptq["layer_output_error_rtn_mean"] if gptq else None
 
     print("\n" + ", ".join(f"unquantized {m} (fp32): perplexity {p:.2f}" for m, p in references.items()))
-    print(f"{len(cells)} cells in {wall_s / 60:.1f} min; every cell: {' '.join(common)}\n")
+    print(f"{len(cells)} cells in {wall_s / 60:.1f} min on {cpu_name()} ({os.cpu_count()} CPUs, "
+          f"{args.threads} torch thread(s)), {platform.platform()}; every cell: {' '.join(common)}\n")
     print("| model | format | scheme | method | Δppl vs fp32 ± se | Δppl vs RTN ± se | KL ± se | top-1 "
           "| layer out. err. | method s | cell s |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -242,9 +262,11 @@ def main() -> None:
 
     if args.json:
         args.json.write_text(json.dumps({"date": date.today().isoformat(), "machine": platform.platform(),
-                                         "processor": platform.processor() or platform.machine(),
-                                         "cpus": os.cpu_count(), "wall_s": wall_s, "common_overrides": list(common),
-                                         "reference_perplexity": references, "cells": cells}, indent=1))
+                                         "cpu": cpu_name(),
+                                         "cpus": os.cpu_count(), "threads": args.threads, "wall_s": wall_s,
+                                         "common_overrides": list(common),
+                                         "reference_perplexity": references, "reference_window_nll": reference_nll,
+                                         "cells": cells}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ rounding gives the least error in the layer's output on the calibration inputs, 
 
 llm-awq measures a block's error on a sample of the calibration tokens; here it is exact over all of
 them, from the inputs' second moment H: block (row r, columns g) costs ``d H_gg d^T`` with ``d`` its
-rounding error. The ratio shrinks what the format's own scale rule is given (a block's amax for int
+rounding error. That leaves out how blocks of one row interact, so the chosen scales are kept only
+if the layer's whole output error is no worse than under the format's own scales. The ratio shrinks what the format's own scale rule is given (a block's amax for int
 and NVFP4 blocks; MX's power-of-two scale moves only where the ratio crosses one). NVFP4's tensor
 scale stays the unclipped weight's. Values past a clipped scale saturate.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from jobs.config import DtypeConfig, MethodConfig
+from jobs.gptq import output_error
 from kernels import formats
 from kernels.catalog import BlockSpec, check_knobs, default_scale_rules
 
@@ -50,4 +52,13 @@ def clip_scales(weight: torch.Tensor, hessian: torch.Tensor, dtype_cfg: DtypeCon
         error = block_errors(ratio)
         better = error < best_error
         best_ratio, best_error = torch.where(better, ratio, best_ratio), torch.where(better, error, best_error)
-    return scales_for(best_ratio), best_ratio
+    # Blocks of one row interact through H's off-diagonal blocks, which the search leaves out: keep the
+    # format's own scales where the chosen ones lose on the layer's whole output error.
+    def layer_error(scales: formats.Scales) -> float:
+        return output_error(W, formats.decode(formats.encode(blocks, spec, scales), spec, scales).reshape(W.shape), H)
+
+    chosen = scales_for(best_ratio)
+    if layer_error(chosen) > layer_error(scales_for(torch.ones_like(best_ratio))):
+        best_ratio = torch.ones_like(best_ratio)
+        chosen = scales_for(best_ratio)
+    return chosen, best_ratio

@@ -1,5 +1,5 @@
 """Activation-aware clipping: the chosen scales' output error on the calibration inputs is at most
-the unclipped one's, block by block, for each kind of format."""
+the unclipped one's, for each kind of format."""
 
 import pytest
 import torch
