@@ -5,9 +5,11 @@ rounding gives the least error in the layer's output on the calibration inputs, 
 llm-awq measures a block's error on a sample of the calibration tokens; here it is exact over all of
 them, from the inputs' second moment H: block (row r, columns g) costs ``d H_gg d^T`` with ``d`` its
 rounding error. That leaves out how blocks of one row interact, so the chosen scales are kept only
-if the layer's whole output error is no worse than under the format's own scales. The ratio shrinks what the format's own scale rule is given (a block's amax for int
-and NVFP4 blocks; MX's power-of-two scale moves only where the ratio crosses one). NVFP4's tensor
-scale stays the unclipped weight's. Values past a clipped scale saturate.
+if the layer's whole output error is no worse than under the format's own scales.
+
+The ratio shrinks what the format's own scale rule is given (a block's amax for int and NVFP4
+blocks; MX's power-of-two scale moves only where the ratio crosses one). NVFP4's tensor scale stays
+the unclipped weight's. Values past a clipped scale saturate.
 """
 
 from __future__ import annotations
@@ -38,27 +40,26 @@ def clip_scales(weight: torch.Tensor, hessian: torch.Tensor, dtype_cfg: DtypeCon
     def scales_for(ratio: torch.Tensor) -> formats.Scales:
         return formats.choose_scales(blocks * ratio[:, None], spec, rule, dtype_cfg.symmetric, tensor_scale)
 
-    def block_errors(ratio: torch.Tensor) -> torch.Tensor:
-        scales = scales_for(ratio)
-        d = (formats.decode(formats.encode(blocks, spec, scales), spec, scales) - blocks).reshape(rows, -1, group)
+    def rounded(scales: formats.Scales) -> torch.Tensor:
+        return formats.decode(formats.encode(blocks, spec, scales), spec, scales)
+
+    def block_errors(scales: formats.Scales) -> torch.Tensor:
+        d = (rounded(scales) - blocks).reshape(rows, -1, group)
         per_row_group = torch.einsum("rgi,gij,rgj->rg", d, diagonal_blocks, d)
         return per_row_group.reshape(blocks.shape[0], -1).sum(dim=1) if block >= cols else per_row_group.reshape(-1)
 
     ratios = [1 - (1 - method.clip_min) * k / method.clip_grid for k in range(method.clip_grid + 1)]
-    best_ratio = torch.ones(blocks.shape[0], device=W.device)
-    best_error = block_errors(best_ratio)
+    unclipped = torch.ones(blocks.shape[0], device=W.device)
+    own = scales_for(unclipped)
+    best_ratio, best_error = unclipped, block_errors(own)
     for r in ratios[1:]:
         ratio = torch.full_like(best_ratio, r)
-        error = block_errors(ratio)
+        error = block_errors(scales_for(ratio))
         better = error < best_error
         best_ratio, best_error = torch.where(better, ratio, best_ratio), torch.where(better, error, best_error)
     # Blocks of one row interact through H's off-diagonal blocks, which the search leaves out: keep the
     # format's own scales where the chosen ones lose on the layer's whole output error.
-    def layer_error(scales: formats.Scales) -> float:
-        return output_error(W, formats.decode(formats.encode(blocks, spec, scales), spec, scales).reshape(W.shape), H)
-
     chosen = scales_for(best_ratio)
-    if layer_error(chosen) > layer_error(scales_for(torch.ones_like(best_ratio))):
-        best_ratio = torch.ones_like(best_ratio)
-        chosen = scales_for(best_ratio)
+    if output_error(W, rounded(chosen).reshape(W.shape), H) > output_error(W, rounded(own).reshape(W.shape), H):
+        return own, unclipped
     return chosen, best_ratio

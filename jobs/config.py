@@ -68,7 +68,7 @@ class ModelConfig:
     dtype: str = rule("bfloat16", choices=TORCH_DTYPE_NAMES)  # the unquantized reference's dtype
     trust_remote_code: bool = False
     build: Optional[TinyModelBuild] = None
-    outliers: Optional[OutlierPlant] = None  # planted at load (jobs/transforms.py), before the reference
+    outliers: Optional[OutlierPlant] = None  # planted at load (jobs/scaling.py), before the reference
 
 
 @dataclass

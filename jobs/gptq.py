@@ -97,11 +97,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, dtype_cfg: DtypeC
     return formats.QuantizedTensor.from_codes(codes.reshape(-1, block), scales, spec, weight.shape)
 
 
+def weighted_error(weight: torch.Tensor, effective: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """``tr(dW H dW^T)``: the summed squared output error over the inputs whose second moment is ``hessian``."""
+    delta = weight.float() - effective.float().to(weight.device)
+    return ((delta @ hessian) * delta).sum()
+
+
 def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||X W^T - X Q^T||^2 / ||X W^T||^2`` over the calibration inputs X, from ``hessian`` = X^T X."""
     W = weight.detach().float()
     H = hessian.to(W.device, torch.float32)
-    delta = W - dequantized.float().to(W.device)
-    num = ((delta @ H) * delta).sum()
+    num = weighted_error(W, dequantized, H)
     den = ((W @ H) * W).sum()
     return float(num / den) if den > 0 else math.nan

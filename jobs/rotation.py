@@ -79,7 +79,7 @@ def rotate(model: nn.Module, method: MethodConfig, seed: int) -> Rotation:
     residual = _rotation(method, config.hidden_size, seed, "the hidden size")
     heads_block = method.rotation_size if 0 < method.rotation_size < decoder.head_dim else 0
     head = _rotation(method, decoder.head_dim, seed + 1, "the head dimension", heads_block)
-    intermediate = None
+    intermediate = _rotation(method, decoder.blocks[0].down.in_features, seed + 2, "the MLP's intermediate size")
     embed = decoder.embed.weight
     embed.copy_(residual.apply(embed.double()).to(embed.dtype))
     for block in decoder.blocks:
@@ -92,8 +92,6 @@ def rotate(model: nn.Module, method: MethodConfig, seed: int) -> Rotation:
         values = Rotation(head.kind, decoder.num_kv_heads * decoder.head_dim, head.block or head.size, head.seed)
         _rotate_out(block.v, values)
         _rotate_in(block.o, Rotation(head.kind, decoder.num_heads * decoder.head_dim, values.block, head.seed))
-        if intermediate is None:
-            intermediate = _rotation(method, block.down.in_features, seed + 2, "the MLP's intermediate size")
         _rotate_in(block.down, intermediate)
         _rotate_input_online(model, block.down, intermediate)
     fold_norm(decoder.final_norm, [decoder.lm_head])

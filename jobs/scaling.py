@@ -28,6 +28,7 @@ from torch import nn
 
 from jobs.config import MethodConfig, OutlierPlant
 from jobs.decoder import Decoder, decoder_layout, move_scales
+from jobs.gptq import weighted_error
 from jobs.sequential import LayerInputs, calibrate
 
 Mapping = tuple[nn.Module, list[nn.Linear]]  # an op, and the linear layers reading its output
@@ -47,12 +48,6 @@ def smoothquant_scales(channel_amax: torch.Tensor, readers: list[nn.Linear], alp
     weight_amax = torch.stack([r.weight.detach().abs().amax(dim=0).float() for r in readers]).amax(dim=0)
     x = channel_amax.to(weight_amax.device).clamp(min=1e-5)
     return (x.pow(alpha) / weight_amax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
-
-
-def weighted_error(weight: torch.Tensor, effective: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """``tr(dW H dW^T)``: the summed squared output error over the inputs whose second moment is ``hessian``."""
-    delta = weight.float() - effective.float()
-    return ((delta @ hessian) * delta).sum()
 
 
 def awq_search(readers: list[nn.Linear], inputs: LayerInputs, dequantize: Callable[[torch.Tensor], torch.Tensor],

@@ -157,6 +157,29 @@ def _check_method(plain: dict) -> None:
                           "calibrating on what is evaluated flatters the method", problem="is the eval text")
 
 
+def _check_transforms(method: dict, quant: dict, dtype: dict) -> None:
+    """Transforms that would do nothing, or undo each other, are refused with the reason."""
+    scaling = method["scaling"]
+    if scaling != "none" and method["rotation"] != "none":
+        raise ConfigError("method.scaling", scaling, f"allowed with method.rotation={method['rotation']}: none "
+                          "(a rotation spreads every channel over all the others: no outlier channel is left to "
+                          "rescale, and scales applied first would be spread with it)")
+    if scaling == "smoothquant" and not quant["activations"]:
+        raise ConfigError("method.scaling", "smoothquant", f"allowed with quant={quant['name']} (weights only): "
+                          "none or awq (SmoothQuant moves the difficulty of quantized activations into the weights; "
+                          "take quant=w_a_dynamic or w_a_static)")
+    if scaling == "awq" and not quant["weights"]:
+        raise ConfigError("method.scaling", "awq", f"allowed with quant={quant['name']} (weights not quantized): "
+                          "none or smoothquant (AWQ chooses scales for the weights' rounding)")
+    if method["clip"] and quant["weights"]:
+        for key, allowed in (("rounding", "nearest"), ("overflow", "saturate")):
+            if dtype[key] != allowed:
+                raise ConfigError(f"dtype.{key}", dtype[key], f"allowed with method.clip=true: {allowed}")
+        if dtype["scale_rule"] == "mse":
+            raise ConfigError("dtype.scale_rule", "mse", "allowed with method.clip=true: the format's others "
+                              "(mse clips on the weights' own error; method.clip searches the output's)")
+
+
 def _check_vllm(cfg: TrialConfig) -> None:
     """What the engine would refuse only once it is up, refused before anything is submitted."""
     backend, num_gpus = cfg.backend.vllm, cfg.resources.num_gpus
@@ -234,25 +257,3 @@ def print_plan(trials: Sequence) -> None:
         print(f"  {t.spec.trial_key}  {' '.join(t.spec.overrides) or '(defaults)'}  [{asks}]"
               f"{'  baseline' if t.baseline else ''}")
 
-
-def _check_transforms(method: dict, quant: dict, dtype: dict) -> None:
-    """Transforms that would do nothing, or undo each other, are refused with the reason."""
-    scaling = method["scaling"]
-    if scaling != "none" and method["rotation"] != "none":
-        raise ConfigError("method.scaling", scaling, f"allowed with method.rotation={method['rotation']}: none "
-                          "(a rotation spreads every channel over all the others: no outlier channel is left to "
-                          "rescale, and scales applied first would be spread with it)")
-    if scaling == "smoothquant" and not quant["activations"]:
-        raise ConfigError("method.scaling", "smoothquant", f"allowed with quant={quant['name']} (weights only): "
-                          "none or awq (SmoothQuant moves the difficulty of quantized activations into the weights; "
-                          "take quant=w_a_dynamic or w_a_static)")
-    if scaling == "awq" and not quant["weights"]:
-        raise ConfigError("method.scaling", "awq", f"allowed with quant={quant['name']} (weights not quantized): "
-                          "none or smoothquant (AWQ chooses scales for the weights' rounding)")
-    if method["clip"] and quant["weights"]:
-        for key, allowed in (("rounding", "nearest"), ("overflow", "saturate")):
-            if dtype[key] != allowed:
-                raise ConfigError(f"dtype.{key}", dtype[key], f"allowed with method.clip=true: {allowed}")
-        if dtype["scale_rule"] == "mse":
-            raise ConfigError("dtype.scale_rule", "mse", "allowed with method.clip=true: the format's others "
-                              "(mse clips on the weights' own error; method.clip searches the output's)")
