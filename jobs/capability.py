@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from jobs.config import TrialConfig
+from jobs.config import TrialConfig, layer_dtypes
 from kernels.catalog import Unsupported
 
 FP8_DOT_CC = (8, 9)  # tl.dot and _scaled_mm on fp8: Ada, Hopper, Blackwell
@@ -37,8 +37,8 @@ def check(cfg: TrialConfig, device: torch.device) -> None:
         vllm_backend.online_quantization(cfg, device)
         vllm_backend.require_vllm()
         return
-    kernel, dtype, quant = cfg.kernel.name, cfg.dtype, cfg.quant
-    fp8_activations = dtype.format == "fp8_e4m3" and quant.activations and quant.weights
+    kernel, quant = cfg.kernel.name, cfg.quant
+    fp8_activations = quant.activations and quant.weights and any(d.format == "fp8_e4m3" for d in layer_dtypes(cfg))
     if kernel in INSTALL_HINTS:
         _require(kernel, f"kernel={kernel}")
     if kernel == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

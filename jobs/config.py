@@ -10,6 +10,7 @@ spec and makes up its key.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import typing
 from dataclasses import dataclass, field
@@ -86,6 +87,24 @@ class DtypeConfig:
 
 
 @dataclass
+class LayerRule:
+    """Linear layers whose full name matches ``match`` (fnmatch, where ``*`` spans dots:
+    ``*.mlp.down_proj``, ``model.layers.0.*``) take this rule's dtype and method instead of the
+    trial's. Rules are tried in order and the first that matches wins; ``quant.skip_layers`` are never
+    quantized. A rule's dtype sets the layer's format and knobs, its weights' and (with
+    ``quant.activations``) its inputs'; the compute dtype and the KV cache stay the trial's."""
+    match: str = MISSING
+    # A conf/dtype name (int8, nvfp4; bf16 keeps the layer unquantized) or a dtype's settings, as in a
+    # conf/dtype file. The plan resolves a name to its settings: what the trial's config (and key) holds.
+    dtype: Any = None
+    method: Optional[str] = rule(None, choices=(None, "rtn", "gptq"))  # None: the trial's method.name
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, dict):  # the typed view of a resolved rule
+            self.dtype = build(DtypeConfig, self.dtype, "dtype.")
+
+
+@dataclass
 class QuantConfig:
     """The scheme: what the dtype's format is applied to."""
     name: str = MISSING
@@ -93,6 +112,7 @@ class QuantConfig:
     activations: bool = False  # dynamic, one scale per token
     kv_cache: bool = False     # keys and values, per token and head
     skip_layers: list[str] = rule(["lm_head"])  # names or fnmatch patterns kept unquantized
+    rules: list[LayerRule] = rule([])  # per-layer dtype and method, first match wins (mixed precision)
     # Activation scales: dynamic (per token, from each input) or static (one per layer, chosen on
     # the calibration data by the observer and stored with the layer; element formats only).
     activation_scales: str = rule("dynamic", choices=("dynamic", "static"))
@@ -285,15 +305,57 @@ class TrialConfig:
         return build(cls, config)
 
 
+@dataclass(frozen=True)
+class LayerScheme:
+    """What one linear layer is quantized to, and by which rounding; ``rule``: the index of the
+    ``quant.rules`` entry it took, None for the trial's own dtype and method."""
+    dtype: DtypeConfig
+    method: str
+    rule: Optional[int] = None
+    match: Optional[str] = None  # the rule's glob
+
+    @property
+    def label(self) -> str:
+        """What the layer record says of it: ``trial``, or the rule's index and glob."""
+        return "trial" if self.rule is None else f"{self.rule}: {self.match}"
+
+
+def layer_scheme(cfg: TrialConfig, name: str) -> Optional[LayerScheme]:
+    """The layer's dtype and method under ``quant.rules`` (first match wins), or None for a layer in
+    ``quant.skip_layers``. A rule's dtype must be resolved (the plan does it)."""
+    quant = cfg.quant
+    if is_skipped(name, quant.skip_layers):
+        return None
+    for index, layer_rule in enumerate(quant.rules):
+        if fnmatch.fnmatchcase(name, layer_rule.match):
+            dtype = layer_rule.dtype if layer_rule.dtype is not None else cfg.dtype
+            return LayerScheme(dtype, layer_rule.method or cfg.method.name, index, layer_rule.match)
+    return LayerScheme(cfg.dtype, cfg.method.name)
+
+
+def is_skipped(name: str, patterns: list[str]) -> bool:
+    """Whether ``quant.skip_layers`` names the layer: a pattern matching its full name, or its last part."""
+    return any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in patterns)
+
+
+def layer_dtypes(cfg: TrialConfig) -> list[DtypeConfig]:
+    """Every dtype the trial's linear layers may take: its own and its rules'."""
+    return [cfg.dtype, *(r.dtype for r in cfg.quant.rules if r.dtype is not None)]
+
+
 def uses_calibration(cfg: TrialConfig) -> bool:
     """Whether the trial computes anything from calibration data (and ``calib`` is part of its key)."""
-    method = cfg.method
-    return cfg.dtype.format is not None and (method.name != "rtn" or cfg.quant.static_activations
-                                             or method.scaling != "none" or method.clip)
+    method, quant = cfg.method, cfg.quant
+    if all(d.format is None for d in layer_dtypes(cfg)):
+        return False
+    if cfg.dtype.format is not None and method.name != "rtn":
+        return True
+    return (quant.static_activations or method.scaling != "none" or method.clip
+            or any(r.method == "gptq" and (r.dtype is None or r.dtype.format is not None) for r in quant.rules))
 
 
 def nested_schema(tp: Any) -> Optional[type]:
-    """The dataclass a field's type names (``X`` or ``Optional[X]``), or None."""
+    """The dataclass a field's type names (``X``, ``Optional[X]`` or ``list[X]``), or None."""
     for candidate in (tp, *typing.get_args(tp)):
         if dataclasses.is_dataclass(candidate):
             return candidate
@@ -319,5 +381,10 @@ def build(schema: type, data: dict[str, Any], prefix: str = "") -> Any:
                 raise ValueError(f"{prefix}{f.name}: missing")
             continue
         value, nested = data[f.name], nested_schema(hints[f.name])
-        values[f.name] = build(nested, value, f"{prefix}{f.name}.") if nested and isinstance(value, dict) else value
+        if nested and isinstance(value, dict):
+            value = build(nested, value, f"{prefix}{f.name}.")
+        elif nested and isinstance(value, list):  # list[X] of a dataclass X: each item built
+            value = [build(nested, v, f"{prefix}{f.name}[{i}].") if isinstance(v, dict) else v
+                     for i, v in enumerate(value)]
+        values[f.name] = value
     return schema(**values)

@@ -59,6 +59,33 @@ def load_model(model_cfg: ModelConfig, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
+def linear_layer_names(model_cfg: ModelConfig) -> list[str]:
+    """The model's linear layers' names, in model order, without loading a weight: the architecture is
+    built from its config on the meta device. Only the config is read (``config.json``, or the tiny
+    model's build settings); a model that needs its own code (``trust_remote_code``) would run it here,
+    so it is refused. Raises ValueError with the reason."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    if model_cfg.trust_remote_code:
+        raise ValueError("the layer names of a model with trust_remote_code=true come from its own code, which the "
+                         "driver does not run")
+    if model_cfg.source == "build":
+        build = model_cfg.build
+        built = built_model_dir(build) / "config.json"
+        config = AutoConfig.from_pretrained(built.parent) if built.is_file() else LlamaConfig(
+            vocab_size=build.vocab_size, hidden_size=build.hidden_size, intermediate_size=build.intermediate_size,
+            num_hidden_layers=build.num_layers, num_attention_heads=build.num_heads,
+            num_key_value_heads=build.num_heads, tie_word_embeddings=False)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_path(model_cfg))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"its config could not be read: {str(e).splitlines()[0][:200]}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
 def ensure_built(build: TinyModelBuild) -> Path:
     """Build the tiny model once per machine; concurrent trials wait on a file lock."""
     out = built_model_dir(build)

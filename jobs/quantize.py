@@ -16,7 +16,6 @@ a searched clipping (jobs/clipping.py) chooses each layer's scales as it is quan
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from jobs.clipping import clip_scales
-from jobs.config import DtypeConfig, QuantConfig, TrialConfig, uses_calibration
+from jobs.config import DtypeConfig, LayerScheme, QuantConfig, TrialConfig, layer_dtypes, layer_scheme, uses_calibration
 from jobs.gptq import gptq_quantize, output_error
 from jobs.rotation import rotate
 from jobs.scaling import scale_model
@@ -95,10 +94,6 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, weight={fmt}, input={act}"
 
 
-def _skipped(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(name, p) or name.split(".")[-1] == p for p in patterns)
-
-
 def quantize_kv_cache(model: nn.Module, knobs: dict, head_rotation: Optional[Rotation] = None) -> None:
     """Route attention through SDPA on fake-quantized keys and values, queries and keys first rotated
     online per head where the model is rotated (its values are, in v_proj)."""
@@ -129,52 +124,72 @@ def apply_dtype(model: nn.Module, cfg: TrialConfig, compute_dtype: torch.dtype,
     """
     dtype_cfg, quant_cfg, method = cfg.dtype, cfg.quant, cfg.method
     model.to(compute_dtype)
-    if dtype_cfg.format is None:
+    if all(d.format is None for d in layer_dtypes(cfg)):
         return []
     head_rotation = rotate(model, method, cfg.seed) if method.rotation != "none" else None
+    targets = _targets(model, cfg)
+    quantized = [(n, m) for n, m, scheme in targets if scheme.dtype.format is not None]
     notes: dict[str, dict] = {}
     if stored is not None:
         with torch.no_grad():
             for name, value in stored.params.items():  # what the transforms changed outside the quantized layers
                 model.get_parameter(name).copy_(value)
     elif method.scaling != "none":
-        knobs = weight_knobs(dtype_cfg, cfg.seed)
-        quantized = {n for n, _ in _targets(model, quant_cfg)} if quant_cfg.weights else set()
-        notes = scale_model(model, calibration, method, cfg.calib.batch_size, cfg.calib.seed, quantized,
-                            lambda w: formats.quantize(w, **knobs).dequantize())
-    if quant_cfg.kv_cache:
+        dequantizers = {n: _dequantizer(scheme.dtype, cfg.seed) for n, _, scheme in targets
+                        if scheme.dtype.format is not None} if quant_cfg.weights else {}
+        notes = scale_model(model, calibration, method, cfg.calib.batch_size, cfg.calib.seed, dequantizers)
+    if quant_cfg.kv_cache and dtype_cfg.format is not None:
         quantize_kv_cache(model, token_knobs(dtype_cfg, cfg.seed), head_rotation)
     if not (quant_cfg.weights or quant_cfg.activations):
         return []
-    targets = _targets(model, quant_cfg)
+    schemes = {n: scheme for n, _, scheme in targets}
     rows: list[dict] = []
     if stored is not None:
         rows = stored.rows
-        for name, linear in targets:
-            knobs = input_knobs(cfg, stored.input_scales[name], linear.weight.device)
+        for name, linear in quantized:
+            knobs = input_knobs(schemes[name].dtype, cfg, stored.input_scales[name], linear.weight.device)
             _replace(model, name, QuantizedLinear(linear, stored.weights[name], torch_reference, knobs))
     elif calibration is not None:
         def finish(group, inputs: Optional[LayerInputs]) -> None:
             for name, linear in group:
-                _quantize_layer(model, name, linear, cfg, inputs, rows)
-        calibrate(model, calibration, cfg.calib.batch_size, targets, finish,
+                _quantize_layer(model, name, linear, schemes[name], cfg, inputs, rows)
+        calibrate(model, calibration, cfg.calib.batch_size, quantized, finish,
                   keep_sample=quant_cfg.static_activations and quant_cfg.activation_observer != "absmax",
                   seed=cfg.calib.seed)
     else:
-        for name, linear in targets:
-            _quantize_layer(model, name, linear, cfg, None, rows)
+        for name, linear in quantized:
+            _quantize_layer(model, name, linear, schemes[name], cfg, None, rows)
     kernel = get_kernel(cfg.kernel.name)
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.kernel = kernel
     for row in rows:
         row.update(notes.get(row["layer"], {}))
+    if quant_cfg.rules and stored is None:  # every layer's record names the rule it took, kept ones too
+        rows += [_kept_row(n, m, schemes[n]) for n, m, scheme in targets if scheme.dtype.format is None]
+        order = {n: i for i, (n, _, _) in enumerate(targets)}
+        rows.sort(key=lambda row: order[row["layer"]])
+        for row in rows:
+            row["rule"] = schemes[row["layer"]].label
     return rows
 
 
-def _targets(model: nn.Module, quant_cfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not _skipped(n, quant_cfg.skip_layers)]
+def _dequantizer(dtype_cfg: DtypeConfig, seed: int):
+    knobs = weight_knobs(dtype_cfg, seed)
+    return lambda w: formats.quantize(w, **knobs).dequantize()
+
+
+def _kept_row(name: str, linear: nn.Linear, scheme: LayerScheme) -> dict:
+    """The record of a layer a rule keeps unquantized: its weight at the compute dtype."""
+    w = linear.weight
+    return {"layer": name, "shape": "x".join(map(str, w.shape)), "format": str(w.dtype).removeprefix("torch."),
+            "method": "-", "bytes": w.numel() * w.element_size(), "bits_per_element": 8.0 * w.element_size()}
+
+
+def _targets(model: nn.Module, cfg: TrialConfig) -> list[tuple[str, nn.Linear, LayerScheme]]:
+    """The linear layers the scheme covers (not skipped), each with its dtype and method."""
+    found = [(n, m, layer_scheme(cfg, n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [(n, m, scheme) for n, m, scheme in found if scheme is not None]
 
 
 @dataclass
@@ -202,33 +217,34 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def _quantize_layer(model: nn.Module, name: str, linear: nn.Linear, cfg: TrialConfig, inputs: Optional[LayerInputs],
-                    rows: list[dict]) -> None:
-    """Quantize one layer by the trial's method (RTN where it saw no calibration input) and put it
+def _quantize_layer(model: nn.Module, name: str, linear: nn.Linear, scheme: LayerScheme, cfg: TrialConfig,
+                    inputs: Optional[LayerInputs], rows: list[dict]) -> None:
+    """Quantize one layer to its dtype by its method (RTN where it saw no calibration input) and put it
     in place, computing through the torch reference until every layer is done."""
-    dtype_cfg, quant_cfg = cfg.dtype, cfg.quant
+    dtype_cfg, quant_cfg = scheme.dtype, cfg.quant
     input_scale = None
     if quant_cfg.static_activations:
         if inputs is None:
             raise ValueError(f"layer {name}: no calibration input reached it, so it has no static activation scale")
         input_scale = activation_scale(inputs, dtype_cfg, quant_cfg)
     q, method = None, cfg.method
+    rounding = scheme.method
     if quant_cfg.weights:
         knobs, scales, ratios = weight_knobs(dtype_cfg, cfg.seed), None, None
         try:
             rtn = formats.quantize(linear.weight, **knobs)
-            if inputs is None and (method.name != "rtn" or method.clip):
+            if inputs is None and (rounding != "rtn" or method.clip):
                 log.warning("layer %s: no calibration input reached it; rounded to nearest", name)
             if method.clip and inputs is not None:
                 scales, ratios = clip_scales(linear.weight, inputs.hessian, dtype_cfg, method)
-            if method.name == "gptq" and inputs is not None:
+            if rounding == "gptq" and inputs is not None:
                 q = gptq_quantize(linear.weight, inputs.hessian, dtype_cfg, method.gptq, scales)
             else:
                 q = rtn if scales is None else formats.quantize(linear.weight, **knobs, scales=scales)
         except formats.FormatError as e:
             raise formats.FormatError(f"layer {name}: {e}") from None
         w, deq = linear.weight, q.dequantize()
-        row = {"layer": name, "shape": "x".join(map(str, q.shape)), "format": q.spec.name, "method": method.name,
+        row = {"layer": name, "shape": "x".join(map(str, q.shape)), "format": q.spec.name, "method": rounding,
                "bytes": q.nbytes, "bits_per_element": q.bits_per_element, "sqnr_db": metrics.sqnr_db(w, deq),
                "relative_error": metrics.relative_error(w, deq), "max_abs_error": metrics.max_abs_error(w, deq)}
         if ratios is not None:
@@ -240,15 +256,16 @@ def _quantize_layer(model: nn.Module, name: str, linear: nn.Linear, cfg: TrialCo
             row["output_error_rtn"] = math.nan if hessian is None else output_error(w, rtn_deq, hessian)
             row["input_scale"] = math.nan if input_scale is None else input_scale
         rows.append(row)
-    knobs = input_knobs(cfg, input_scale, linear.weight.device)
+    knobs = input_knobs(dtype_cfg, cfg, input_scale, linear.weight.device)
     _replace(model, name, QuantizedLinear(linear, q, torch_reference, knobs))
 
 
-def input_knobs(cfg: TrialConfig, static_scale: Optional[float], device: torch.device) -> Optional[dict]:
-    """``fake_quant`` knobs of a layer's inputs: per token, or one static fp32 scale for all of them."""
+def input_knobs(dtype_cfg: DtypeConfig, cfg: TrialConfig, static_scale: Optional[float],
+                device: torch.device) -> Optional[dict]:
+    """``fake_quant`` knobs of a layer's inputs in its dtype: per token, or one static fp32 scale for all."""
     if not cfg.quant.activations:
         return None
-    knobs = token_knobs(cfg.dtype, cfg.seed)
+    knobs = token_knobs(dtype_cfg, cfg.seed)
     if cfg.quant.static_activations:
         knobs.update(granularity="per_tensor", scales=formats.Scales(torch.tensor([static_scale], device=device)))
     return knobs
@@ -275,8 +292,9 @@ def activation_scale(inputs: LayerInputs, dtype_cfg: DtypeConfig, quant_cfg: Qua
 
 
 def check_kernel(model: nn.Module, kernel_name: str, dtype: torch.dtype, seed: int = 0) -> list[dict]:
-    """Run the chosen kernel on every distinct quantized layer shape against the torch
-    reference; one row per shape with its relative error and the tolerance for ``dtype``.
+    """Run the chosen kernel on every distinct (layer shape, format, input format) against the torch
+    reference (a mixed-precision model dispatches per layer); one row each with its relative error and
+    the tolerance for ``dtype``.
 
     Raises :class:`~kernels.catalog.Unsupported` if the kernel cannot run a layer here.
     """
@@ -286,13 +304,16 @@ def check_kernel(model: nn.Module, kernel_name: str, dtype: torch.dtype, seed: i
     for name, module in model.named_modules():
         if not isinstance(module, QuantizedLinear) or module.weight_q is None:
             continue
-        shape = tuple(module.weight_q.shape)
-        if shape in seen:
+        weight, knobs = module.weight_q, module.input_knobs
+        shape = tuple(weight.shape)
+        case = (shape, weight.spec.name, weight.block, weight.zero_points is not None,
+                None if knobs is None else knobs["fmt"])
+        if case in seen:
             continue
-        seen.add(shape)
-        err = kernel_relative_error(kernel_name, module.weight_q, dtype, module.input_knobs, seed=seed)
-        rows.append({"layer": name, "shape": "x".join(map(str, shape)), "relative_error": err,
-                     "tolerance": TOLERANCE[dtype]})
+        seen.add(case)
+        err = kernel_relative_error(kernel_name, weight, dtype, knobs, seed=seed)
+        rows.append({"layer": name, "shape": "x".join(map(str, shape)), "format": weight.spec.name,
+                     "relative_error": err, "tolerance": TOLERANCE[dtype]})
     return rows
 
 

@@ -50,18 +50,21 @@ def smoothquant_scales(channel_amax: torch.Tensor, readers: list[nn.Linear], alp
     return (x.pow(alpha) / weight_amax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
 
 
-def awq_search(readers: list[nn.Linear], inputs: LayerInputs, dequantize: Callable[[torch.Tensor], torch.Tensor],
+Dequantize = Callable[[torch.Tensor], torch.Tensor]  # a weight rounded to its layer's format and back
+
+
+def awq_search(readers: list[tuple[nn.Linear, Dequantize]], inputs: LayerInputs,
                grid: int) -> tuple[torch.Tensor, float, list[float]]:
     """(the chosen scales, their exponent ``a``, the objective at every grid point, identity first) for
-    layers reading ``inputs``; ``dequantize`` rounds a weight to the format and back."""
-    hessian = inputs.hessian.to(readers[0].weight.device)
+    the layers reading ``inputs``, each with its own rounding (layers may differ in format)."""
+    hessian = inputs.hessian.to(readers[0][0].weight.device)
     mean = (inputs.channel_abs_sum / max(inputs.tokens, 1)).to(hessian.device)
     errors, candidates = [], []
     for step in range(grid):
         a = step / grid
         s = mean.pow(a).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        error = sum(weighted_error(r.weight, dequantize(r.weight.float() * s) / s, hessian) for r in readers)
+        error = sum(weighted_error(r.weight, dequantize(r.weight.float() * s) / s, hessian) for r, dequantize in readers)
         errors.append(float(error))
         candidates.append((s, a))
     best = min(range(grid), key=lambda i: errors[i])  # ties keep the identity
@@ -69,10 +72,10 @@ def awq_search(readers: list[nn.Linear], inputs: LayerInputs, dequantize: Callab
 
 
 def scale_model(model: nn.Module, windows: torch.Tensor, method: MethodConfig, batch_size: int, seed: int,
-                quantized: set[str], dequantize: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, dict]:
+                dequantizers: dict[str, Dequantize]) -> dict[str, dict]:
     """Apply ``method.scaling`` to ``model`` in place on calibration ``windows``; returns, per layer
-    whose input was scaled, what was chosen (for the layer record). ``quantized`` names the layers
-    whose weights will be quantized: AWQ's objective is theirs."""
+    whose input was scaled, what was chosen (for the layer record). ``dequantizers`` rounds the weight
+    of each layer whose weights will be quantized, in its format: AWQ's objective is theirs."""
     decoder = decoder_layout(model, f"method.scaling={method.scaling}")
     names = {id(m): n for n, m in model.named_modules()}
     found = {id(readers[0]): (source, readers) for source, readers in mappings(decoder, method.scaling)}
@@ -87,10 +90,10 @@ def scale_model(model: nn.Module, windows: torch.Tensor, method: MethodConfig, b
             s = smoothquant_scales(inputs.channel_amax, readers, method.smoothquant.alpha)
             note = {"smoothquant_scale_max": float(s.max()), "smoothquant_scale_min": float(s.min())}
         else:
-            targets = [r for r in readers if names[id(r)] in quantized]
+            targets = [(r, dequantizers[names[id(r)]]) for r in readers if names[id(r)] in dequantizers]
             if not targets:
                 return
-            s, a, errors = awq_search(targets, inputs, dequantize, method.awq.grid)
+            s, a, errors = awq_search(targets, inputs, method.awq.grid)
             chosen = min(errors)
             note = {"awq_alpha": a, "awq_gain": errors[0] / chosen if chosen > 0 else 1.0}
         move_scales(source, readers, s)

@@ -20,7 +20,7 @@ import torch
 from jobs import (bench, calibration, capability, environment, evaluate, models, quantized_cache, reference, tasks,
                   vllm_backend)
 from jobs.cache import build_once
-from jobs.config import TrialConfig, uses_calibration
+from jobs.config import TrialConfig, layer_dtypes, uses_calibration
 from jobs.quantize import QuantizedLayers, apply_dtype, check_kernel, weight_bytes
 from jobs.spec import TASK_SAMPLES_FILE, Status, TrialResult, TrialSpec, failure_reason
 from kernels.catalog import Unsupported
@@ -67,13 +67,16 @@ def _table_csv(rows: list[dict]) -> str:
 
 
 def _layer_summary(rows: list[dict]) -> dict[str, float]:
-    if not rows:
+    """The layers' error summary over the quantized ones, and their bits per weight element over all the
+    rows (with per-layer rules, the layers a rule keeps unquantized count at the compute dtype's width)."""
+    quantized = [r for r in rows if "sqnr_db" in r]
+    if not quantized:
         return {}
-    sqnr = [r["sqnr_db"] for r in rows]
+    sqnr = [r["sqnr_db"] for r in quantized]
     elements = sum(8 * r["bytes"] / r["bits_per_element"] for r in rows)
-    summary = {"quantized_layers": float(len(rows)), "layer_sqnr_db_min": min(sqnr),
+    summary = {"quantized_layers": float(len(quantized)), "layer_sqnr_db_min": min(sqnr),
                "layer_sqnr_db_mean": sum(sqnr) / len(sqnr),
-               "layer_relative_error_max": max(r["relative_error"] for r in rows),
+               "layer_relative_error_max": max(r["relative_error"] for r in quantized),
                "bits_per_element": 8 * sum(r["bytes"] for r in rows) / elements}
     for column in ("output_error", "output_error_rtn"):  # on calibration inputs, where the trial calibrated
         values = [r[column] for r in rows if column in r and not math.isnan(r[column])]
@@ -139,7 +142,7 @@ def _quantize(model, tokenizer, cfg: TrialConfig, compute_dtype: torch.dtype, de
     started = time.perf_counter()
     if not uses_calibration(cfg):
         layers = apply_dtype(model, cfg, compute_dtype)
-        if cfg.dtype.format is not None:  # a plain cast quantizes nothing
+        if any(d.format is not None for d in layer_dtypes(cfg)):  # a plain cast quantizes nothing
             result.metrics["quantize_s"] = time.perf_counter() - started
         return layers
     folder = quantized_cache.folder(cfg, device)

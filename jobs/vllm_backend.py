@@ -80,6 +80,10 @@ def online_quantization(cfg: TrialConfig, device: torch.device) -> str | None:
     if cfg.kernel.name != "torch":
         raise Unsupported(f"backend=vllm computes with vLLM's own kernels; kernel={cfg.kernel.name} is for "
                           "backend=hf (leave kernel at its default, torch)")
+    if quant.rules:
+        raise Unsupported(f"backend=vllm quantizes every linear layer alike online; quant.rules (per-layer dtypes, "
+                          f"{len(quant.rules)} rules) need a pre-quantized mixed checkpoint as the model (run them "
+                          f"with backend=hf here)")
     fmt, scheme = dtype.format, None
     if fmt is not None:
         what = f"dtype={dtype.name} ({fmt} {dtype.granularity}) with quant={quant.name}"

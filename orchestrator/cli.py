@@ -28,6 +28,9 @@ commands:
   cancel ID             stop a running sweep; its open trials end CANCELLED
   report ID [--out DIR] compare the trials with their baselines: speedups and accuracy deltas on
                         each trial, a table and plots under report/ on the sweep's run
+  recipe ID --budget-bits B [--out DIR]
+                        from a sensitivity sweep (sweep.sensitivity.groups=...), the dtype per layer group
+                        with the least predicted KL within B bits per weight, as a config file to run
   resubmit ID --failed [overrides]
                         re-run the FAILED/TIMEOUT trials as their next attempt, in the same sweep
   resubmit ID --unfinished, resume ID
@@ -56,10 +59,11 @@ def _single_trial(cfg) -> None:
     `run` rather than raised through Hydra, which would print every override (a password too)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from orchestrator import plan, sweep
+    from orchestrator import plan, sensitivity, sweep
 
     try:
-        sweep.execute(plan.sweep_settings([cfg]), [plan.planned_trial(cfg, HydraConfig.get().overrides.task)])
+        cells, overrides = sensitivity.expand([cfg], [HydraConfig.get().overrides.task])
+        sweep.execute(plan.sweep_settings([cfg]), [plan.planned_trial(c, o) for c, o in zip(cells, overrides)])
     except Exception as error:
         _TASK_ERRORS.append(error)
 
@@ -269,13 +273,44 @@ def report(args: list[str]) -> int:
     return 0
 
 
+def recipe(args: list[str]) -> int:
+    from orchestrator import recipe as recipes
+    from orchestrator import report as comparison
+    from orchestrator import sweep_state
+    from orchestrator.errors import ConfigError
+
+    uri, args = _tracking_uri(args)
+    parser = _parser("recipe", "From a finished sensitivity sweep, the dtype per layer group that least raises the "
+                               "KL divergence within a bits-per-weight budget (an exact knapsack), written as an "
+                               "experiment file and logged under recipes/ on the sweep's run.")
+    parser.add_argument("--budget-bits", type=float, required=True,
+                        help="bits per weight over the quantizable layers, scales included (e.g. 4.5)")
+    parser.add_argument("--out", type=Path, default=Path("recipes"),
+                        help="the folder the recipe goes in, as experiment/<name>.yaml (default: recipes)")
+    parser.add_argument("--name", help="the recipe's name (default: <sweep id>-<budget>bits)")
+    parser.add_argument("--family", help="which baseline's probes, where the sweep has several (the name it lists)")
+    opts = parser.parse_args(args)
+    try:
+        client, parent = sweep_state.open_sweep(uri, opts.sweep_id)
+        rows, _ = comparison.load(client, parent)
+        made, path = recipes.create(client, parent, rows, opts.budget_bits, opts.out, opts.name, opts.family)
+    except ConfigError as e:
+        return _error(str(e))
+    for line in recipes.describe(made):
+        print(line)
+    print(f"written: {path} (and under recipes/ on the sweep's run)")
+    print(f"run it:  orchestrator run -cd {path.parent.parent} experiment={made.name}")
+    return 0
+
+
 def _is_local(address: str) -> bool:
     from urllib.parse import urlparse
 
     return urlparse(address if "://" in address else f"http://{address}").hostname in ("127.0.0.1", "localhost")
 
 
-COMMANDS = {"run": run, "submit": submit, "status": status, "cancel": cancel, "report": report, "resubmit": resubmit,
+COMMANDS = {"run": run, "submit": submit, "status": status, "cancel": cancel, "report": report, "recipe": recipe,
+            "resubmit": resubmit,
             "resume": lambda args: resubmit(args, mode="unfinished")}
 
 

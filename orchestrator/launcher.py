@@ -67,12 +67,12 @@ class RayTrialsLauncher(Launcher):
         return cells
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from orchestrator import plan, sweep
+        from orchestrator import plan, sensitivity, sweep
 
         assert self.hydra_context is not None and self.config is not None
         cells = self._compose(job_overrides)
-        trials = [plan.planned_trial(cell, overrides) for cell, overrides in zip(cells, job_overrides)]
         settings = plan.sweep_settings(cells)
+        trials = [plan.planned_trial(cell, overrides) for cell, overrides in zip(*sensitivity.expand(cells, job_overrides))]
         if self.plan_only:
             plan.print_plan(trials)
             return []

@@ -69,7 +69,9 @@ def pair_key(params: dict[str, str]) -> tuple:
 
 
 def is_baseline(params: dict[str, str], baseline: dict[str, str]) -> bool:
-    return all(params.get(f"{section}.name") == str(name) for section, name in baseline.items())
+    """A trial with the baseline's choices and no per-layer rules (a sensitivity probe keeps the baseline's dtype)."""
+    return params.get("quant.rules", "[]") == "[]" and all(
+        params.get(f"{section}.name") == str(name) for section, name in baseline.items())
 
 
 def stored_baseline(tags: dict[str, str]) -> dict[str, str]:

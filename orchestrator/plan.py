@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -12,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs import data
 from jobs.config import TrialConfig, uses_calibration
+from jobs.config import build as build_schema
 from jobs.spec import KEYED_RESOURCES, TASK_NAME, TRIAL_SECTIONS, TrialSpec, context_length
 from kernels import catalog
 from orchestrator import schema
@@ -28,6 +33,7 @@ def trial_config(cfg: DictConfig | dict) -> dict[str, Any]:
     # Only the trial's own backend's and method's options: they are part of what it computes, the others' are not.
     backend = config["backend"]
     config["backend"] = {"name": backend["name"], **{k: v for k, v in backend.items() if k == backend["name"]}}
+    config["quant"] = {**config["quant"], "rules": resolve_rules(plain)}
     config["method"] = _method_config(config["method"], config["dtype"], config["quant"])
     if config["quant"]["activation_scales"] == "dynamic":  # the observer chooses static scales only
         config["quant"] = {k: v for k, v in config["quant"].items() if k not in STATIC_SCALE_KEYS}
@@ -38,14 +44,16 @@ def trial_config(cfg: DictConfig | dict) -> dict[str, Any]:
 
 
 def _method_config(method: dict[str, Any], dtype: dict[str, Any], quant: dict[str, Any]) -> dict[str, Any]:
-    """The method's settings that decide what the trial computes: its rounding's options, and each
-    transform's only where it is on. A plain cast has no method; without quantized weights every rounding
-    is the same trial (rtn), and a rotation or SmoothQuant still shapes the activations and KV cache."""
-    if dtype["format"] is None:
+    """The method's settings that decide what the trial computes: its rounding's options (and those of a
+    rule's rounding), and each transform's only where it is on. A plain cast has no method; without
+    quantized weights every rounding is the same trial (rtn), and a rotation or SmoothQuant still shapes
+    the activations and KV cache."""
+    if dtype["format"] is None and not any(r["dtype"]["format"] is not None for r in quant["rules"]):
         return {"name": "rtn"}
     weights = quant["weights"]
     name = method["name"] if weights else "rtn"
-    kept = {"name": name, **({name: method[name]} if name in method else {})}
+    roundings = dict.fromkeys([name, *(r["method"] for r in quant["rules"] if r["method"])])
+    kept = {"name": name, **{n: method[n] for n in roundings if n in method}}
     if method["rotation"] != "none":
         kept.update(rotation=method["rotation"], rotation_size=method["rotation_size"])
     if method["scaling"] != "none":
@@ -67,8 +75,8 @@ def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
 # that does not use them keeps the key it had.
 # A section left empty is left out too (method=rtn: the key of a trial from before methods existed).
 KEY_NEUTRAL_DEFAULTS = {"eval": {"tasks": [], "task_limit": None, "num_fewshot": None},
-                        "quant": {"activation_scales": "dynamic"}, "method": {"name": "rtn"},
-                        "model": {"outliers": None}}
+                        "method": {"name": "rtn"},
+                        "model": {"outliers": None}, "quant": {"activation_scales": "dynamic", "rules": []}}
 STATIC_SCALE_KEYS = ("activation_observer", "activation_percentile")
 
 
@@ -93,8 +101,10 @@ def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
     model = plain["model"]
     if model["source"] == "build" and model["build"] is None:
         raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
-    _check_dtype(cfg.dtype, cfg.quant)
+    _check_dtype(plain["dtype"], plain["quant"])
+    plain = {**plain, "quant": {**plain["quant"], "rules": resolve_rules(plain)}}
     _check_method(plain)
+    _check_rule_matches(plain, plain["quant"]["rules"])
     for task in plain["eval"]["tasks"]:
         if not (isinstance(task, str) and TASK_NAME.fullmatch(task)):
             raise ConfigError("eval.tasks", task, "allowed: lm-eval task names (letters, digits, _ and -)")
@@ -116,39 +126,151 @@ def cell_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
     return tuple(mask(o) for o in overrides if root(o) not in (*SWEEP_SECTIONS, "hydra"))
 
 
-def _check_dtype(dtype: DictConfig, quant: DictConfig) -> None:
+RULE_DTYPE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+def dtype_settings(name: str, key: str) -> dict[str, Any]:
+    """The settings of ``conf/dtype/<name>.yaml``, as Hydra composes the group option (ConfigError if none)."""
+    from orchestrator.paths import CONF_DIR
+
+    names = sorted(p.stem for p in (CONF_DIR / "dtype").glob("*.yaml"))
+    if not (isinstance(name, str) and RULE_DTYPE_NAME.fullmatch(name)) or name not in names:
+        raise ConfigError(key, name, f"allowed: a conf/dtype name ({', '.join(names)}) or a dtype's settings "
+                          "({name: ..., format: ..., ...})")
+    return _dtype_file(name)
+
+
+@functools.cache
+def _dtype_file(name: str) -> dict[str, Any]:
+    from orchestrator.paths import CONF_DIR
+
+    loaded = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "dtype" / f"{name}.yaml"))
+    loaded.pop("defaults", None)
+    return loaded
+
+
+def resolve_rules(plain: dict) -> list[dict[str, Any]]:
+    """``quant.rules`` with each rule's dtype resolved to its full settings (its compute_dtype dropped: the
+    model computes in the trial's) and checked as ``dtype`` is; and the method left out where it chooses
+    nothing (no quantized weights, or a rule that keeps its layers unquantized)."""
+    from jobs.config import DtypeConfig
+
+    resolved = []
+    for i, layer_rule in enumerate(plain["quant"]["rules"]):
+        key = f"quant.rules[{i}]"
+        match, dtype = layer_rule["match"], layer_rule["dtype"]
+        if not (isinstance(match, str) and match.strip()):
+            raise ConfigError(f"{key}.match", match, "allowed: a glob over layer names (*.mlp.down_proj)")
+        if dtype is None:
+            dtype = {k: v for k, v in plain["dtype"].items()}
+        elif isinstance(dtype, str):
+            dtype = dtype_settings(dtype, f"{key}.dtype")
+        elif not isinstance(dtype, dict):
+            raise ConfigError(f"{key}.dtype", dtype, "allowed: a conf/dtype name or a dtype's settings")
+        try:
+            typed = build_schema(DtypeConfig, dtype, f"{key}.dtype.")
+        except ValueError as e:
+            raise ConfigError(str(e).split(":")[0], "?", f"allowed keys: {', '.join(schema.allowed_keys('dtype'))}",
+                              problem="not a dtype setting") from None
+        settings = {k: v for k, v in dataclasses.asdict(typed).items() if k != "compute_dtype"}
+        schema.validate(settings | {"compute_dtype": "auto"}, DtypeConfig, f"{key}.dtype.")
+        _check_dtype(settings, plain["quant"], f"{key}.dtype")
+        method = layer_rule["method"] if plain["quant"]["weights"] and settings["format"] is not None else None
+        resolved.append({"match": match, "dtype": settings, "method": method})
+    return resolved
+
+
+@functools.cache
+def _layer_names(model_json: str) -> tuple[str, ...]:
+    from jobs.config import ModelConfig, build
+    from jobs.models import linear_layer_names
+
+    model = build(ModelConfig, json.loads(model_json))
+    try:
+        return tuple(linear_layer_names(model))
+    except ValueError as e:
+        raise ConfigError("model", model.name, "a model whose config can be read here (quant.rules and sensitivity "
+                          "sweeps are checked against its layer names)", problem=str(e)) from None
+
+
+def quantizable_layers(plain: dict) -> list[str]:
+    """The names of the model's linear layers outside ``quant.skip_layers``, read from its config alone
+    (a meta-device build: no weight is loaded)."""
+    from jobs.config import is_skipped
+
+    names = _layer_names(json.dumps(plain["model"], sort_keys=True))
+    return [n for n in names if not is_skipped(n, plain["quant"]["skip_layers"])]
+
+
+def describe_layers(names: Sequence[str], limit: int = 12) -> str:
+    """Layer names with their block indexes folded (``model.layers.{0-31}.mlp.down_proj``), for messages."""
+    folded: dict[str, list[int]] = {}
+    for name in names:
+        parts = name.split(".")
+        at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        pattern = name if at is None else ".".join([*parts[:at], "{}", *parts[at + 1:]])
+        folded.setdefault(pattern, []).append(-1 if at is None else int(parts[at]))
+    shown = [p if -1 in idx else p.replace("{}", f"{{{min(idx)}-{max(idx)}}}" if len(idx) > 1 else str(idx[0]))
+             for p, idx in folded.items()]
+    return ", ".join(shown[:limit]) + (f", ... ({len(shown) - limit} more)" if len(shown) > limit else "")
+
+
+def _check_rule_matches(plain: dict, rules: list[dict]) -> None:
+    """Every rule must take at least one quantizable layer: a glob that matches none, or only layers an
+    earlier rule took, is refused with the names it could have matched."""
+    if not rules:
+        return
+    names = quantizable_layers(plain)
+    taken: set[str] = set()
+    for i, layer_rule in enumerate(rules):
+        matched = {n for n in names if fnmatch.fnmatchcase(n, layer_rule["match"])}
+        if not matched - taken:
+            why = ("every layer it matches is taken by an earlier rule (first match wins)" if matched else
+                   f"matches no quantizable layer of {plain['model']['name']}")
+            raise ConfigError(f"quant.rules[{i}].match", layer_rule["match"],
+                              f"allowed: a glob over the layer names ({describe_layers(names)}; "
+                              f"quant.skip_layers={plain['quant']['skip_layers']} are not quantized)", problem=why)
+        taken |= matched
+
+
+def _check_dtype(dtype: DictConfig | dict, quant: DictConfig | dict, key: str = "dtype") -> None:
     """The format's knobs must exist and fit it (the same check the numerics make)."""
-    if dtype.format is None:
+    if dtype["format"] is None:
         return
     try:
-        catalog.check_knobs(dtype.format, dtype.granularity, dtype.group_size, dtype.rounding, dtype.scale_rule,
-                            dtype.overflow, dtype.symmetric)
+        catalog.check_knobs(dtype["format"], dtype["granularity"], dtype["group_size"], dtype["rounding"],
+                            dtype["scale_rule"], dtype["overflow"], dtype["symmetric"])
     except catalog.KnobError as e:
-        key = "dtype." + ("format" if e.key == "format" else e.key)
-        raise ConfigError(key, e.value, f"allowed for {dtype.format}: {', '.join(map(str, e.allowed))}") from None
-    if not (quant.weights or quant.activations or quant.kv_cache):
-        raise ConfigError("quant", quant.name, "at least one of quant.weights, quant.activations, quant.kv_cache",
+        raise ConfigError(f"{key}.{e.key}", e.value, f"allowed for {dtype['format']}: "
+                          f"{', '.join(map(str, e.allowed))}") from None
+    if not (quant["weights"] or quant["activations"] or quant["kv_cache"]):
+        raise ConfigError("quant", quant["name"], "at least one of quant.weights, quant.activations, quant.kv_cache",
                           problem="quantizes nothing")
 
 
 def _check_method(plain: dict) -> None:
-    """What the method and static activation scales need of the dtype and scheme."""
-    dtype, quant, method = plain["dtype"], plain["quant"], plain["method"]["name"]
-    if dtype["format"] is None:
+    """What the method and static activation scales need of each dtype the layers take, and of the scheme."""
+    quant, method = plain["quant"], plain["method"]
+    layers = [("dtype", plain["dtype"], method["name"]),
+              *((f"quant.rules[{i}].dtype", r["dtype"], r["method"] or method["name"])
+                for i, r in enumerate(quant["rules"]))]
+    layers = [(key, dtype, rounding) for key, dtype, rounding in layers if dtype["format"] is not None]
+    if not layers:
         return  # a plain cast: nothing is quantized, no method or scale applies
-    if method != "rtn" and quant["weights"] and dtype["rounding"] != "nearest":
-        raise ConfigError("dtype.rounding", dtype["rounding"], f"allowed with method={method}: nearest")
-    _check_transforms(plain["method"], quant, dtype)
-    if quant["activation_scales"] == "static":
-        if not quant["activations"]:
-            raise ConfigError("quant.activation_scales", "static", "allowed without quant.activations: dynamic "
-                              "(take quant=w_a_static)")
-        if isinstance(catalog.get_format(dtype["format"]), catalog.BlockSpec):
+    static = quant["activation_scales"] == "static"
+    if static and not quant["activations"]:
+        raise ConfigError("quant.activation_scales", "static", "allowed without quant.activations: dynamic "
+                          "(take quant=w_a_static)")
+    for key, dtype, rounding in layers:
+        if rounding != "rtn" and quant["weights"] and dtype["rounding"] != "nearest":
+            raise ConfigError(f"{key}.rounding", dtype["rounding"], f"allowed with method={rounding}: nearest")
+        _check_transforms(method, quant, dtype, key)
+        if static and isinstance(catalog.get_format(dtype["format"]), catalog.BlockSpec):
             raise ConfigError("quant.activation_scales", "static",
-                              f"allowed for {dtype['format']}: dynamic (static scales are for element formats: "
-                              "fp8, fp6, fp4, int8, int4, int3)")
-        if not dtype["symmetric"]:
-            raise ConfigError("dtype.symmetric", False, "allowed with quant.activation_scales=static: true")
+                              f"allowed for {dtype['format']} ({key}): dynamic (static scales are for element "
+                              "formats: fp8, fp6, fp4, int8, int4, int3)")
+        if static and not dtype["symmetric"]:
+            raise ConfigError(f"{key}.symmetric", False, "allowed with quant.activation_scales=static: true")
     calib, eval_text = plain["calib"], plain["eval"]["text"]
     if calib["dataset"] is None and calib["text"] not in data.BUILTIN_TEXTS and (
             calib["text"] == eval_text or Path(calib["text"]).expanduser().resolve() ==
@@ -157,7 +279,7 @@ def _check_method(plain: dict) -> None:
                           "calibrating on what is evaluated flatters the method", problem="is the eval text")
 
 
-def _check_transforms(method: dict, quant: dict, dtype: dict) -> None:
+def _check_transforms(method: dict, quant: dict, dtype: dict, key: str = "dtype") -> None:
     """Transforms that would do nothing, or undo each other, are refused with the reason."""
     scaling = method["scaling"]
     if scaling != "none" and method["rotation"] != "none":
@@ -172,11 +294,11 @@ def _check_transforms(method: dict, quant: dict, dtype: dict) -> None:
         raise ConfigError("method.scaling", "awq", f"allowed with quant={quant['name']} (weights not quantized): "
                           "none or smoothquant (AWQ chooses scales for the weights' rounding)")
     if method["clip"] and quant["weights"]:
-        for key, allowed in (("rounding", "nearest"), ("overflow", "saturate")):
-            if dtype[key] != allowed:
-                raise ConfigError(f"dtype.{key}", dtype[key], f"allowed with method.clip=true: {allowed}")
+        for knob, allowed in (("rounding", "nearest"), ("overflow", "saturate")):
+            if dtype[knob] != allowed:
+                raise ConfigError(f"{key}.{knob}", dtype[knob], f"allowed with method.clip=true: {allowed}")
         if dtype["scale_rule"] == "mse":
-            raise ConfigError("dtype.scale_rule", "mse", "allowed with method.clip=true: the format's others "
+            raise ConfigError(f"{key}.scale_rule", "mse", "allowed with method.clip=true: the format's others "
                               "(mse clips on the weights' own error; method.clip searches the output's)")
 
 
@@ -220,8 +342,9 @@ def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
 
 
 def is_baseline(cfg: DictConfig) -> bool:
-    """A cell with the choices of ``sweep.baseline`` (default: bf16 through the torch kernel on hf)."""
-    return all(cfg[section].name == str(name) for section, name in cfg.sweep.baseline.items())
+    """A cell with the choices of ``sweep.baseline`` (default: bf16 through the torch kernel on hf), and no
+    per-layer rules."""
+    return not cfg.quant.rules and all(cfg[section].name == str(name) for section, name in cfg.sweep.baseline.items())
 
 
 def ray_options(cfg: DictConfig) -> dict[str, Any]:

@@ -25,10 +25,11 @@ import math
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE
-from orchestrator import store, tracking
+from orchestrator import recipe as recipes
+from orchestrator import sensitivity, store, tracking
 from orchestrator.pairing import (MAX_FILE_BYTES, NOISE_Z, TASK_DELTA_SUFFIXES, Row, compare, describe,
                                   is_comparison_metric, notes, parse_samples, parse_windows, stored_baseline)
 
@@ -125,19 +126,40 @@ def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
 
 
 def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], latency) -> list[str]:
-    """The report's files in ``folder``; ``latency(row)`` gives a row's latency samples or None."""
+    """The report's files in ``folder``; ``latency(row)`` gives a row's latency samples or None. A sensitivity
+    sweep adds ``sensitivity.csv`` and a heatmap per baseline; a recipe's sweep, ``recipe.csv``."""
     names = ["comparison.csv"]
     columns = COLUMNS + task_columns(rows)
-    with open(folder / "comparison.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([_csv_value(r.value(c)) for c in columns] for r in rows)
+    _write_csv(folder / "comparison.csv", columns, [[r.value(c) for c in columns] for r in rows])
     figures = plots(rows, latency)
+    sections = ""
+    families = sensitivity.families(rows)
+    if families:
+        table = [line for family in families for line in sensitivity.table(family)]
+        _write_csv(folder / "sensitivity.csv", sensitivity.SENSITIVITY_COLUMNS,
+                   [[line[c] for c in sensitivity.SENSITIVITY_COLUMNS] for line in table])
+        names.append("sensitivity.csv")
+        figures.update({f"sensitivity_{_slug(f.name)}.png": _sensitivity_heatmap(f) for f in families})
+        sections += _sensitivity_html(families)
+    note = recipes.stored_note(parent.data.tags)
+    if note is not None:
+        lines = recipes.comparison(note, rows)
+        _write_csv(folder / "recipe.csv", recipes.COMPARISON_COLUMNS,
+                   [[line[c] for c in recipes.COMPARISON_COLUMNS] for line in lines])
+        names.append("recipe.csv")
+        sections += _recipe_html(note, lines)
     for name, png in figures.items():
         (folder / name).write_bytes(png)
     names += list(figures)
-    (folder / "comparison.html").write_text(_html(parent, rows, baseline, figures))
+    (folder / "comparison.html").write_text(_html(parent, rows, baseline, figures, sections))
     return names + ["comparison.html"]
+
+
+def _write_csv(path: Path, columns: Sequence[str], lines: Iterable[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([_csv_value(v) for v in line] for line in lines)
 
 
 def task_metrics(rows: list[Row]) -> list[str]:
@@ -174,6 +196,36 @@ def plots(rows: list[Row], latency) -> dict[str, bytes]:
     if samples:
         figures["latency.png"] = _latency(samples, len(shown) < len(compared))
     return figures
+
+
+def _sensitivity_heatmap(family: sensitivity.Family):
+    """Layer group x dtype: each probe's KL increase over the baseline (log colour scale), the uniform
+    points as the last row."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    groups, dtypes = family.groups, family.dtypes
+    cells = {(line["group"], line["dtype"]): line["kl_increase"] for line in sensitivity.table(family)}
+    labels = [*(g.removesuffix(".*") for g in groups), "all (uniform)"]
+    grid = [[cells.get((g, d), math.nan) for d in dtypes] for g in [*groups, "all"]]
+    positive = [v for line in grid for v in line if math.isfinite(v) and v > 0]
+    low, high = (min(positive), max(positive)) if positive else (1e-6, 1e-5)
+    fig, ax = plt.subplots(figsize=(1.6 * len(dtypes) + 4, 0.32 * len(labels) + 2), constrained_layout=True)
+    image = ax.imshow([[v if math.isfinite(v) and v > 0 else math.nan for v in line] for line in grid],
+                      cmap="magma_r", norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)), aspect="auto")
+    if len(labels) * len(dtypes) <= 400:
+        for i, line in enumerate(grid):
+            for j, v in enumerate(line):
+                shown = math.isfinite(v) and v > 0
+                dark = shown and image.norm(v) > 0.6
+                ax.text(j, i, "n/a" if not math.isfinite(v) else f"{v:.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black" if shown else "gray")
+    ax.set_xticks(range(len(dtypes)), dtypes)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) > 30 else 9)
+    ax.set_xlabel("dtype of the probed group")
+    fig.colorbar(image, ax=ax, label="KL increase over the baseline (nats/token)")
+    ax.set_title(f"Layer sensitivity: {family.name}")
+    return _png(fig)
 
 
 def _latency_rows(rows: list[Row]) -> list[Row]:
@@ -346,7 +398,7 @@ def _cell(row: Row, column: str) -> str:
 HTML_COLUMNS = tuple(c for c in COLUMNS if not c.endswith(("_stderr", "_within_noise")))
 
 
-def _html(parent, rows: list[Row], baseline: dict[str, str], figures: dict[str, bytes]) -> str:
+def _html(parent, rows: list[Row], baseline: dict[str, str], figures: dict[str, bytes], sections: str = "") -> str:
     sweep_id = parent.data.tags.get("sweep_id", "")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in HTML_COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, c))}</td>" for c in HTML_COLUMNS) + "</tr>"
@@ -369,10 +421,47 @@ windows; a perplexity delta's is paired (both runs scored the same windows), and
 {NOISE_Z} standard errors of zero.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 {tasks}
+{sections}
 {f"<h2>Notes</h2><ul>{items}</ul>" if items else ""}
 {images}
 </body></html>
 """
+
+
+def _sensitivity_html(families: list[sensitivity.Family]) -> str:
+    """Per baseline, each probe's KL increase (layer group x dtype), most sensitive first."""
+    parts = ["<h2>Layer sensitivity</h2><p>Each probe quantizes one layer group to one dtype and leaves the rest "
+             "at the baseline's; its sensitivity is its KL divergence minus the baseline's, ± the standard error of "
+             "the per-window differences. The uniform rows put every layer at the dtype. Heatmaps below; "
+             "<code>orchestrator recipe ID --budget-bits B</code> turns these into a mixed-precision recipe.</p>"]
+    head = "".join(f"<th>{c}</th>" for c in ("group", "dtype", "KL increase ± stderr", "KL", "weight SQNR min (dB)"))
+    for family in families:
+        lines = sorted(sensitivity.table(family), key=lambda line: -line["kl_increase"]
+                       if math.isfinite(line["kl_increase"]) else math.inf)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in (
+            line["group"], line["dtype"], _pm(line["kl_increase"], line["kl_increase_stderr"], "+.3g"),
+            _pm(line["kl_divergence"], line["kl_divergence_stderr"], ".3g"),
+            _fmt("layer_sqnr_db_min", line["layer_sqnr_db_min"]))) + "</tr>" for line in lines)
+        parts.append(f"<h3>{html.escape(family.name)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}"
+                     f"</tbody></table>")
+    return "".join(parts)
+
+
+def _recipe_html(note: dict, lines: list[dict]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ("configuration", "bits per weight", "KL ± stderr"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in (
+        line["configuration"], f"{line['bits_per_weight']:.4f}",
+        _pm(line["kl_divergence"], line["kl_divergence_stderr"], ".4g"))) + "</tr>" for line in lines)
+    return (f"<h2>Recipe {html.escape(note['name'])}</h2><p>From the sensitivity sweep {html.escape(note['source'])} "
+            f"within {note['budget_bits']:g} bits per weight: predicted (the baseline's KL plus each chosen group's "
+            f"measured increase) against measured, beside the uniform configurations.</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _pm(value: Optional[float], stderr: Optional[float], spec: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:{spec}}" + (f" ± {stderr:.2g}" if stderr is not None and math.isfinite(stderr) else "")
 
 
 def _tasks_html(rows: list[Row]) -> str:

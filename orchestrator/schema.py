@@ -48,6 +48,36 @@ class TrackingConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """A sensitivity sweep (orchestrator/sensitivity.py): every cell becomes its baseline (the cell as
+    given), one trial per layer group and candidate dtype with that group alone quantized to it and the
+    rest at the cell's dtype, and one per candidate with every group at it (the uniform points)."""
+    groups: str = rule("none", choices=("none", "layer", "sublayer", "block"))  # none: an ordinary sweep
+    dtypes: list[str] = rule(["int4", "mxfp4", "nvfp4", "int8"])  # conf/dtype names
+
+
+@dataclass
+class UniformPoint:
+    """A uniform configuration a recipe is held against, as its sensitivity sweep measured it."""
+    dtype: str = MISSING
+    bits: float = MISSING
+    kl_divergence: float = MISSING
+    kl_divergence_stderr: float = MISSING
+
+
+@dataclass
+class RecipeNote:
+    """What ``orchestrator recipe`` predicted for the recipe a sweep runs (a recipe file sets it)."""
+    name: str = MISSING
+    source: str = MISSING          # the sensitivity sweep's id
+    budget_bits: float = MISSING
+    bits: float = MISSING          # the recipe's bits per weight, over the layers it covers
+    predicted_kl: float = MISSING
+    predicted_kl_stderr: float = MISSING
+    uniform: list[UniformPoint] = rule([])
+
+
+@dataclass
 class SweepConfig:
     name: str = "default"  # the MLflow experiment that holds the sweep
     id: Optional[str] = None  # None: a fresh swp-xxxxxx (`orchestrator submit` picks it up front)
@@ -57,6 +87,8 @@ class SweepConfig:
     # same model, bench, eval, seed, device and GPU type as the trial. Run first.
     baseline: dict[str, str] = field(default_factory=lambda: {"dtype": "bf16", "kernel": "torch", "backend": "hf"})
     report: bool = True  # the comparison report (table and plots) on the parent run at the sweep's end
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    recipe: Optional[RecipeNote] = None
 
 
 @dataclass
@@ -97,6 +129,8 @@ def validate(cfg: DictConfig | dict, schema: type = RootConfig, prefix: str = ""
             validate(value, nested, key + ".")
             continue
         if isinstance(value, list):
+            for i, item in enumerate(value if nested is not None else ()):
+                validate(item, nested, f"{key}[{i}].")
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(key, value, "allowed: a finite number")

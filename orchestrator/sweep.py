@@ -116,6 +116,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
     if reopen is None:  # a resubmission keeps the sweep's own baseline
         tags["trials"] = str(len(trials))
         tags["baseline"] = json.dumps(dict(settings.sweep.baseline))
+        if settings.sweep.recipe is not None:  # what `orchestrator recipe` predicted, for the report
+            tags["recipe"] = json.dumps(OmegaConf.to_container(settings.sweep.recipe, resolve=True))
         _say_missing_baselines(trials, dict(settings.sweep.baseline))
     measuring = any(pairing.measures(t.spec.config) for t in trials)
     tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen,

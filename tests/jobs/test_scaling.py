@@ -26,9 +26,9 @@ def _int4(w: torch.Tensor) -> torch.Tensor:
 def test_scales_moved_without_quantizing_leave_the_logits_as_they_were(tiny_model_cfg, scaling):
     model = fp32_tiny_model()
     before = logits_of(model, TOKENS)
-    quantized = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
-    notes = scale_model(model, WINDOWS, MethodConfig(scaling=scaling), batch_size=4, seed=0, quantized=quantized,
-                        dequantize=_int4)
+    dequantizers = {n: _int4 for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    notes = scale_model(model, WINDOWS, MethodConfig(scaling=scaling), batch_size=4, seed=0,
+                        dequantizers=dequantizers)
     assert torch.allclose(logits_of(model, TOKENS), before, rtol=0, atol=1e-5 * before.abs().max())
     per_block = 5 if scaling == "smoothquant" else 7  # q k v gate up (+ o, down: AWQ's v->o and up->down)
     assert len(notes) == per_block * len(model.model.layers)
@@ -58,7 +58,7 @@ def test_awq_scales_are_never_worse_than_the_identity_on_the_inputs_themselves()
     for linear in linears:
         nn.init.normal_(linear.weight, generator=gen)
     inputs = LayerInputs(x.T @ x, tokens=x.shape[0], channel_abs_sum=x.abs().sum(dim=0))
-    scales, alpha, errors = awq_search(linears, inputs, _int4, grid=20)
+    scales, alpha, errors = awq_search([(m, _int4) for m in linears], inputs, grid=20)
     assert len(errors) == 20 and alpha > 0  # the outlier channels make a non-trivial choice
 
     def error(s):
