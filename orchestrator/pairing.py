@@ -237,6 +237,8 @@ class Row:
             return self.label
         if column == "method":
             return method_label(self.params)
+        if column == "dtype" and self.params.get("quant.rules", "[]") != "[]":
+            return f"{self.params.get('dtype.name', '')}+rules"  # per-layer dtypes: quant.rules has them
         if column in ("model", "dtype", "quant", "kernel", "backend"):
             return self.params.get(f"{column}.name", "")
         if column in ("status", "baseline", "run_id"):

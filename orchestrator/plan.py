@@ -162,7 +162,7 @@ def resolve_rules(plain: dict) -> list[dict[str, Any]]:
         if not (isinstance(match, str) and match.strip()):
             raise ConfigError(f"{key}.match", match, "allowed: a glob over layer names (*.mlp.down_proj)")
         if dtype is None:
-            dtype = {k: v for k, v in plain["dtype"].items()}
+            dtype = dict(plain["dtype"])
         elif isinstance(dtype, str):
             dtype = dtype_settings(dtype, f"{key}.dtype")
         elif not isinstance(dtype, dict):
@@ -267,8 +267,8 @@ def _check_method(plain: dict) -> None:
         _check_transforms(method, quant, dtype, key)
         if static and isinstance(catalog.get_format(dtype["format"]), catalog.BlockSpec):
             raise ConfigError("quant.activation_scales", "static",
-                              f"allowed for {dtype['format']} ({key}): dynamic (static scales are for element "
-                              "formats: fp8, fp6, fp4, int8, int4, int3)")
+                              f"allowed for {dtype['format']}{'' if key == 'dtype' else f' ({key})'}: dynamic "
+                              "(static scales are for element formats: fp8, fp6, fp4, int8, int4, int3)")
         if static and not dtype["symmetric"]:
             raise ConfigError(f"{key}.symmetric", False, "allowed with quant.activation_scales=static: true")
     calib, eval_text = plain["calib"], plain["eval"]["text"]

@@ -140,6 +140,20 @@ def solve(costs: Sequence[Sequence[float]], weights: Sequence[Sequence[int]], ca
     raise ValueError("the solver's answer exceeds the budget")
 
 
+def greedy(costs: Sequence[Sequence[float]], weights: Sequence[Sequence[int]], capacity: int) -> list[int]:
+    """What the exact solve is held against (tests, benchmarks/recipes.py): every group at its widest
+    option, then the step with the least cost per weight saved, until within ``capacity``."""
+    pick = [max(range(len(w)), key=w.__getitem__) for w in weights]
+    while sum(w[i] for w, i in zip(weights, pick)) > capacity:
+        steps = [((costs[g][j] - costs[g][pick[g]]) / (weights[g][pick[g]] - weights[g][j]), g, j)
+                 for g in range(len(costs)) for j in range(len(costs[g])) if weights[g][j] < weights[g][pick[g]]]
+        if not steps:
+            raise ValueError("infeasible")
+        _, g, j = min(steps)
+        pick[g] = j
+    return pick
+
+
 def _rule_settings(row: Row) -> dict:
     """The resolved dtype settings of a single-rule trial, from its ``quant.rules`` param (untrusted)."""
     from jobs.config import DtypeConfig

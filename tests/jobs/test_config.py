@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from jobs.config import DtypeConfig, TrialConfig, build
+from jobs.config import DtypeConfig, TrialConfig, build, layer_dtypes, layer_scheme, uses_calibration
 from orchestrator.paths import CONF_DIR
 from orchestrator.plan import trial_spec
 from tests.helpers import compose
@@ -55,3 +55,25 @@ def test_the_typed_view_leaves_the_plain_config_and_its_key_alone():
     before = (spec.trial_key, dict(spec.config))
     assert dataclasses.asdict(spec.settings.dtype) == spec.config["dtype"]
     assert (spec.trial_key, spec.config) == before
+
+
+def test_a_layer_takes_the_first_rule_that_matches_and_a_skipped_layer_none():
+    cfg = TrialConfig.from_dict(trial_spec(compose(
+        "dtype=int4", 'quant.rules=[{match:"*.mlp.down_proj",dtype:int8},{match:"model.layers.0.*",dtype:bf16,'
+                      'method:gptq}]'), []).config)
+    down, first, other = (layer_scheme(cfg, n) for n in ("model.layers.0.mlp.down_proj",
+                                                         "model.layers.0.self_attn.q_proj",
+                                                         "model.layers.1.mlp.up_proj"))
+    assert (down.dtype.name, down.rule, down.label) == ("int8", 0, "0: *.mlp.down_proj")
+    assert (first.dtype.format, first.rule, first.method) == (None, 1, "rtn")  # nothing to round: no method kept
+    assert (other.dtype.name, other.rule, other.label, other.method) == ("int4", None, "trial", "rtn")
+    assert layer_scheme(cfg, "lm_head") is None  # quant.skip_layers come before any rule
+    assert [d.name for d in layer_dtypes(cfg)] == ["int4", "int8", "bf16"]
+
+
+def test_a_rule_rounding_by_gptq_makes_the_trial_calibrate():
+    plain = trial_spec(compose("dtype=bf16", 'quant.rules=[{match:"*.mlp.*",dtype:int4,method:gptq}]'), []).config
+    cfg = TrialConfig.from_dict(plain)
+    assert uses_calibration(cfg) and "calib" in plain and plain["method"]["gptq"]["damp"] == 0.01
+    assert not uses_calibration(TrialConfig.from_dict(trial_spec(compose(
+        "dtype=bf16", 'quant.rules=[{match:"*.mlp.*",dtype:int4}]'), []).config))

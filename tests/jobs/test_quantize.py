@@ -65,3 +65,41 @@ def test_calibration_text_never_overlaps_the_eval_text(tiny_model_cfg, tmp_path)
     cfg.calib.text = str(leaky)
     with pytest.raises(ValueError, match="shares 1 of its 2 documents with the eval text"):
         calibration.calibration_windows(tokenizer, cfg.calib, cfg.eval.text, 512)
+
+
+MIXED = ("dtype=int4", 'quant.rules=[{match:"*.mlp.down_proj",dtype:int8},{match:"model.layers.0.*",dtype:bf16},'
+                       '{match:"*.self_attn.*",dtype:mxfp4}]')
+
+
+def _mixed(kernel="torch"):
+    from orchestrator.plan import trial_spec
+
+    cfg = TrialConfig.from_dict(trial_spec(compose(*MIXED, f"kernel={kernel}"), []).config)
+    model, _ = models.load_model(cfg.model, torch.device("cpu"))
+    return model, apply_dtype(model, cfg, torch.float32)
+
+
+def test_rules_quantize_each_layer_to_its_own_dtype_and_its_record_names_the_rule(tiny_model_cfg):
+    model, rows = _mixed()
+    by_layer = {r["layer"]: r for r in rows}
+    assert len(rows) == 14 and [r["layer"] for r in rows][0] == "model.layers.0.self_attn.q_proj"  # model order
+    expected = {"model.layers.0.mlp.down_proj": ("int8", "0: *.mlp.down_proj"),
+                "model.layers.0.self_attn.q_proj": ("float32", "1: model.layers.0.*"),  # kept, at the compute dtype
+                "model.layers.1.self_attn.o_proj": ("mxfp4", "2: *.self_attn.*"),
+                "model.layers.1.mlp.up_proj": ("int4", "trial")}
+    for name, (fmt, rule) in expected.items():
+        assert (by_layer[name]["format"], by_layer[name]["rule"]) == (fmt, rule)
+    assert by_layer["model.layers.0.self_attn.q_proj"]["bits_per_element"] == 32.0
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    assert model.model.layers[1].self_attn.o_proj.weight_q.spec.name == "mxfp4"
+
+
+def test_the_kernel_gate_checks_every_distinct_shape_and_format_of_a_mixed_model(tiny_model_cfg):
+    from jobs.quantize import check_kernel
+
+    model, _ = _mixed("triton")
+    checked = check_kernel(model, "triton", torch.float32)
+    # int8 down_proj 256x768, mxfp4 attention 256x256, int4 gate/up 768x256 (layer 1's): each its own case
+    assert sorted((r["shape"], r["format"]) for r in checked) == [
+        ("256x256", "mxfp4"), ("256x768", "int8"), ("768x256", "int4")]
+    assert all(r["relative_error"] <= r["tolerance"] for r in checked)

@@ -181,3 +181,44 @@ def test_calibrating_on_the_eval_text_is_refused(tmp_path):
     overrides = ["dtype=int4", "method=gptq", f"eval.text={text}", f"calib.text={text}"]
     with pytest.raises(ConfigError, match=r"calib\.text=.*mine\.txt: is the eval text; allowed: any text but"):
         trial_spec(compose(*overrides), overrides)
+
+
+def _rules(*rules: str) -> str:
+    return "quant.rules=[" + ",".join(rules) + "]"
+
+
+def test_a_rule_names_a_dtype_resolved_into_the_key_and_no_rules_keep_the_key_they_had():
+    named = trial_spec(compose("dtype=int4", _rules('{match:"*.mlp.*",dtype:int8}')), [])
+    inline = trial_spec(compose("dtype=int4", _rules('{match:"*.mlp.*",dtype:{name:int8,format:int8}}')), [])
+    assert named.config["quant"]["rules"][0]["dtype"]["format"] == "int8"
+    assert "compute_dtype" not in named.config["quant"]["rules"][0]["dtype"]  # the model computes in the trial's
+    assert named.trial_key == inline.trial_key  # the same settings, however written
+    assert named.trial_key != trial_spec(compose("dtype=int4"), []).trial_key
+    assert trial_spec(compose("dtype=int4", "quant.rules=[]"), []).trial_key == trial_spec(compose("dtype=int4"), []).trial_key
+
+
+@pytest.mark.parametrize("rules,message", [
+    ([ '{match:"*.mlp.gate",dtype:int8}'],
+     "quant.rules[0].match=*.mlp.gate: matches no quantizable layer of tiny-llama; allowed: a glob over the layer "
+     "names (model.layers.{0-1}.self_attn.q_proj, model.layers.{0-1}.self_attn.k_proj"),
+    (['{match:"*.mlp.*",dtype:int8}', '{match:"*.mlp.down_proj",dtype:int4}'],
+     "quant.rules[1].match=*.mlp.down_proj: every layer it matches is taken by an earlier rule (first match wins)"),
+    (['{match:"lm_head",dtype:int8}'], "quant.rules[0].match=lm_head: matches no quantizable layer"),
+    (['{match:"*",dtype:int5}'], "quant.rules[0].dtype=int5: invalid value; allowed: a conf/dtype name (bf16, fp16,"),
+    (['{match:"*",dtype:{name:x,format:int4,granularity:per_group,group_size:100}}'],
+     "quant.rules[0].dtype.group_size=100: invalid value; allowed for int4: 16, 32, 64, 128, 256, 512"),
+    (['{match:"*",dtype:{name:x,format:int4,colour:red}}'], "quant.rules[0].dtype.colour=?: not a dtype setting"),
+    (['{match:"*",dtype:int8,method:awq}'], "quant.rules[0].method=awq: invalid value; allowed: null, rtn, gptq"),
+    (['{match:"*",dtype:{name:x,format:int4,rounding:stochastic},method:gptq}'],
+     "quant.rules[0].dtype.rounding=stochastic: invalid value; allowed with method=gptq: nearest"),
+])
+def test_a_rule_that_takes_no_layer_or_does_not_fit_is_refused_before_submission(rules, message):
+    with pytest.raises(ConfigError) as info:
+        trial_spec(compose("dtype=int4", _rules(*rules)), [])
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_rules_format_must_take_the_schemes_static_activation_scales():
+    with pytest.raises(ConfigError, match=r"^quant.activation_scales=static: invalid value; allowed for mxfp4 "
+                                          r"\(quant.rules\[0\].dtype\): dynamic"):
+        trial_spec(compose("dtype=int8", "quant=w_a_static", _rules('{match:"*.mlp.*",dtype:mxfp4}')), [])
