@@ -64,7 +64,8 @@ def awq_search(readers: list[tuple[nn.Linear, Dequantize]], inputs: LayerInputs,
         a = step / grid
         s = mean.pow(a).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        error = sum(weighted_error(r.weight, dequantize(r.weight.float() * s) / s, hessian) for r, dequantize in readers)
+        error = sum(weighted_error(r.weight, dequantize(r.weight.float() * s) / s, hessian)
+                    for r, dequantize in readers)
         errors.append(float(error))
         candidates.append((s, a))
     best = min(range(grid), key=lambda i: errors[i])  # ties keep the identity

@@ -264,10 +264,10 @@ def report(args: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="also keep the report's files in this folder")
     opts = parser.parse_args(args)
     try:
-        rows, names = comparison.generate(uri, opts.sweep_id, opts.out)
+        rows, names, recipe_lines = comparison.generate(uri, opts.sweep_id, opts.out)
     except ConfigError as e:
         return _error(str(e))
-    comparison.print_table(rows, opts.sweep_id)
+    comparison.print_table(rows, opts.sweep_id, recipe_lines)
     where = f" and in {opts.out}" if opts.out else ""
     print(f"report: {', '.join(names)} under report/ on the sweep's run{where}")
     return 0

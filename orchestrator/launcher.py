@@ -72,7 +72,8 @@ class RayTrialsLauncher(Launcher):
         assert self.hydra_context is not None and self.config is not None
         cells = self._compose(job_overrides)
         settings = plan.sweep_settings(cells)
-        trials = [plan.planned_trial(cell, overrides) for cell, overrides in zip(*sensitivity.expand(cells, job_overrides))]
+        expanded = sensitivity.expand(cells, job_overrides)  # a sensitivity sweep's probes: cells of their own
+        trials = [plan.planned_trial(cell, overrides) for cell, overrides in zip(*expanded)]
         if self.plan_only:
             plan.print_plan(trials)
             return []

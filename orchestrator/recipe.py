@@ -33,8 +33,9 @@ import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+from jobs.spec import EVAL_WINDOWS_FILE
 from orchestrator import sensitivity, store
 from orchestrator.errors import ConfigError
 from orchestrator.pairing import MAX_FILE_BYTES, Row
@@ -185,7 +186,9 @@ def make(client, parent, rows: list[Row], budget_bits: float, name: str, family_
                           problem=f"its baseline {base.label} is {base.status}")
     layers: dict[str, dict[str, tuple[int, int]]] = {}
     for dtype, row in family.uniform.items():
-        text = store.download_text(client, row.run_id, LAYERS_FILE, MAX_FILE_BYTES) if row.status == "FINISHED" else None
+        if row.status != "FINISHED":
+            continue
+        text = store.download_text(client, row.run_id, LAYERS_FILE, MAX_FILE_BYTES)
         if text is not None:
             try:
                 layers[dtype] = parse_layers(text)
@@ -193,8 +196,8 @@ def make(client, parent, rows: list[Row], budget_bits: float, name: str, family_
                 raise ConfigError(f"{LAYERS_FILE} of run {row.run_id}", "?", "the table this project stores",
                                   problem=str(e)) from None
     if not layers:
-        raise ConfigError("sweep", parent.data.tags.get("sweep_id"), "a sensitivity sweep with a finished uniform point "
-                          "(probe=all:<dtype>), whose layers give each dtype's bits", problem="has none")
+        raise ConfigError("sweep", parent.data.tags.get("sweep_id"), "a sensitivity sweep with a finished uniform "
+                          "point (probe=all:<dtype>), whose layers give each dtype's bits", problem="has none")
     names = next(iter(layers.values()))
     base_bits = _baseline_bits(client, base, names)
     windows = base.windows.get("kl_divergence", [])
@@ -235,9 +238,12 @@ def make(client, parent, rows: list[Row], budget_bits: float, name: str, family_
     for _, option in chosen:
         if option.probe is not None:
             probe_windows = option.probe.windows.get("kl_divergence", [])
-            per_window = ([x + p - b for x, p, b in zip(per_window, probe_windows, windows)]
-                          if len(probe_windows) == len(windows) else [])
-    stderr = statistics.stdev(per_window) / math.sqrt(len(per_window)) if len(per_window) > 1 else math.nan
+            if len(probe_windows) != len(windows) or len(windows) < 2:
+                raise ConfigError(f"{EVAL_WINDOWS_FILE} of run {option.probe.run_id}", len(probe_windows),
+                                  f"the {len(windows)} windows its baseline scored (at least 2)",
+                                  problem="the prediction's standard error needs them")
+            per_window = [x + p - b for x, p, b in zip(per_window, probe_windows, windows)]
+    stderr = statistics.stdev(per_window) / math.sqrt(len(per_window)) if len(per_window) > 1 else 0.0
     uniform = [_point(base.params.get("dtype.name", "baseline"), base, sum(base_bits.values()) / elements)]
     uniform += [_point(d, r, r.metrics.get("bits_per_element", math.nan)) for d, r in sorted(family.uniform.items())
                 if r.status == "FINISHED"]
@@ -271,38 +277,44 @@ def _baseline_bits(client, base: Row, names: dict[str, tuple[int, int]]) -> dict
     return {n: 8 * b for n, (_, b) in stored.items()}
 
 
-def _base_config(client, base: Row) -> dict:
-    """The baseline trial's stored config, checked as ``resubmit`` checks one (sections, plain data, key)."""
+def _trial_config(client, row: Row) -> dict:
+    """A trial's stored config, checked as ``resubmit`` checks one (sections, plain data, its key)."""
     from orchestrator import plan, resubmit
 
-    config = resubmit._check_sections(resubmit._stored_config(client, base.run_id), f"baseline run {base.run_id}")
-    if plan.trial_key(config) != base.key:
-        raise ConfigError(f"config.yaml of the baseline run {base.run_id}", base.key, "the config its key was made of",
+    config = resubmit._check_sections(resubmit._stored_config(client, row.run_id), f"run {row.run_id}")
+    if plan.trial_key(config) != row.key:
+        raise ConfigError(f"config.yaml of run {row.run_id}", row.key, "the config its key was made of",
                           problem="stored config and key disagree")
     return config
 
 
 def _base_dtype(client, base: Row) -> dict:
-    return {k: v for k, v in _base_config(client, base)["dtype"].items() if k != "compute_dtype"}
+    return {k: v for k, v in _trial_config(client, base)["dtype"].items() if k != "compute_dtype"}
 
 
 def experiment_yaml(client, recipe: Recipe, sweep_name: str) -> str:
-    """The recipe as an experiment file: the baseline's config with one rule per group, and the prediction."""
+    """The recipe as an experiment file: the baseline's config with one rule per group, the probes' method
+    and calibration (a plain-cast baseline keeps neither), and the prediction."""
     import yaml
 
     from orchestrator import resubmit
 
-    config = _base_config(client, recipe.family.base)
+    config = _trial_config(client, recipe.family.base)
     resubmit._ModelSources(set()).check(config["model"], f"the baseline of {recipe.source}")
     config["quant"] = {**config["quant"], "rules": recipe.rules()}
-    config.setdefault("method", {"name": "rtn"})
+    probe = next((o.probe for _, o in recipe.groups if o.probe is not None), None)
+    if probe is not None:  # the groups are rounded as their probes were
+        probed = _trial_config(client, probe)
+        config["method"] = probed["method"]
+        if "calib" in probed:
+            config["calib"] = probed["calib"]
     body = {**config, "sweep": {"name": sweep_name, "recipe": recipe.note()}}
     lines = [
         "# @package _global_",
         f"# Recipe {recipe.name}: per layer group, the dtype that least raises the KL divergence measured by the",
         f"# sensitivity sweep {recipe.source} ({recipe.family.name}), within {recipe.budget_bits:g} bits per weight.",
-        f"# {recipe.bits:.4f} bits per weight; predicted KL {recipe.predicted_kl:.4g} +- {recipe.predicted_kl_stderr:.2g}"
-        " (the baseline's plus each chosen group's increase).",
+        f"# {recipe.bits:.4f} bits per weight; predicted KL {recipe.predicted_kl:.4g} +- "
+        f"{recipe.predicted_kl_stderr:.2g} (the baseline's plus each chosen group's increase).",
         f"# Run it:  orchestrator run -cd <the folder above experiment/> experiment={recipe.name}",
     ]
     return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)

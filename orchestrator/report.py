@@ -76,9 +76,10 @@ def record_deltas(client, rows: Iterable[Row]) -> None:
         client.log_batch(row.run_id, metrics=[Metric(k, v, now, 0) for k, v in row.deltas.items()], tags=tags)
 
 
-def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[list[Row], list[str]]:
+def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[list[Row], list[str], list[dict]]:
     """Compare, record the deltas on the trial runs and the report on the parent run (``report/``),
-    and keep a copy in ``out_dir`` if given. Returns the rows and the report's file names."""
+    and keep a copy in ``out_dir`` if given. Returns the rows, the report's file names and, for a
+    recipe's sweep, its predicted-against-measured lines (``recipe.comparison``)."""
     from orchestrator import sweep_state
 
     client, parent = sweep_state.open_sweep(uri, sweep_id)
@@ -89,7 +90,8 @@ def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[l
         folder.mkdir(parents=True, exist_ok=True)
         names = write(folder, parent, rows, baseline, lambda row: _latency_samples(client, row))
         client.log_artifacts(parent.info.run_id, str(folder), "report")
-    return rows, names
+    note = recipes.stored_note(parent.data.tags)
+    return rows, names, [] if note is None else recipes.comparison(note, rows)
 
 
 def _load_examples(client, row: Row) -> None:
@@ -498,7 +500,7 @@ def _terminal_delta(row: Row) -> str:
     return f"{noise}{delta:+.2g}±{stderr:.1g}"
 
 
-def print_table(rows: list[Row], sweep_id: str) -> None:
+def print_table(rows: list[Row], sweep_id: str, recipe_lines: Sequence[dict] = ()) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -523,5 +525,8 @@ def print_table(rows: list[Row], sweep_id: str) -> None:
     if any(r.value("perplexity_delta_stderr") is not None for r in rows):
         console.print(f"Δ ppl ± its paired standard error; ~ marks a delta within {NOISE_Z} of them (noise)",
                       highlight=False)
+    for line in recipe_lines:  # a recipe's sweep: predicted against measured, beside the uniform points
+        console.print(f"{line['configuration']}: {line['bits_per_weight']:.3f} bits per weight, KL "
+                      f"{_pm(line['kl_divergence'], line['kl_divergence_stderr'], '.3g')}", highlight=False)
     for note in notes(rows):
         console.print(f"note: {note}", highlight=False)

@@ -254,9 +254,9 @@ def _report(uri: str, sweep_id: str) -> None:
     """The comparison report on the parent run. The results are recorded by now: a report that
     fails or is interrupted loses none of them, and `orchestrator report` makes it again."""
     try:
-        rows, names = report.generate(uri, sweep_id)
+        rows, names, recipe_lines = report.generate(uri, sweep_id)
         if len(rows) <= REPORT_TABLE_MAX_ROWS:
-            report.print_table(rows, sweep_id)
+            report.print_table(rows, sweep_id, recipe_lines)
         print(f"report: {', '.join(names)} under report/ on the sweep's run", flush=True)
     except (Exception, KeyboardInterrupt) as error:
         print(f"report: not made ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}); "

@@ -194,7 +194,8 @@ def test_a_rule_names_a_dtype_resolved_into_the_key_and_no_rules_keep_the_key_th
     assert "compute_dtype" not in named.config["quant"]["rules"][0]["dtype"]  # the model computes in the trial's
     assert named.trial_key == inline.trial_key  # the same settings, however written
     assert named.trial_key != trial_spec(compose("dtype=int4"), []).trial_key
-    assert trial_spec(compose("dtype=int4", "quant.rules=[]"), []).trial_key == trial_spec(compose("dtype=int4"), []).trial_key
+    no_rules = trial_spec(compose("dtype=int4", "quant.rules=[]"), [])
+    assert no_rules.trial_key == trial_spec(compose("dtype=int4"), []).trial_key
 
 
 @pytest.mark.parametrize("rules,message", [

@@ -9,7 +9,6 @@ import random
 from fractions import Fraction
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from orchestrator import recipe
 from orchestrator.errors import ConfigError
@@ -18,7 +17,8 @@ from tests.helpers import SUMMARY, sweep_runs
 
 def _brute_force(costs, weights, capacity):
     """The least summed cost of every combination within ``capacity`` (None if none fits)."""
-    feasible = [(sum(c[i] for c, i in zip(costs, pick)), pick) for pick in itertools.product(*(range(len(c)) for c in costs))
+    picks = itertools.product(*(range(len(c)) for c in costs))
+    feasible = [(sum(c[i] for c, i in zip(costs, pick)), pick) for pick in picks
                 if sum(w[i] for w, i in zip(weights, pick)) <= capacity]
     return min(feasible)[0] if feasible else None
 
@@ -86,7 +86,8 @@ def test_a_sensitivity_sweep_gives_a_recipe_within_budget_that_runs_beside_the_u
         ("model.layers.0.*", "int4"), ("model.layers.0.*", "int8"), ("model.layers.1.*", "int4"),
         ("model.layers.1.*", "int8"), ("all", "int4"), ("all", "int8")]
     increase = {(r["group"], r["dtype"]): float(r["kl_increase"]) for r in table}
-    assert increase[("all", "int4")] > max(increase[("model.layers.0.*", "int4")], increase[("model.layers.1.*", "int4")])
+    blocks = ("model.layers.0.*", "model.layers.1.*")
+    assert increase[("all", "int4")] > max(increase[(block, "int4")] for block in blocks)
     assert all(float(r["kl_increase_stderr"]) > 0 for r in table)
 
     proc = run_cli("recipe", sweep_id, "--budget-bits", "4")  # below every layer at int4: nothing written
@@ -100,11 +101,12 @@ def test_a_sensitivity_sweep_gives_a_recipe_within_budget_that_runs_beside_the_u
     assert logged == {f"recipes/{sweep_id}-6.5bits.yaml", f"recipes/{sweep_id}-6.5bits.json"}
     choices = json.loads(_artifact(client, parent.info.run_id, f"recipes/{sweep_id}-6.5bits.json", tmp_path))
     assert sorted(c["dtype"] for c in choices["choices"]) == ["int4", "int8"]  # the int8 block is the more sensitive
-    sensitive = max(("model.layers.0.*", "model.layers.1.*"), key=lambda g: increase[(g, "int4")] - increase[(g, "int8")])
+    sensitive = max(blocks, key=lambda block: increase[(block, "int4")] - increase[(block, "int8")])
     assert {c["group"]: c["dtype"] for c in choices["choices"]}[sensitive] == "int8"
 
     proc = run_cli("run", "-cd", "recipes", f"experiment={sweep_id}-6.5bits")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"recipe {sweep_id}-6.5bits: predicted:" in proc.stdout  # beside the table, at the sweep's end
     runs = client.search_runs([parent.info.experiment_id])
     trial = next(r for r in runs if r.data.tags.get("kind") == "trial" and r.data.tags["sweep_id"] != sweep_id)
     layers = list(csv.DictReader(io.StringIO(_artifact(client, trial.info.run_id, "layers.csv", tmp_path))))
@@ -115,7 +117,8 @@ def test_a_sensitivity_sweep_gives_a_recipe_within_budget_that_runs_beside_the_u
     assert trial.data.metrics["bits_per_element"] == pytest.approx(float(bits), rel=1e-12)
 
     recipe_parent = next(r for r in runs if r.data.tags.get("kind") == "sweep" and r.data.tags["sweep_id"] != sweep_id)
-    lines = list(csv.DictReader(io.StringIO(_artifact(client, recipe_parent.info.run_id, "report/recipe.csv", tmp_path))))
+    text = _artifact(client, recipe_parent.info.run_id, "report/recipe.csv", tmp_path)
+    lines = list(csv.DictReader(io.StringIO(text)))
     assert [line["configuration"].split(" (")[0] for line in lines] == [
         f"recipe {sweep_id}-6.5bits: predicted", f"recipe {sweep_id}-6.5bits: measured", "uniform int4",
         "uniform int8", "uniform bf16"]

@@ -91,7 +91,7 @@ def sweep_store(tmp_path):
 
 def test_each_trial_gets_its_own_baselines_speedups_and_deltas_logged_on_its_run(sweep_store, tmp_path):
     uri, client, parent_id, ids = sweep_store
-    rows, names = report.generate(uri, SWEEP, tmp_path / "out")
+    rows, names, _ = report.generate(uri, SWEEP, tmp_path / "out")
     assert len(rows) == 7  # one row per trial key: the failed first attempt of int4 is not one
 
     int4 = client.get_run(ids["int4"]).data

@@ -17,9 +17,9 @@ NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "
 
 @pytest.mark.parametrize("by,expected", [
     ("layer", [(n, n) for n in NAMES]),
-    ("sublayer", [("model.layers.0.self_attn", "model.layers.0.self_attn.*"), ("model.layers.0.mlp", "model.layers.0.mlp.*"),
-                  ("model.layers.10.mlp", "model.layers.10.mlp.*"), ("model.layers.1.fc1", "model.layers.1.fc1"),
-                  ("lm_head", "lm_head")]),
+    ("sublayer", [("model.layers.0.self_attn", "model.layers.0.self_attn.*"),
+                  ("model.layers.0.mlp", "model.layers.0.mlp.*"), ("model.layers.10.mlp", "model.layers.10.mlp.*"),
+                  ("model.layers.1.fc1", "model.layers.1.fc1"), ("lm_head", "lm_head")]),
     ("block", [("model.layers.0", "model.layers.0.*"), ("model.layers.10", "model.layers.10.*"),
                ("model.layers.1", "model.layers.1.*"), ("lm_head", "lm_head")]),
 ])
