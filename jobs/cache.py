@@ -17,6 +17,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("QUANTSWEEP_CACHE", Path.home() / ".cache" / "quantsweep")).expanduser()
 
 
+def built_model_dir(build) -> Path:
+    """Where the tiny model of ``build`` (a ``TinyModelBuild``) is saved on this node."""
+    import dataclasses
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(build), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"tiny-llama-{digest}"
+
+
 def node_identity(device) -> dict[str, str]:
     """What moves the last bits of anything computed here: the hardware and the library versions."""
     import torch

@@ -9,7 +9,6 @@ briefly, saved under the cache directory and reused). Every source ends in the s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -20,17 +19,12 @@ from pathlib import Path
 import torch
 
 from jobs import data
-from jobs.cache import build_once, cache_root
+from jobs.cache import build_once, built_model_dir
 from jobs.config import ModelConfig, TinyModelBuild
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>"]
-
-
-def built_model_dir(build: TinyModelBuild) -> Path:
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(build), sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root() / "models" / f"tiny-llama-{digest}"
 
 
 def resolve_model_path(model_cfg: ModelConfig) -> str:

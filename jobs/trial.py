@@ -17,8 +17,8 @@ import traceback
 
 import torch
 
-from jobs import (bench, calibration, capability, environment, evaluate, models, quantized_cache, reference, tasks,
-                  vllm_backend)
+from jobs import (bench, calibration, capability, environment, evaluate, models, peaks, perf_model, quantized_cache,
+                  reference, tasks, vllm_backend)
 from jobs.cache import build_once
 from jobs.config import TrialConfig, layer_dtypes, uses_calibration
 from jobs.quantize import QuantizedLayers, apply_dtype, check_kernel, weight_bytes
@@ -169,6 +169,31 @@ def _quantize(model, tokenizer, cfg: TrialConfig, compute_dtype: torch.dtype, de
     return layers
 
 
+def _roofline(model_config, cfg: TrialConfig, device: torch.device, result: TrialResult) -> None:
+    """The bench's prefill and decode step against this node's measured peaks (jobs/peaks.py): their
+    bytes and FLOPs (jobs/perf_model.py), the time the roofline allows, which bound applies, and what
+    fraction of the bandwidth and of the compute peak the measured times reached."""
+    shape = perf_model.ModelShape.from_config(model_config.to_dict())
+    node, record = peaks.node_peaks(device)
+    result.artifacts["peaks.json"] = json.dumps(record, indent=2)
+    fallback = perf_model.PRECISION[perf_model.compute_dtype(cfg)]
+    metrics = result.metrics
+    metrics["peak_bandwidth_bytes_per_s"] = node.bandwidth
+    metrics.update({f"peak_flops_per_s_{p}": f for p, f in node.flops.items()})
+    for phase, cost in zip(("prefill", "decode"), perf_model.trial_costs(cfg, shape)):
+        measured = metrics[f"{phase}_latency_p50_ms"] / 1e3
+        predicted = perf_model.roofline(cost, node, fallback)
+        metrics.update(cost.metrics(phase))
+        metrics[f"{phase}_predicted_ms"] = predicted.seconds * 1e3
+        metrics[f"{phase}_roofline_fraction"] = predicted.seconds / measured
+        metrics[f"{phase}_bandwidth_fraction"] = predicted.memory_s / measured
+        metrics[f"{phase}_flops_fraction"] = predicted.compute_s / measured
+        result.env[f"{phase}_bound"] = predicted.bound
+    log.info("roofline: prefill %.3g ms predicted (%s-bound), %.3g measured; decode %.3g ms (%s-bound), %.3g",
+             metrics["prefill_predicted_ms"], result.env["prefill_bound"], metrics["prefill_latency_p50_ms"],
+             metrics["decode_predicted_ms"], result.env["decode_bound"], metrics["decode_latency_p50_ms"])
+
+
 def _run_hf(model, tokenizer, cfg: TrialConfig, windows: torch.Tensor, ref: reference.Reference, device: torch.device,
             result: TrialResult) -> None:
     compute = cfg.dtype.compute_dtype
@@ -185,6 +210,7 @@ def _run_hf(model, tokenizer, cfg: TrialConfig, windows: torch.Tensor, ref: refe
     log.info("benchmark: %s", cfg.bench)
     timing, samples = bench.benchmark(model, cfg.bench, device, cfg.seed)
     result.metrics.update(timing)
+    _roofline(model.config, cfg, device, result)
     result.artifacts["latency_ms.json"] = json.dumps(samples)
 
     log.info("evaluate: %s", cfg.eval)

@@ -155,6 +155,27 @@ def check_knobs(fmt: str, granularity: str = "per_channel", group_size: int = 12
     return spec
 
 
+PACKING = {8: (1, 1), 6: (4, 3), 4: (2, 1), 3: (8, 3)}  # code bits -> (codes, bytes) per packing unit
+
+
+def storage_bytes(fmt: str, shape: tuple[int, ...], granularity: Optional[str] = None, group_size: int = 128,
+                  symmetric: bool = True) -> int:
+    """Bytes a tensor of ``shape`` takes in the format, as ``kernels.formats`` stores it: packed codes, one
+    scale per block (fp32 for element formats, one byte for MX and NVFP4, plus NVFP4's fp32 tensor
+    scale) and, when asymmetric, a one-byte zero point per block. Torch-free, for the cost model."""
+    spec = get_format(fmt)
+    numel = math.prod(shape)
+    if isinstance(spec, BlockSpec):
+        block = spec.block
+    else:
+        block = {"per_tensor": numel, "per_channel": shape[-1]}.get(granularity or "per_channel", group_size)
+    per_unit, unit_bytes = PACKING[spec.bits]
+    blocks = numel // block
+    scale_bytes = (1 if isinstance(spec, BlockSpec) else 4) * blocks
+    tensor_scale = 4 if isinstance(spec, BlockSpec) and spec.scale == "e4m3" else 0
+    return -(-numel // per_unit) * unit_bytes + scale_bytes + tensor_scale + (0 if symmetric else blocks)
+
+
 def default_scale_rules(spec: Format) -> tuple[str, ...]:
     """The scale rules a format allows, the default first."""
     if isinstance(spec, BlockSpec):
