@@ -32,6 +32,7 @@ from jobs.config import DtypeConfig, ModelConfig, TrialConfig, layer_scheme
 from kernels.catalog import BlockSpec, get_format, storage_bytes
 
 WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "fp6", "fp4")
 PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # A quantized format's matmul precision where weights and inputs are both in it.
 COMPUTE_TYPES = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "mxfp8_e4m3": "fp8", "mxfp8_e5m2": "fp8", "int8": "int8",
@@ -108,6 +109,14 @@ class Cost:
 
     def metrics(self, phase: str) -> dict[str, float]:
         return {f"{phase}_bytes": self.bytes, **{f"{phase}_flops_{p}": f for p, f in self.flops.items()}}
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float], phase: str) -> Optional["Cost"]:
+        """The cost a trial logged for ``phase`` (:meth:`metrics`), or None if it logged none."""
+        if f"{phase}_bytes" not in metrics:
+            return None
+        return cls(metrics[f"{phase}_bytes"], {p: metrics[f"{phase}_flops_{p}"] for p in PRECISIONS
+                                               if f"{phase}_flops_{p}" in metrics})
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,34 @@ ACCELERATORS = (
 )
 
 
+WHATIF_COLUMNS = ("trial", "accelerator", "prefill_tokens_per_s", "prefill_bound", "decode_tokens_per_s",
+                  "decode_bound", "emulated")
+
+
+def whatif(label: str, params: dict[str, str], metrics: dict[str, float]) -> list[dict]:
+    """A trial's bench predicted on every accelerator from the costs it logged: prefill and decode tokens/s,
+    the bound, and whether a format in it is not native there (computed dequantized, at the compute dtype's
+    rate). Empty for a trial that logged no costs."""
+    from jobs.perf_model import PRECISION, Cost, roofline
+
+    prefill, decode = Cost.from_metrics(metrics, "prefill"), Cost.from_metrics(metrics, "decode")
+    compute = params.get("dtype.compute_dtype", "auto")
+    fallback = PRECISION.get(params.get("model.dtype", "") if compute == "auto" else compute)
+    try:
+        batch, prompt = int(params["bench.batch_size"]), int(params["bench.prompt_len"])
+    except (KeyError, ValueError):
+        return []
+    if prefill is None or decode is None or fallback is None:
+        return []
+    out = []
+    for acc in ACCELERATORS:
+        first, step = roofline(prefill, acc.peaks(), fallback), roofline(decode, acc.peaks(), fallback)
+        out.append({"trial": label, "accelerator": acc.name, "prefill_tokens_per_s": batch * prompt / first.seconds,
+                    "prefill_bound": first.bound, "decode_tokens_per_s": batch / step.seconds,
+                    "decode_bound": step.bound, "emulated": first.emulated or step.emulated})
+    return out
+
+
 def by_name(name: str) -> Accelerator:
     """The accelerator a name (or Ray accelerator type: H100, A100, ...) means; KeyError if none."""
     for acc in ACCELERATORS:

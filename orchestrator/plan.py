@@ -372,11 +372,46 @@ def planned_trial(cfg: DictConfig, overrides: Sequence[str]) -> PlannedTrial:
 
 
 def print_plan(trials: Sequence) -> None:
-    """One line per planned trial: key, overrides, what it asks of the cluster."""
+    """One line per planned trial: key, overrides, what it asks of the cluster, and the device time its
+    bench and eval need by the roofline; then the sweep's total in GPU-hours."""
     keys = {t.spec.trial_key for t in trials}
     print(f"{len(trials)} cells, {len(keys)} distinct trials, all valid:")
+    total, unknown = 0.0, 0
     for t in trials:
         asks = ", ".join(f"{k}={v}" for k, v in t.ray_options.items())
-        print(f"  {t.spec.trial_key}  {' '.join(t.spec.overrides) or '(defaults)'}  [{asks}]"
+        seconds, where = predicted_device_seconds(t.spec.settings)
+        if seconds is None:
+            unknown += 1
+        else:
+            total += seconds * max(1.0, t.ray_options["num_gpus"])
+        when = "device time: n/a (no model config here)" if seconds is None else f"~{seconds:.3g} s on {where}"
+        print(f"  {t.spec.trial_key}  {' '.join(t.spec.overrides) or '(defaults)'}  [{asks}]  {when}"
               f"{'  baseline' if t.baseline else ''}")
+    print(f"predicted device time: {total / 3600:.3g} GPU-hours for {len(trials) - unknown} cells (the roofline of "
+          f"each cell's bench and eval on its accelerator type, or an H100-SXM; loading, quantizing and host "
+          f"overheads come on top){f'; {unknown} cells without a model config here' if unknown else ''}")
+
+
+def predicted_device_seconds(cfg: TrialConfig) -> tuple[Optional[float], str]:
+    """(the roofline's device time for the trial's bench and eval, on which accelerator), or (None, ...)
+    where the model's config is not readable here."""
+    from jobs.perf_model import device_seconds
+    from orchestrator import accelerators
+
+    try:
+        accelerator = accelerators.by_name(cfg.resources.accelerator_type or "H100-SXM")
+    except KeyError:
+        accelerator = accelerators.by_name("H100-SXM")
+    shape = _shape(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
+    if shape is None or cfg.backend.name == "noop":
+        return (0.0 if cfg.backend.name == "noop" else None), accelerator.name
+    return device_seconds(cfg, shape, accelerator.peaks()), accelerator.name
+
+
+@functools.cache
+def _shape(model_json: str):
+    from jobs.config import ModelConfig
+    from jobs.perf_model import model_shape
+
+    return model_shape(build_schema(ModelConfig, json.loads(model_json)))
 

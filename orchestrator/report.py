@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE
+from orchestrator import accelerators
 from orchestrator import recipe as recipes
 from orchestrator import sensitivity, store, tracking
 from orchestrator.pairing import (MAX_FILE_BYTES, NOISE_Z, TASK_DELTA_SUFFIXES, Row, compare, describe,
@@ -143,6 +144,13 @@ def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], laten
         names.append("sensitivity.csv")
         figures.update({f"sensitivity_{_slug(f.name)}.png": _sensitivity_heatmap(f) for f in families})
         sections += _sensitivity_html(families)
+    predicted = [line for r in rows if r.status == "FINISHED"
+                 for line in accelerators.whatif(r.label, r.params, r.metrics)]
+    if predicted:
+        _write_csv(folder / "whatif.csv", accelerators.WHATIF_COLUMNS,
+                   [[line[c] for c in accelerators.WHATIF_COLUMNS] for line in predicted])
+        names.append("whatif.csv")
+        sections += _whatif_html(predicted)
     note = recipes.stored_note(parent.data.tags)
     if note is not None:
         lines = recipes.comparison(note, rows)
@@ -193,11 +201,40 @@ def plots(rows: list[Row], latency) -> dict[str, bytes]:
         figures[f"pareto_{_slug(model)}.png"] = _pareto(model, [r for r in compared if r.params.get("model.name") == model])
     if any("speedup_decode" in r.deltas for r in compared):
         figures["speedup_heatmap.png"] = _heatmap(compared)
+    if any("decode_predicted_ms" in r.metrics for r in compared):
+        figures["roofline.png"] = _roofline(compared)
     shown = _latency_rows(compared)
     samples = [(r, s) for r in shown if (s := latency(r))]
     if samples:
         figures["latency.png"] = _latency(samples, len(shown) < len(compared))
     return figures
+
+
+def _roofline(rows: list[Row]):
+    """Measured against roofline-predicted time, per trial, for the prefill and a decode step."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        shown = [r for r in rows if f"{phase}_predicted_ms" in r.metrics]
+        for bound, marker in (("memory", "o"), ("compute", "s")):
+            points = [(r.metrics[f"{phase}_predicted_ms"], r.metrics[f"{phase}_latency_p50_ms"], r) for r in shown
+                      if r.tags.get(f"{phase}_bound") == bound]
+            ax.scatter([p for p, _, _ in points], [m for _, m, _ in points], marker=marker, s=50, edgecolor="black",
+                       label=f"{bound}-bound")
+            for p, m, r in points:
+                ax.annotate(_label(r), (p, m), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        values = [r.metrics[f"{phase}_{m}_ms"] for r in shown for m in ("predicted", "latency_p50")]
+        if values:
+            low, high = min(values) / 1.5, max(values) * 1.5
+            ax.plot([low, high], [low, high], color="gray", linestyle="--", label="measured = predicted")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{phase}: roofline-predicted ms (this node's measured peaks)")
+        ax.set_ylabel(f"{phase}: measured ms (median)")
+        ax.legend(fontsize=8)
+    fig.suptitle("Measured against predicted: above the line, short of the roofline")
+    return _png(fig)
 
 
 def _sensitivity_heatmap(family: sensitivity.Family):
@@ -458,6 +495,20 @@ def _recipe_html(note: dict, lines: list[dict]) -> str:
             f"within {note['budget_bits']:g} bits per weight: predicted (the baseline's KL plus each chosen group's "
             f"measured increase) against measured, beside the uniform configurations.</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _whatif_html(lines: list[dict]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ("trial", "accelerator", "prefill tokens/s", "decode tokens/s"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in (
+        line["trial"], line["accelerator"] + (" (emulated)" if line["emulated"] else ""),
+        f"{line['prefill_tokens_per_s']:.4g} ({line['prefill_bound']})",
+        f"{line['decode_tokens_per_s']:.4g} ({line['decode_bound']})")) + "</tr>" for line in lines)
+    sources = "".join(f"<li>{html.escape(a.name)}: {html.escape(a.source)}</li>" for a in accelerators.ACCELERATORS)
+    return (f"<h2>What if: the same bench on other accelerators</h2><p>Each trial's logged bytes and FLOPs at each "
+            f"accelerator's datasheet bandwidth and dense peaks (the roofline: no kernel reaches it); the bound in "
+            f"brackets. <em>emulated</em>: a format the accelerator does not compute, run dequantized at the compute "
+            f"dtype's rate.</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            f"<p>Sources:</p><ul>{sources}</ul>")
 
 
 def _pm(value: Optional[float], stderr: Optional[float], spec: str) -> str:

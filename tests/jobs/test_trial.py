@@ -208,3 +208,19 @@ def test_a_transformed_model_is_stored_and_reused_whole(tiny_model_cfg, method):
     if "method.scaling=awq" in method:  # the layer record says what each transform chose
         header = first.artifacts["layers.csv"].splitlines()[0].split(",")
         assert {"awq_alpha", "awq_gain", "clip_ratio_mean"} <= set(header)
+
+
+def test_every_trial_is_held_against_the_roofline_of_this_nodes_measured_peaks(results):
+    import json
+
+    for name, r in results.items():
+        m = r.metrics
+        for phase in ("prefill", "decode"):
+            assert 0 < m[f"{phase}_bandwidth_fraction"] <= 1 and 0 < m[f"{phase}_flops_fraction"] <= 1, (name, m)
+            assert r.env[f"{phase}_bound"] in ("memory", "compute")
+            fractions = (m[f"{phase}_bandwidth_fraction"], m[f"{phase}_flops_fraction"])
+            assert m[f"{phase}_roofline_fraction"] == max(fractions)
+        peaks = json.loads(r.artifacts["peaks.json"])
+        assert peaks["bandwidth_bytes_per_s"] > 0 and {"fp32", "bf16"} <= set(peaks["flops_per_s"]) and peaks["how"]
+    decode = {d: r.metrics["decode_bytes"] for d, r in results.items()}
+    assert decode["int4"] < decode["int8"] < decode["bf16"]  # weights at their stored size

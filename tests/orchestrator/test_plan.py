@@ -223,3 +223,25 @@ def test_a_rules_format_must_take_the_schemes_static_activation_scales():
     with pytest.raises(ConfigError, match=r"^quant.activation_scales=static: invalid value; allowed for mxfp4 "
                                           r"\(quant.rules\[0\].dtype\): dynamic"):
         trial_spec(compose("dtype=int8", "quant=w_a_static", _rules('{match:"*.mlp.*",dtype:mxfp4}')), [])
+
+
+def test_the_plan_prints_each_cells_device_time_and_the_sweeps_gpu_hours(tmp_path, capsys):
+    import json
+
+    from jobs.perf_model import ModelShape, device_seconds
+    from orchestrator import accelerators, plan
+
+    config = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 128256, "model_type": "llama"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cells = [("model=llama-3.1-8b", "model.source=path", f"model.path={tmp_path}", f"dtype={d}", "resources.num_gpus=1",
+              "resources.accelerator_type=H200") for d in ("bf16", "int4")]
+    trials = [plan.planned_trial(compose(*c), c) for c in cells]
+    plan.print_plan(trials)
+    out = capsys.readouterr().out
+    seconds = [device_seconds(t.spec.settings, ModelShape.from_config(config), accelerators.by_name("H200").peaks())
+               for t in trials]
+    assert seconds[1] < seconds[0]  # int4 weights move a quarter of the bytes at decode
+    for s in seconds:
+        assert f"~{s:.3g} s on H200-SXM" in out
+    assert f"predicted device time: {sum(seconds) / 3600:.3g} GPU-hours for 2 cells" in out

@@ -51,7 +51,10 @@ def test_smoke_sweep_records_one_parent_and_three_finished_children(run_cli, tmp
         assert speedup == run.data.metrics["decode_tokens_per_s"] / base.data.metrics["decode_tokens_per_s"]
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/comparison.csv", "report/comparison.html", "report/pareto_tiny-llama.png",
-            "report/speedup_heatmap.png", "report/latency.png"} <= report
+            "report/speedup_heatmap.png", "report/latency.png", "report/roofline.png", "report/whatif.csv"} <= report
+    whatif = client.download_artifacts(parent.info.run_id, "report/whatif.csv", str(tmp_path / "whatif"))
+    lines = open(whatif).read().splitlines()
+    assert len(lines) == 1 + 3 * 5 and any(line.startswith("dtype=int4,B200-HGX,") for line in lines)
     assert "report: comparison.csv" in proc.stdout
     assert proc.stdout.rstrip().splitlines()[-1].startswith(f"sweep {sweep_id}:")  # the summary line stays last
 
