@@ -26,6 +26,27 @@ CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
                  lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value)}
 
 
+class _Traffic(TorchDispatchMode):
+    """Bytes the matmuls and attention read and write (their tensor operands and results)."""
+    OPS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default",
+           "aten._scaled_dot_product_flash_attention_for_cpu.default", "aten.embedding.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func) in self.OPS:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if str(func) == "aten.embedding.default":
+                tensors = []  # the table is not read whole: the rows gathered are the output
+            results = out if isinstance(out, tuple) else (out,)
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+            self.bytes += sum(t.numel() * t.element_size() for t in results[:1] if isinstance(t, torch.Tensor))
+        return out
+
+
 def _cfg(*overrides):
     """A trial computing in float32, as the models here do."""
     return TrialConfig.from_dict(trial_spec(compose("model.dtype=float32", "dtype.compute_dtype=auto", *overrides),
@@ -52,23 +73,24 @@ def test_the_tiny_models_prefill_and_decode_flops_match_the_counter(batch, promp
     assert _flops(decode_cost(shape, cfg, batch, prompt + 1)) == pytest.approx(counter.get_total_flops(), rel=0.02)
 
 
-def test_an_8b_shaped_models_prefill_flops_match_the_counter_on_the_meta_device():
+def test_an_8b_shaped_models_prefill_flops_and_bytes_match_the_counters_on_the_meta_device():
     with torch.device("meta"):
         model = LlamaForCausalLM(LLAMA_8B)
     batch, prompt = 2, 128
-    hidden = torch.zeros((batch, prompt, LLAMA_8B.hidden_size), device="meta")
+    ids = torch.zeros((batch, prompt), dtype=torch.long, device="meta")
     positions = torch.arange(prompt, device="meta")[None].expand(batch, -1)
     # The decoder layers one by one: the causal mask's builder reads values, which meta tensors have none of.
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
-        rotary = model.model.rotary_emb(hidden, positions)
-        x = hidden
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter, _Traffic() as traffic:
+        x = model.model.embed_tokens(ids)
+        rotary = model.model.rotary_emb(x, positions)
         for layer in model.model.layers:
             x = layer(x, attention_mask=None, position_embeddings=rotary, position_ids=positions)
             x = x[0] if isinstance(x, tuple) else x
         model.lm_head(model.model.norm(x))
-    predicted = _flops(prefill_cost(ModelShape.from_config(LLAMA_8B.to_dict()), _cfg(), batch, prompt))
-    assert predicted == pytest.approx(counter.get_total_flops(), rel=0.02)
+    predicted = prefill_cost(ModelShape.from_config(LLAMA_8B.to_dict()), _cfg(), batch, prompt)
+    assert _flops(predicted) == pytest.approx(counter.get_total_flops(), rel=0.02)
     assert counter.get_total_flops() > 3.8e12
+    assert predicted.bytes == pytest.approx(traffic.bytes, rel=0.02)
 
 
 @pytest.mark.parametrize("overrides", [("dtype=int4",), ("dtype=nvfp4",), ("dtype=mxfp4",), ("dtype=int8",),
@@ -94,27 +116,6 @@ def test_kv_bytes_per_token_are_the_caches_own():
         model(input_ids=torch.randint(0, 100, (2, 16)), use_cache=True, past_key_values=cache)
     stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert perf_model.kv_bytes_per_token(shape, _cfg()) * 2 * 16 == stored
-
-
-class _Traffic(TorchDispatchMode):
-    """Bytes the matmuls and attention read and write (their tensor operands and results)."""
-    OPS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default",
-           "aten._scaled_dot_product_flash_attention_for_cpu.default", "aten.embedding.default"}
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if str(func) in self.OPS:
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            if str(func) == "aten.embedding.default":
-                tensors = []  # the table is not read whole: the rows gathered are the output
-            results = out if isinstance(out, tuple) else (out,)
-            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
-            self.bytes += sum(t.numel() * t.element_size() for t in results[:1] if isinstance(t, torch.Tensor))
-        return out
 
 
 def test_a_prefills_bytes_match_what_its_matmuls_and_attention_move():
