@@ -135,17 +135,6 @@ def ordering(group: list[dict], key: str) -> str:
                       for c in done)
 
 
-def cpu_name() -> str:
-    """The CPU's model name where Linux says it, else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -160,6 +149,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1: see the docstring)")
     args = parser.parse_args()
     import torch
+
+    from jobs.peaks import cpu_name
 
     torch.set_num_threads(args.threads)
     common = (*BENCH, *SIZES["quick" if args.quick else "default"], *args.extra)

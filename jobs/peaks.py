@@ -36,7 +36,7 @@ REPEATS = 5
 
 def node_peaks(device: torch.device) -> tuple[Peaks, dict]:
     """(this node's peaks, the stored record: values, how measured, versions), measured on first use."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     threads = torch.get_num_threads()
     key = "".join(c if c.isalnum() else "-" for c in f"{name}-torch{torch.__version__}-t{threads}-m{METHOD}")[:150]
     folder = cache_root() / "peaks" / key
@@ -113,7 +113,8 @@ def _best(fn, device: torch.device, repeats: int = REPEATS) -> float:
     return min(times)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it, else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
