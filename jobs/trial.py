@@ -173,7 +173,11 @@ def _roofline(model_config, cfg: TrialConfig, device: torch.device, result: Tria
     """The bench's prefill and decode step against this node's measured peaks (jobs/peaks.py): their
     bytes and FLOPs (jobs/perf_model.py), the time the roofline allows, which bound applies, and what
     fraction of the bandwidth and of the compute peak the measured times reached."""
-    shape = perf_model.ModelShape.from_config(model_config.to_dict())
+    try:
+        shape = perf_model.ModelShape.from_config(model_config.to_dict())
+    except KeyError as e:  # not a Llama-style config: no cost model for it
+        log.info("roofline: not modelled for %s (its config has no %s)", model_config.model_type, e)
+        return
     node, record = peaks.node_peaks(device)
     result.artifacts["peaks.json"] = json.dumps(record, indent=2)
     fallback = perf_model.PRECISION[perf_model.compute_dtype(cfg)]
