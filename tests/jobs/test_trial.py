@@ -87,7 +87,7 @@ def test_triton_kernel_trial_is_checked_against_the_reference_then_timed(tiny_mo
     r = _run_triton("dtype=int4")
     assert r.status == Status.FINISHED, (r.reason, r.artifacts.get("traceback.txt"))
     assert 0 < r.metrics["kernel_relative_error_max"] < 2e-3
-    assert r.artifacts["kernel_check.csv"].startswith("layer,shape,relative_error,tolerance")
+    assert r.artifacts["kernel_check.csv"].startswith("layer,shape,format,relative_error,tolerance")
     assert r.metrics["decode_tokens_per_s"] > 0
 
 

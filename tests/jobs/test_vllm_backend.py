@@ -153,8 +153,12 @@ def test_a_sweep_over_backends_measures_vllm_as_hf_under_the_same_names(run_cli,
     assert vllm_run.data.params["backend.vllm.enforce_eager"] == "True"
     assert vllm_run.data.tags["vllm_version"] != "not installed"
 
-    # The same names for what means the same (but the kernel check, hf's own); vLLM adds its throughput.
-    shared = set(hf) - {"kernel_relative_error_max"} - COMPARISON_METRICS
+    # The same names for what means the same (but the kernel check and the roofline, hf's own); vLLM adds its
+    # throughput.
+    roofline = {k for k in hf if k.startswith(("prefill_", "decode_", "peak_flops", "peak_bandwidth"))
+                and (k.endswith(("_fraction", "_predicted_ms", "_bytes", "_per_s")) or "_flops_" in k)
+                and k not in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+    shared = set(hf) - {"kernel_relative_error_max"} - COMPARISON_METRICS - roofline
     assert shared <= set(m), shared - set(m)
     assert m["prefill_latency_p99_ms"] >= m["prefill_latency_p50_ms"] > 0
     assert m["decode_tokens_per_s"] == pytest.approx(1e3 / m["decode_latency_p50_ms"])
