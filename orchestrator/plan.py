@@ -182,10 +182,10 @@ def resolve_rules(plain: dict) -> list[dict[str, Any]]:
 
 @functools.cache
 def _layer_names(model_json: str) -> tuple[str, ...]:
-    from jobs.config import ModelConfig, build
+    from jobs.config import ModelConfig
     from jobs.models import linear_layer_names
 
-    model = build(ModelConfig, json.loads(model_json))
+    model = build_schema(ModelConfig, json.loads(model_json))
     try:
         return tuple(linear_layer_names(model))
     except ValueError as e:
@@ -202,12 +202,18 @@ def quantizable_layers(plain: dict) -> list[str]:
     return [n for n in names if not is_skipped(n, plain["quant"]["skip_layers"])]
 
 
+def block_index_at(parts: Sequence[str]) -> Optional[int]:
+    """Where a layer name's decoder-block index is among its dotted ``parts`` (``model.layers.3.mlp``: 2),
+    or None for a layer outside the indexed blocks (lm_head)."""
+    return next((i for i, p in enumerate(parts) if p.isdigit()), None)
+
+
 def describe_layers(names: Sequence[str], limit: int = 12) -> str:
     """Layer names with their block indexes folded (``model.layers.{0-31}.mlp.down_proj``), for messages."""
     folded: dict[str, list[int]] = {}
     for name in names:
         parts = name.split(".")
-        at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        at = block_index_at(parts)
         pattern = name if at is None else ".".join([*parts[:at], "{}", *parts[at + 1:]])
         folded.setdefault(pattern, []).append(-1 if at is None else int(parts[at]))
     shown = [p if -1 in idx else p.replace("{}", f"{{{min(idx)}-{max(idx)}}}" if len(idx) > 1 else str(idx[0]))

@@ -34,10 +34,12 @@ def groups(names: Sequence[str], by: str) -> list[tuple[str, str]]:
     block (the name up to its block index: ``model.layers.3``); ``sublayer`` each block's attention and
     MLP (``model.layers.3.mlp``). A layer outside the indexed blocks (an unskipped lm_head) is a group of
     its own. Each glob matches its group's layers and no other."""
+    from orchestrator import plan
+
     found: dict[str, str] = {}
     for name in names:
         parts = name.split(".")
-        at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        at = plan.block_index_at(parts)
         depth = None if at is None or by == "layer" else at + 1 if by == "block" else at + 2
         if depth is None or depth >= len(parts):
             found.setdefault(name, name)
