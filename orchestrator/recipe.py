@@ -72,6 +72,7 @@ class Recipe:
     predicted_kl_stderr: float
     uniform: list[dict] = field(default_factory=list)  # the baseline and the uniform points, measured
     family_elements: dict[str, int] = field(default_factory=dict)  # group glob -> its weight elements
+    base_config: dict = field(default_factory=dict)  # the baseline trial's stored config, checked
 
     @property
     def bits(self) -> float:
@@ -228,7 +229,8 @@ def make(client, parent, rows: list[Row], budget_bits: float, name: str, family_
         raise ConfigError("--budget-bits", budget_bits, f"allowed: >= {least:.4f} (every group at its narrowest "
                           "candidate)", problem="cannot be met") from None
     chosen = [(glob, options[i]) for (glob, options), i in zip(groups, picked)]
-    base_settings = _base_dtype(client, base)
+    base_config = _trial_config(client, base)
+    base_settings = {k: v for k, v in base_config["dtype"].items() if k != "compute_dtype"}
     for _, option in chosen:
         if option.probe is None:
             option.settings = base_settings
@@ -249,7 +251,7 @@ def make(client, parent, rows: list[Row], budget_bits: float, name: str, family_
                 if r.status == "FINISHED"]
     finite = [u for u in uniform if all(math.isfinite(v) for v in u.values() if isinstance(v, float))]
     return Recipe(name, parent.data.tags.get("sweep_id", ""), family, budget_bits, chosen, elements, total,
-                  predicted, stderr, finite, per_group)
+                  predicted, stderr, finite, per_group, base_config)
 
 
 def _point(dtype: str, row: Row, bits: float) -> dict:
@@ -288,10 +290,6 @@ def _trial_config(client, row: Row) -> dict:
     return config
 
 
-def _base_dtype(client, base: Row) -> dict:
-    return {k: v for k, v in _trial_config(client, base)["dtype"].items() if k != "compute_dtype"}
-
-
 def experiment_yaml(client, recipe: Recipe, sweep_name: str) -> str:
     """The recipe as an experiment file: the baseline's config with one rule per group, the probes' method
     and calibration (a plain-cast baseline keeps neither), and the prediction."""
@@ -299,7 +297,7 @@ def experiment_yaml(client, recipe: Recipe, sweep_name: str) -> str:
 
     from orchestrator import resubmit
 
-    config = _trial_config(client, recipe.family.base)
+    config = dict(recipe.base_config)
     resubmit._ModelSources(set()).check(config["model"], f"the baseline of {recipe.source}")
     config["quant"] = {**config["quant"], "rules": recipe.rules()}
     probe = next((o.probe for _, o in recipe.groups if o.probe is not None), None)
