@@ -62,7 +62,7 @@ def _single_trial(cfg) -> None:
     from orchestrator import plan, sensitivity, sweep
 
     try:
-        cells, overrides = sensitivity.expand([cfg], [HydraConfig.get().overrides.task])
+        cells, overrides = sensitivity.expand([plan.plain_config(cfg)], [HydraConfig.get().overrides.task])
         sweep.execute(plan.sweep_settings([cfg]), [plan.planned_trial(c, o) for c, o in zip(cells, overrides)])
     except Exception as error:
         _TASK_ERRORS.append(error)

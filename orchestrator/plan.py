@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,19 +26,23 @@ from orchestrator.errors import ConfigError
 SWEEP_SECTIONS = ("cluster", "tracking", "sweep")
 
 
-def trial_config(cfg: DictConfig | dict) -> dict[str, Any]:
-    """The resolved, plain TRIAL_SECTIONS of a composed config, and its resources."""
-    plain = _plain(cfg)
+def trial_config(cfg: DictConfig | dict, rules: Optional[list[dict[str, Any]]] = None,
+                 checks: Optional["_Checks"] = None) -> dict[str, Any]:
+    """The resolved, plain TRIAL_SECTIONS of a composed config, and its resources (``rules``: its
+    ``quant.rules`` resolved already)."""
+    plain = plain_config(cfg)
     config = {k: plain[k] for k in TRIAL_SECTIONS}
     # Only the trial's own backend's and method's options: they are part of what it computes, the others' are not.
     backend = config["backend"]
     config["backend"] = {"name": backend["name"], **{k: v for k, v in backend.items() if k == backend["name"]}}
-    config["quant"] = {**config["quant"], "rules": resolve_rules(plain)}
+    config["quant"] = {**config["quant"], "rules": resolve_rules(plain) if rules is None else rules}
     config["method"] = _method_config(config["method"], config["dtype"], config["quant"])
     if config["quant"]["activation_scales"] == "dynamic":  # the observer chooses static scales only
         config["quant"] = {k: v for k, v in config["quant"].items() if k not in STATIC_SCALE_KEYS}
     config["resources"] = dict(plain["resources"])
-    if not uses_calibration(TrialConfig.from_dict(config)):
+    calibrated = (checks or _Checks(plain)).once("calibrates", lambda: uses_calibration(TrialConfig.from_dict(config)),
+                                                 ("dtype", "quant", "method"))
+    if not calibrated:
         del config["calib"]
     return config
 
@@ -63,7 +67,7 @@ def _method_config(method: dict[str, Any], dtype: dict[str, Any], quant: dict[st
     return kept
 
 
-def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
+def plain_config(cfg: DictConfig | dict) -> dict[str, Any]:
     """The config as resolved plain data (Hydra's own ``hydra`` node left out)."""
     if isinstance(cfg, dict):
         return cfg
@@ -94,25 +98,66 @@ def trial_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def trial_spec(cfg: DictConfig, overrides: Sequence[str]) -> TrialSpec:
+def trial_spec(cfg: DictConfig | dict, overrides: Sequence[str]) -> TrialSpec:
     """Validate one composed cell and make its TrialSpec; raises ConfigError."""
-    plain = _plain(cfg)
-    schema.validate(plain)
-    model = plain["model"]
-    if model["source"] == "build" and model["build"] is None:
-        raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
-    _check_dtype(plain["dtype"], plain["quant"])
-    plain = {**plain, "quant": {**plain["quant"], "rules": resolve_rules(plain)}}
-    _check_method(plain)
-    _check_rule_matches(plain, plain["quant"]["rules"])
-    for task in plain["eval"]["tasks"]:
-        if not (isinstance(task, str) and TASK_NAME.fullmatch(task)):
-            raise ConfigError("eval.tasks", task, "allowed: lm-eval task names (letters, digits, _ and -)")
-    config = trial_config(plain)
+    plain = plain_config(cfg)
+    checks = _Checks(plain)
+    for section in plain:  # each against its schema
+        checks.once(f"schema of {section}", lambda: schema.validate(plain, only=section), (section,))
+    checks.once("model", lambda: _check_model(plain["model"]), ("model",))
+    checks.once("dtype", lambda: _check_dtype(plain["dtype"], plain["quant"]), ("dtype", "quant"))
+    rules = checks.once("rules", lambda: resolve_rules(plain), ("dtype", "quant"))
+    resolved = {**plain, "quant": {**plain["quant"], "rules": rules}}
+    checks.once("method", lambda: _check_method(resolved), ("dtype", "quant", "method", "calib", "eval"))
+    checks.once("rule matches", lambda: _check_rule_matches(resolved, rules), ("model", "dtype", "quant"))
+    checks.once("tasks", lambda: _check_tasks(plain["eval"]["tasks"]), ("eval",))
+    config = trial_config(plain, rules, checks)
     spec = TrialSpec(trial_key=trial_key(config), config=config, overrides=cell_overrides(overrides))
     if plain["backend"]["name"] == "vllm":
-        _check_vllm(spec.settings)
+        checks.once("vllm", lambda: _check_vllm(spec.settings), ("backend", "resources", "bench", "eval"))
     return spec
+
+
+class _Checks:
+    """Each check of a cell runs once per distinct content of the config sections it reads: the cells of
+    a sweep mostly differ in a value or two, so a 10,000-cell grid costs what its distinct values cost.
+    A check's result (or None) is kept by (its name, those sections' JSON); a check that fails raises,
+    and is not kept. Cells share their unchanged sections (orchestrator.launcher), so a section's JSON
+    is kept by the section too (with the section, so that its id is not reused)."""
+
+    done: dict[tuple, Any] = {}
+    texts: dict[int, tuple[Any, str]] = {}
+    MAX_KEPT = 200_000  # then start again: a long-lived process plans many sweeps
+
+    def __init__(self, plain: dict[str, Any]) -> None:
+        self.plain = plain
+
+    def once(self, name: str, check: Callable[[], Any], sections: Sequence[str]) -> Any:
+        key = (name, *(self._text(self.plain[s]) for s in sections))
+        if key not in self.done:
+            if len(self.done) > self.MAX_KEPT:
+                self.done.clear()
+            self.done[key] = check()
+        return self.done[key]
+
+    def _text(self, section: Any) -> str:
+        kept = self.texts.get(id(section))
+        if kept is None or kept[0] is not section:
+            if len(self.texts) > self.MAX_KEPT:
+                self.texts.clear()
+            kept = self.texts[id(section)] = section, json.dumps(section, sort_keys=True, default=str)
+        return kept[1]
+
+
+def _check_model(model: dict[str, Any]) -> None:
+    if model["source"] == "build" and model["build"] is None:
+        raise ConfigError("model.build", None, "required when model.source=build", problem="missing")
+
+
+def _check_tasks(tasks: list) -> None:
+    for task in tasks:
+        if not (isinstance(task, str) and TASK_NAME.fullmatch(task)):
+            raise ConfigError("eval.tasks", task, "allowed: lm-eval task names (letters, digits, _ and -)")
 
 
 def cell_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
@@ -324,43 +369,46 @@ def _check_vllm(cfg: TrialConfig) -> None:
                           f"allowed: >= {needed} (bench.prompt_len + 1 + bench.decode_tokens, and eval.seq_len + 1)")
 
 
-def sweep_settings(cells: Sequence[DictConfig]) -> DictConfig:
+def sweep_settings(cells: Sequence[DictConfig | dict]) -> DictConfig:
     """The sweep-level sections, which every cell must share."""
-    first = cells[0]
-    for cell in cells[1:]:
+    first = plain_config(cells[0])
+    for cell in map(plain_config, cells[1:]):
         for section in SWEEP_SECTIONS:
             if cell[section] != first[section]:
-                a, b = (OmegaConf.to_container(c[section], resolve=True) for c in (first, cell))
+                a, b = first[section], cell[section]
                 key = next(k for k in a if a[k] != b.get(k))
                 raise ConfigError(f"{section}.{key}", b[key], f"one value for the whole sweep (first cell: {a[key]})",
                                   problem="varies across the sweep")
     from orchestrator.pairing import BASELINE_SECTIONS
 
-    for section in first.sweep.baseline:
+    baseline = first["sweep"]["baseline"]
+    for section in baseline:
         if section not in BASELINE_SECTIONS:
-            raise ConfigError(f"sweep.baseline.{section}", first.sweep.baseline[section],
+            raise ConfigError(f"sweep.baseline.{section}", baseline[section],
                               f"keys of sweep.baseline: {', '.join(BASELINE_SECTIONS)}", problem="unknown key")
-    if first.sweep.id is not None:
+    if first["sweep"]["id"] is not None:
         from orchestrator.tracking import check_sweep_id
 
-        check_sweep_id(first.sweep.id, "sweep.id")
-    return OmegaConf.masked_copy(first, list(SWEEP_SECTIONS))
+        check_sweep_id(first["sweep"]["id"], "sweep.id")
+    return OmegaConf.create({section: first[section] for section in SWEEP_SECTIONS})
 
 
-def is_baseline(cfg: DictConfig) -> bool:
+def is_baseline(cfg: DictConfig | dict) -> bool:
     """A cell with the choices of ``sweep.baseline`` (default: bf16 through the torch kernel on hf), and no
     per-layer rules."""
-    return not cfg.quant.rules and all(cfg[section].name == str(name) for section, name in cfg.sweep.baseline.items())
+    plain = plain_config(cfg)
+    return not plain["quant"]["rules"] and all(plain[section]["name"] == str(name)
+                                               for section, name in plain["sweep"]["baseline"].items())
 
 
-def ray_options(cfg: DictConfig) -> dict[str, Any]:
+def ray_options(cfg: DictConfig | dict) -> dict[str, Any]:
     """The Ray task options that place one trial: CPUs, GPUs, memory, accelerator type."""
-    res = cfg.resources
-    options: dict[str, Any] = {"num_cpus": float(res.num_cpus), "num_gpus": float(res.num_gpus)}
-    if res.memory_gb is not None:
-        options["memory"] = int(res.memory_gb * 2 ** 30)
-    if res.accelerator_type is not None:
-        options["accelerator_type"] = res.accelerator_type
+    res = plain_config(cfg)["resources"]
+    options: dict[str, Any] = {"num_cpus": float(res["num_cpus"]), "num_gpus": float(res["num_gpus"])}
+    if res["memory_gb"] is not None:
+        options["memory"] = int(res["memory_gb"] * 2 ** 30)
+    if res["accelerator_type"] is not None:
+        options["accelerator_type"] = res["accelerator_type"]
     return options
 
 
@@ -373,8 +421,10 @@ class PlannedTrial:
     baseline: bool = False
 
 
-def planned_trial(cfg: DictConfig, overrides: Sequence[str]) -> PlannedTrial:
-    return PlannedTrial(trial_spec(cfg, overrides), ray_options(cfg), cfg.resources.timeout_s, is_baseline(cfg))
+def planned_trial(cfg: DictConfig | dict, overrides: Sequence[str]) -> PlannedTrial:
+    plain = plain_config(cfg)
+    return PlannedTrial(trial_spec(plain, overrides), ray_options(plain), plain["resources"]["timeout_s"],
+                        is_baseline(plain))
 
 
 def print_plan(trials: Sequence) -> None:
@@ -385,7 +435,7 @@ def print_plan(trials: Sequence) -> None:
     total, unknown = 0.0, 0
     for t in trials:
         asks = ", ".join(f"{k}={v}" for k, v in t.ray_options.items())
-        seconds, where = predicted_device_seconds(t.spec.settings)
+        seconds, where = _device_seconds(t.spec)
         if seconds is None:
             unknown += 1
         else:
@@ -396,6 +446,13 @@ def print_plan(trials: Sequence) -> None:
     print(f"predicted device time: {total / 3600:.3g} GPU-hours for {len(trials) - unknown} cells (the roofline of "
           f"each cell's bench and eval on its accelerator type, or an H100-SXM; loading, quantizing and host "
           f"overheads come on top){f'; {unknown} cells without a model config here' if unknown else ''}")
+
+
+def _device_seconds(spec: TrialSpec) -> tuple[Optional[float], str]:
+    """:func:`predicted_device_seconds` of a planned trial, once per distinct config but its seed."""
+    config = spec.config
+    return _Checks(config).once("device seconds", lambda: predicted_device_seconds(spec.settings),
+                                [s for s in config if s != "seed"])
 
 
 def predicted_device_seconds(cfg: TrialConfig) -> tuple[Optional[float], str]:

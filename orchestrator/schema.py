@@ -117,12 +117,15 @@ def _fmt_choices(choices: tuple) -> str:
     return ", ".join("null" if c is None else str(c) for c in choices)
 
 
-def validate(cfg: DictConfig | dict, schema: type = RootConfig, prefix: str = "") -> None:
-    """Check every field rule; raise :class:`ConfigError` naming the first bad key."""
+def validate(cfg: DictConfig | dict, schema: type = RootConfig, prefix: str = "",
+             only: Optional[str] = None) -> None:
+    """Check every field rule (``only``: that one field's); raise :class:`ConfigError` naming the first bad key."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     hints = type_hints(schema)
     for f in dataclasses.fields(schema):
+        if only is not None and f.name != only:
+            continue
         key, value = prefix + f.name, cfg[f.name]
         nested = nested_schema(hints[f.name])
         if nested is not None and isinstance(value, dict):

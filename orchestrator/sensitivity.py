@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import statistics
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
-
-from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.errors import ConfigError
 from orchestrator.pairing import Row, method_label
@@ -49,37 +46,32 @@ def groups(names: Sequence[str], by: str) -> list[tuple[str, str]]:
     return list(found.items())
 
 
-def expand(cells: Sequence[DictConfig], overrides: Sequence[Sequence[str]]
-           ) -> tuple[list[DictConfig], list[tuple[str, ...]]]:
-    """Each cell of a sensitivity sweep as its baseline, uniform points and probes (each with an
-    override ``probe=<group>:<dtype>`` naming it); other cells as they are. ConfigError for bad input."""
-    from jobs.config import LayerRule
+def expand(cells: Sequence[dict], overrides: Sequence[Sequence[str]]) -> tuple[list[dict], list[tuple[str, ...]]]:
+    """Each cell (resolved plain config) of a sensitivity sweep as its baseline, uniform points and probes
+    (each with an override ``probe=<group>:<dtype>`` naming it); other cells as they are. ConfigError for
+    bad input."""
     from orchestrator import plan
 
     out_cells, out_overrides = [], []
-    for cell, given in zip(cells, overrides):
+    for cell, given in zip(map(plan.plain_config, cells), overrides):
         out_cells.append(cell)
         out_overrides.append(tuple(given))
-        settings = cell.sweep.sensitivity
-        if settings.groups == "none":
+        settings = cell["sweep"]["sensitivity"]
+        if settings["groups"] == "none":
             continue
-        if cell.quant.rules:
-            raise ConfigError("quant.rules", OmegaConf.to_container(cell.quant.rules)[0]["match"],
-                              f"allowed with sweep.sensitivity.groups={settings.groups}: none (the sweep sets each "
+        if cell["quant"]["rules"]:
+            raise ConfigError("quant.rules", cell["quant"]["rules"][0]["match"],
+                              f"allowed with sweep.sensitivity.groups={settings['groups']}: none (the sweep sets each "
                               "probe's rule)")
-        if not settings.dtypes:
+        if not settings["dtypes"]:
             raise ConfigError("sweep.sensitivity.dtypes", [], "allowed: one or more conf/dtype names")
-        for name in settings.dtypes:
+        for name in settings["dtypes"]:
             plan.dtype_settings(name, "sweep.sensitivity.dtypes")
-        plain = {"model": OmegaConf.to_container(cell.model, resolve=True),
-                 "quant": {"skip_layers": list(cell.quant.skip_layers)}}
-        layer_groups = [("all", UNIFORM)] + groups(plan.quantizable_layers(plain), settings.groups)
-        pickled = pickle.dumps(cell)
-        for dtype in settings.dtypes:
+        layer_groups = [("all", UNIFORM)] + groups(plan.quantizable_layers(cell), settings["groups"])
+        for dtype in settings["dtypes"]:
             for label, glob in layer_groups:
-                probe = pickle.loads(pickled)
-                probe.quant.rules = [LayerRule(match=glob, dtype=dtype)]
-                out_cells.append(probe)
+                rule = {"match": glob, "dtype": dtype, "method": None}
+                out_cells.append({**cell, "quant": {**cell["quant"], "rules": [rule]}})
                 out_overrides.append((*given, f"probe={label}:{dtype}"))
     return out_cells, out_overrides
 

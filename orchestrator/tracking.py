@@ -103,6 +103,13 @@ def invalidate_index(mlflow_client, parent_id: str) -> None:
             raise
 
 
+def plan_json(specs: Sequence[TrialSpec], settings: dict[str, dict[str, Any]]) -> str:
+    """``plan.json``: every cell's key, overrides and config, and the sweep's STORED_SETTINGS."""
+    plan = [{"trial_key": s.trial_key, "overrides": " ".join(s.overrides), "config": s.config} for s in specs]
+    stored = {section: {k: settings[section][k] for k in keys} for section, keys in STORED_SETTINGS.items()}
+    return json.dumps({"trials": plan, "settings": stored})
+
+
 def run_name(spec: TrialSpec) -> str:
     return " ".join(spec.overrides) or spec.trial_key
 
@@ -189,10 +196,7 @@ class SweepTracker:
         """``plan.json`` on the parent run, ahead of any trial's run: every cell's key, overrides and
         config, so that `orchestrator resume` finds the trials a killed driver never made runs for, and
         the sweep's settings (``settings``: a composed config's sections), to run them as the sweep did."""
-        plan = [{"trial_key": s.trial_key, "overrides": " ".join(s.overrides), "config": s.config} for s in specs]
-        stored = {section: {k: settings[section][k] for k in keys} for section, keys in STORED_SETTINGS.items()}
-        self.writer.submit("store the sweep's plan", self._upload_to_parent, PLAN_FILE,
-                           json.dumps({"trials": plan, "settings": stored}))
+        self.writer.submit("store the sweep's plan", self._upload_to_parent, PLAN_FILE, plan_json(specs, settings))
 
     def _upload_to_parent(self, name: str, text: str) -> None:
         store.upload_texts(self._parent_artifacts, self.uri, {name: text})

@@ -4,6 +4,7 @@
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
@@ -13,14 +14,15 @@ from orchestrator.launcher import RayTrialsLauncher as _RayTrialsLauncher
 
 
 class RayTrialsLauncher(_RayTrialsLauncher):
-    def __init__(self, plan_only: bool = False) -> None:
-        super().__init__(plan_only)
+    def __init__(self, plan_only: bool = False, plan_file: Optional[str] = None) -> None:
+        super().__init__(plan_only, plan_file)
 
 
 @dataclass
 class RayTrialsLauncherConf:
     _target_: str = "hydra_plugins.quantsweep_launcher.launcher.RayTrialsLauncher"
     plan_only: bool = False  # compose and validate every cell, print the plan, run nothing
+    plan_file: Optional[str] = None  # with plan_only: also write the plan.json the sweep would store, here
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="ray_trials", node=RayTrialsLauncherConf,
