@@ -122,12 +122,13 @@ def status(args: list[str]) -> int:
     parser = _parser("status", "Counts per status and one row per trial of a sweep.")
     parser.add_argument("--json", action="store_true", help="print the state as JSON")
     parser.add_argument("--refresh", action="store_true",
-                        help="read every trial run, not the finished sweep's index (if runs were edited by hand)")
+                        help="read every trial run, not the sweep's index (after its driver died, or if runs were "
+                             "edited by hand)")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="Ray dashboard URL, to show a submitted sweep's job before its driver has started")
     opts = parser.parse_args(args)
     try:
-        state = sweep_state.load(uri, opts.sweep_id, refresh=opts.refresh)
+        state = sweep_state.load(uri, opts.sweep_id, refresh=opts.refresh, live=True, address=opts.address)
     except ConfigError as e:
         job = remote.job_info(opts.address, remote.submission_id(opts.sweep_id))
         if job is None:

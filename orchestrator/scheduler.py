@@ -27,6 +27,12 @@ from orchestrator import tracking
 from orchestrator.plan import PlannedTrial
 
 POLL_S = 0.5
+# Trials handed to Ray at a time where cluster.max_concurrent_trials does not say: enough to keep any
+# cluster (and an autoscaler's demand) busy, few enough that each pass of the loop stays short.
+MAX_IN_FLIGHT = 512
+# No more trials are handed to Ray while this many MLflow writes wait: results that come faster than the
+# store takes them would pile up in the driver's memory.
+MAX_PENDING_WRITES = 256
 STARTS_POLL_S = 0.25  # how often the driver reads which trials started (a round trip to the board actor)
 
 
@@ -192,8 +198,8 @@ class SweepLoop:
                 self.record(key, TrialResult(trial_key=key, status=Status.UNSUPPORTED, reason=reason))
 
     def submit_ready(self) -> None:
-        cap = self.settings.cluster.max_concurrent_trials or len(self.trials)
-        while self.queue and len(self.in_flight) < cap:
+        cap = self.settings.cluster.max_concurrent_trials or MAX_IN_FLIGHT
+        while self.queue and len(self.in_flight) < cap and self.tracker.writer.pending <= MAX_PENDING_WRITES:
             key = self.queue.popleft()
             trial = self.trials[key]
             ref = self.remote_trial.options(name=f"trial-{key}", **trial.ray_options).remote(
@@ -204,7 +210,8 @@ class SweepLoop:
         """The trials that have ended: waits up to POLL_S for one, then takes all others already done."""
         import ray
 
-        if not self.in_flight:
+        if not self.in_flight:  # all handed out, or held back while MLflow catches up: let the writer work
+            time.sleep(POLL_S)
             return []
         refs = list(self.in_flight)
         ready, rest = ray.wait(refs, num_returns=1, timeout=POLL_S)

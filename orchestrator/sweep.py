@@ -138,7 +138,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
         loop.reject_unfit()
         next_cancel_check = time.monotonic() + CANCEL_POLL_S
         next_heartbeat = time.monotonic() + HEARTBEAT_S
-        next_starts_check = time.monotonic()
+        next_starts_check = last_update = time.monotonic()
+        longest_gap = 0.0  # between two updates of the progress bar, since the last heartbeat
         with _progress() as progress:
             bar = progress.add_task(f"sweep {sweep_id}", total=cells, running=0, failed=0)
             while loop.open:
@@ -146,7 +147,8 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
                     raise KeyboardInterrupt
                 if time.monotonic() > next_heartbeat:
                     next_heartbeat = time.monotonic() + HEARTBEAT_S
-                    tracker.heartbeat()
+                    tracker.heartbeat(len(loop.in_flight), longest_gap)
+                    longest_gap = 0.0
                 if time.monotonic() > next_cancel_check:
                     next_cancel_check = time.monotonic() + CANCEL_POLL_S
                     if _cancel_requested(tracker):
@@ -158,8 +160,11 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
                     loop.note_starts()
                 loop.end_timed_out()
                 loop.collect(ready)
+                tracker.update_index()
                 progress.update(bar, completed=summary.total, running=loop.running(),
                                 failed=summary.counts["FAILED"] + summary.counts["TIMEOUT"])
+                longest_gap = max(longest_gap, time.monotonic() - last_update)
+                last_update = time.monotonic()
         status = "FINISHED"
     except _Cancelled:
         status = "KILLED"

@@ -1,10 +1,12 @@
 """A sweep's state, read back from MLflow: the parent run, and one row per trial key.
 
-A finished sweep is read from its index (``trials.json`` on the parent run, written by
-the driver at the end and vouched for by a tag). A running one, or one whose runs were
-changed since, is read from its runs: found by their tags (``sweep_id``, ``kind``), a page
-of 1000 at a time. A trial key may have several runs, one per
-attempt (resubmissions); its row shows the latest attempt.
+A sweep is read from its index (``trials.json`` on the parent run, vouched for by a tag),
+which its driver rewrites every few seconds while the sweep runs and once more at its end.
+`status` shows a running sweep's index as of when it was written, and says so when its
+driver is gone (a killed driver leaves its last index). What acts on trials (resubmit,
+resume, cancel's clean-up) reads a running or repaired sweep from its runs, as does
+``--refresh``: found by their tags (``sweep_id``, ``kind``), a page of 1000 at a time. A
+trial key may have several runs, one per attempt (resubmissions); its row shows the latest.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import time
 from collections import Counter
 import dataclasses
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +42,21 @@ class TrialRow:
 
 
 @dataclass
+class LiveIndex:
+    """Where a running sweep's rows came from: its driver's index, written at ``written_at`` (unix s)."""
+    written_at: float
+    driver: Optional[str]  # where its driver still runs ("pid 12 on host h, ..."); None: it is gone
+
+    def describe(self) -> str:
+        when = datetime.fromtimestamp(self.written_at, timezone.utc).strftime("%H:%M:%S UTC")
+        age = f"{when} ({max(0.0, time.time() - self.written_at):.0f} s ago)"
+        if self.driver:
+            return f"as of {age}; its driver: {self.driver}"
+        return (f"STALE: its driver is gone; these rows are as of {age}, when it last wrote them, and trials may "
+                f"have ended since (--refresh reads every run; `orchestrator resume` re-runs the unfinished)")
+
+
+@dataclass
 class SweepState:
     sweep_id: str
     tracking_uri: str
@@ -46,6 +65,7 @@ class SweepState:
     sweep_status: str  # MLflow status of the parent run: RUNNING while the driver works
     tags: dict[str, str]
     trials: list[TrialRow] = field(default_factory=list)
+    live: Optional[LiveIndex] = None  # a running sweep read from its index
 
     @property
     def counts(self) -> Counter:
@@ -55,6 +75,8 @@ class SweepState:
         data = asdict(self)
         data["counts"] = dict(self.counts)
         data.pop("tags")
+        if self.live is not None:
+            data["live"]["stale"] = self.live.driver is None
         data["ray_job"] = self.tags.get("ray_job_submission_id")
         return json.dumps(data, indent=2)
 
@@ -114,17 +136,20 @@ def _count_tag(run, tag: str) -> int:
     return int(text)
 
 
-def _indexed_rows(client, parent) -> Optional[list[TrialRow]]:
-    """The rows of a finished sweep from its ``trials.json``, if the parent's tag still vouches for it."""
+def _indexed_rows(client, parent) -> Optional[tuple[list[TrialRow], float]]:
+    """The rows of the sweep's ``trials.json`` and when it was written, if the parent's tag still vouches for it."""
     token = parent.data.tags.get(tracking.INDEX_TAG)
-    if parent.info.status == "RUNNING" or not token:
+    if not token:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            index = json.loads(Path(client.download_artifacts(parent.info.run_id, tracking.INDEX_FILE, tmp)).read_text())
+            index = json.loads(Path(client.download_artifacts(parent.info.run_id, tracking.INDEX_FILE, tmp)).read_text(),
+                               parse_constant=_refuse_constant)
         except Exception:  # missing or unreadable: read the runs instead
             return None
-    rows = index.get("trials") if isinstance(index, dict) and index.get("token") == token else None
+    if not isinstance(index, dict) or index.get("token") != token:
+        return None
+    rows, written_at = index.get("trials"), index.get("written_at", 0.0)
     fields = {f.name: f.type for f in dataclasses.fields(TrialRow)}
     # A cache of the runs: anything unlike what the driver writes, and the runs are read instead.
     if not isinstance(rows, list) or not all(
@@ -132,7 +157,9 @@ def _indexed_rows(client, parent) -> Optional[list[TrialRow]]:
                 isinstance(row[k], int if t == "int" else str) and not isinstance(row[k], bool) for k, t in fields.items())
             for row in rows):
         return None
-    return [TrialRow(**row) for row in rows]
+    if not isinstance(written_at, (int, float)) or isinstance(written_at, bool) or not 0 <= written_at < 1e11:
+        return None
+    return [TrialRow(**row) for row in rows], float(written_at)
 
 
 @dataclass(frozen=True)
@@ -218,14 +245,24 @@ def runs_by_key(client, parent, sweep_id: str) -> dict[str, list]:
     return by_key
 
 
-def load(uri: str, sweep_id: str, refresh: bool = False) -> SweepState:
-    """Raises ConfigError if the store holds no sweep ``sweep_id``. A finished sweep is read from
-    its index (one file) unless ``refresh``; a running one, or one without a valid index, from its runs."""
+def load(uri: str, sweep_id: str, refresh: bool = False, live: bool = False,
+         address: Optional[str] = None) -> SweepState:
+    """Raises ConfigError if the store holds no sweep ``sweep_id``. Read from its index (one file) unless
+    ``refresh``; a running sweep's only with ``live`` (for `status`: ``address`` is the Ray dashboard, to
+    tell whether a submitted sweep's driver still runs); else from its runs."""
     client, parent = open_sweep(uri, sweep_id)
-    rows = None if refresh else _indexed_rows(client, parent)
-    if rows is not None:
-        return SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,
-                          dict(parent.data.tags), sorted(rows, key=lambda r: r.overrides))
+    indexed = None if refresh else _indexed_rows(client, parent)
+    running = parent.info.status == "RUNNING"
+    if indexed is not None and (live or not running):
+        rows, written_at = indexed
+        state = SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,
+                           dict(parent.data.tags), sorted(rows, key=lambda r: r.overrides))
+        if running:
+            from orchestrator import lease
+
+            holder = lease.latest(parent)
+            state.live = LiveIndex(written_at, holder and lease.where_alive(holder, parent, sweep_id, address))
+        return state
     by_key = runs_by_key(client, parent, sweep_id)
     rows = [TrialRow(trial_key=key, overrides=overrides, status=Status.PENDING.value, attempts=0, latest_attempt=0,
                      reason="not started", run_id="", executions=0)
@@ -250,6 +287,8 @@ def print_table(state: SweepState, job: Optional[dict[str, Any]] = None) -> None
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(state.counts.items()))
     console.print(f"sweep {state.sweep_id}: {state.sweep_status.lower()}, {len(state.trials)} trials ({counts}); "
                   f"mlflow {state.tracking_uri}, run {state.parent_run_id}", highlight=False)
+    if state.live is not None:
+        console.print(f"index {state.live.describe()}", highlight=False, style=None if state.live.driver else "bold")
     if job:
         console.print(f"ray job {job['submission_id']}: {job['status']}", highlight=False)
     table = Table("trial key", "overrides", "status", "attempts", "reason", "run id")

@@ -11,11 +11,13 @@ Writes go through the store's writer thread (:class:`orchestrator.store.Writer`)
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import secrets
 import subprocess
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ STORED_SETTINGS = {
 RUN_LAYOUT_TAGS = {"sweep_id", "trial_key", "attempt", "status", "overrides", "kind", "git_sha", "git_dirty",
                    "resubmit_overrides", "reason", "reused_from", "reused_from_sweep"}
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+LIVE_INDEX_S = 5.0  # how often a running sweep's index is rewritten, at least (see SweepTracker.update_index)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -141,8 +144,12 @@ class SweepTracker:
             self.client.update_run(parent_id, status="RUNNING")
             self.client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.parent_id, self._parent_artifacts = parent.info.run_id, parent.info.artifact_uri
-        # trial key -> its row in the sweep's index (see write_index), latest attempt first
-        self.index: dict[str, dict[str, Any]] = {row["trial_key"]: dict(row) for row in prior_rows}
+        # trial key -> its row in the sweep's index (``trials.json``): what the store holds of it, so only
+        # the writer thread changes it, once a write has landed.
+        self.rows: dict[str, dict[str, Any]] = {row["trial_key"]: dict(row) for row in prior_rows}
+        self._rows_changed, self._index_due = bool(prior_rows), 0.0
+        self._index_queued = threading.Event()
+        self._beats = itertools.count(1)
         self.run_ids: dict[str, str] = {}  # trial key -> child run id, once created
         self._tried: set[str] = set()      # trial keys whose run creation was attempted
         self._finished: set[str] = set()   # trial keys whose result has been handed to the writer
@@ -158,45 +165,67 @@ class SweepTracker:
 
     def finish_trial(self, spec: TrialSpec, result: TrialResult, extra_tags: Optional[dict[str, str]] = None) -> None:
         self._finished.add(spec.trial_key)
-        self.index[spec.trial_key] = {
-            "trial_key": spec.trial_key, "overrides": " ".join(spec.overrides), "status": result.status.value,
-            "attempts": spec.attempt, "latest_attempt": spec.attempt, "reason": result.reason or "", "run_id": None,
-            "executions": int((extra_tags or {}).get("ray_executions", 0))}
         self.writer.submit(f"record trial {spec.trial_key} ({result.status.value})", self._finish_trial, spec,
                            result, extra_tags or {})
 
-    @staticmethod
-    def count_metrics(counts: dict[str, int]) -> list:
-        from mlflow.entities import Metric
-
-        return [Metric(f"trials_{s.value.lower()}", counts.get(s.value, 0), now_ms(), 0) for s in Status if s.is_final]
-
-    @staticmethod
-    def record_counts(mlflow_client, parent_id: str, counts: dict[str, int]) -> None:
-        """The sweep's trial counts (latest attempt of each key) on its parent run."""
-        mlflow_client.log_batch(parent_id, metrics=SweepTracker.count_metrics(counts))
-
     def finish_sweep(self, status: str = "FINISHED") -> None:
-        """The sweep's index and counts (over every trial key, earlier attempts included), then its end."""
-        counts = Counter(row["status"] for row in self.index.values())
+        """The sweep's final index and counts (over every trial key, earlier attempts included), then its end."""
         self.writer.submit("write the sweep's trial index", self._write_index)
-        self.writer.submit("record the sweep's counts", self.record_counts, self.client, self.parent_id, counts)
+        self.writer.submit("record the sweep's counts", self._record_counts)
         self.writer.submit("end the sweep's run", self.client.set_terminated, self.parent_id, status)
 
+    def update_index(self) -> None:
+        """While the sweep runs: the index again, if trials changed since it was written and it is due (every
+        LIVE_INDEX_S, longer for a large sweep), so that `orchestrator status` reads one file, not every run.
+        At most one such write waits in the writer's queue."""
+        if not self._rows_changed or self._index_queued.is_set() or time.monotonic() < self._index_due:
+            return
+        self._index_queued.set()
+        self._index_due = time.monotonic() + max(LIVE_INDEX_S, len(self.rows) / 1000)
+        self.writer.submit("update the sweep's trial index", self._write_index)
+
+    def _record_counts(self) -> None:
+        from mlflow.entities import Metric
+
+        counts = Counter(row["status"] for row in self.rows.values())
+        self.client.log_batch(self.parent_id, metrics=[Metric(f"trials_{s.value.lower()}", counts.get(s.value, 0),
+                                                              now_ms(), 0) for s in Status if s.is_final])
+
     def _write_index(self) -> None:
-        """``trials.json`` on the parent run: one row per trial key, so that `orchestrator status` on a
-        finished sweep reads one file instead of every run. The tag ``trial_index`` vouches for it;
-        whatever changes trial runs behind the driver's back deletes the tag (:func:`invalidate_index`)."""
+        """``trials.json`` on the parent run: one row per trial key as the store holds it (pending, running or
+        ended), and when it was written. The tag ``trial_index`` vouches for it; whatever changes trial runs
+        behind the driver's back deletes the tag (:func:`invalidate_index`). A driver killed mid-sweep leaves
+        its last one, which `status` shows as of then."""
+        self._index_queued.clear()
+        self._rows_changed = False
         token = secrets.token_hex(8)
-        rows = [{**row, "run_id": row["run_id"] or self.run_ids.get(key)} for key, row in self.index.items()]
-        self._upload_to_parent(INDEX_FILE, json.dumps({"token": token, "trials": rows}))
+        rows = list(self.rows.values())
+        self._upload_to_parent(INDEX_FILE, json.dumps({"token": token, "written_at": round(time.time(), 3),
+                                                       "trials": rows}))
         self.client.set_tag(self.parent_id, INDEX_TAG, token)
+
+    def _set_row(self, spec: TrialSpec, status: str, reason: str, executions: int) -> None:
+        """The trial's row, once its run holds ``status`` (writer thread only)."""
+        self.rows[spec.trial_key] = {
+            "trial_key": spec.trial_key, "overrides": " ".join(spec.overrides), "status": status,
+            "attempts": spec.attempt, "latest_attempt": spec.attempt, "reason": reason, "run_id":
+                self.run_ids[spec.trial_key], "executions": executions}
+        self._rows_changed = True
 
     def write_plan(self, specs: Sequence[TrialSpec], settings: dict[str, dict[str, Any]]) -> None:
         """``plan.json`` on the parent run, ahead of any trial's run: every cell's key, overrides and
         config, so that `orchestrator resume` finds the trials a killed driver never made runs for, and
-        the sweep's settings (``settings``: a composed config's sections), to run them as the sweep did."""
-        self.writer.submit("store the sweep's plan", self._upload_to_parent, PLAN_FILE, plan_json(specs, settings))
+        the sweep's settings (``settings``: a composed config's sections), to run them as the sweep did;
+        then the first index, every cell pending."""
+        self.writer.submit("store the sweep's plan", self._store_plan, specs, plan_json(specs, settings))
+
+    def _store_plan(self, specs: Sequence[TrialSpec], text: str) -> None:
+        self._upload_to_parent(PLAN_FILE, text)
+        for spec in specs:
+            self.rows.setdefault(spec.trial_key, {
+                "trial_key": spec.trial_key, "overrides": " ".join(spec.overrides), "status": Status.PENDING.value,
+                "attempts": 0, "latest_attempt": 0, "reason": "not started", "run_id": "", "executions": 0})
+        self._write_index()
 
     def _upload_to_parent(self, name: str, text: str) -> None:
         store.upload_texts(self._parent_artifacts, self.uri, {name: text})
@@ -215,9 +244,21 @@ class SweepTracker:
             if not token:
                 return {k: run for k, run in found.items() if k in keys}
 
-    def heartbeat(self) -> None:
-        """Say the driver is alive (resubmission tells a dead driver from a running one by it)."""
-        self.writer.submit("heartbeat", self.client.set_tag, self.parent_id, "heartbeat", str(time.time()))
+    def heartbeat(self, in_flight: int, longest_gap_s: float) -> None:
+        """Say the driver is alive (resubmission tells a dead driver from a running one by it), and how it
+        fares, as metrics on the parent run: its memory, the MLflow writes waiting, the trials handed to Ray,
+        and the longest its progress bar went without an update since the last heartbeat."""
+        from mlflow.entities import Metric, RunTag
+
+        import psutil
+
+        now, step = now_ms(), next(self._beats)
+        metrics = [Metric("driver_rss_mib", psutil.Process().memory_info().rss / 2 ** 20, now, step),
+                   Metric("driver_pending_writes", self.writer.pending, now, step),
+                   Metric("driver_trials_in_flight", in_flight, now, step),
+                   Metric("driver_progress_gap_s", longest_gap_s, now, step)]
+        self.writer.submit("heartbeat", self.client.log_batch, self.parent_id, metrics,
+                           [], [RunTag("heartbeat", str(time.time()))])
 
     def cancel_requested(self) -> bool:
         """Whether `orchestrator cancel` asked this sweep to stop (a tag on the parent run)."""
@@ -231,6 +272,7 @@ class SweepTracker:
             return  # done before the writer got here: its result's record makes the run
         if not self._ensure_run(spec, tags):  # a second execution (Ray retried it), or a retried write
             self.client.log_batch(self.run_ids[key], tags=[RunTag(k, v) for k, v in tags.items()])
+        self._set_row(spec, Status.RUNNING.value, "", int(tags["ray_executions"]))
         if key not in self._config_stored:  # stored from the start: resubmission reads it back
             self._upload(key, {"config.yaml": config_yaml(spec.config)})
             self._config_stored.add(key)
@@ -271,6 +313,7 @@ class SweepTracker:
         if files:
             self._upload(key, files)
         self.client.set_terminated(self.run_ids[key], record.mlflow_status)
+        self._set_row(spec, result.status.value, result.reason or "", int(extra_tags.get("ray_executions", 0)))
 
 
 @dataclass(frozen=True)
