@@ -128,7 +128,7 @@ def status(args: list[str]) -> int:
                         help="Ray dashboard URL, to show a submitted sweep's job before its driver has started")
     opts = parser.parse_args(args)
     try:
-        state = sweep_state.load(uri, opts.sweep_id, refresh=opts.refresh, live=True, address=opts.address)
+        state = sweep_state.load(uri, opts.sweep_id, refresh=opts.refresh, live=True)
     except ConfigError as e:
         job = remote.job_info(opts.address, remote.submission_id(opts.sweep_id))
         if job is None:
@@ -137,6 +137,15 @@ def status(args: list[str]) -> int:
               f"sweep {opts.sweep_id}: not in {uri} yet; ray job {job['submission_id']}: {job['status']} "
               f"{job['message']}")
         return 0
+    if state.live is not None:  # a running sweep read from its index: is its driver still there?
+        from orchestrator import lease, store
+
+        parent = store.client(uri).get_run(state.parent_run_id)
+        try:
+            holder = lease.latest(parent)
+            state.live.driver = holder and lease.where_alive(holder, parent, opts.sweep_id, opts.address)
+        except ConfigError as e:  # a lease or heartbeat tag this project does not write
+            return _error(str(e))
     # The dashboard is the one this command line (or $RAY_ADDRESS) names, never an address read from the store.
     job = remote.job_info(opts.address, remote.submission_id(opts.sweep_id)) \
         if "ray_job_submission_id" in state.tags else None

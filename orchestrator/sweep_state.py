@@ -45,7 +45,7 @@ class TrialRow:
 class LiveIndex:
     """Where a running sweep's rows came from: its driver's index, written at ``written_at`` (unix s)."""
     written_at: float
-    driver: Optional[str]  # where its driver still runs ("pid 12 on host h, ..."); None: it is gone
+    driver: Optional[str] = None  # where its driver still runs ("pid 12 on host h, ..."); None: it is gone
 
     def describe(self) -> str:
         when = datetime.fromtimestamp(self.written_at, timezone.utc).strftime("%H:%M:%S UTC")
@@ -245,11 +245,10 @@ def runs_by_key(client, parent, sweep_id: str) -> dict[str, list]:
     return by_key
 
 
-def load(uri: str, sweep_id: str, refresh: bool = False, live: bool = False,
-         address: Optional[str] = None) -> SweepState:
+def load(uri: str, sweep_id: str, refresh: bool = False, live: bool = False) -> SweepState:
     """Raises ConfigError if the store holds no sweep ``sweep_id``. Read from its index (one file) unless
-    ``refresh``; a running sweep's only with ``live`` (for `status`: ``address`` is the Ray dashboard, to
-    tell whether a submitted sweep's driver still runs); else from its runs."""
+    ``refresh``; a running sweep's only with ``live`` (for `status`, which then asks whether its driver
+    still runs); else from its runs."""
     client, parent = open_sweep(uri, sweep_id)
     indexed = None if refresh else _indexed_rows(client, parent)
     running = parent.info.status == "RUNNING"
@@ -258,10 +257,7 @@ def load(uri: str, sweep_id: str, refresh: bool = False, live: bool = False,
         state = SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,
                            dict(parent.data.tags), sorted(rows, key=lambda r: r.overrides))
         if running:
-            from orchestrator import lease
-
-            holder = lease.latest(parent)
-            state.live = LiveIndex(written_at, holder and lease.where_alive(holder, parent, sweep_id, address))
+            state.live = LiveIndex(written_at)
         return state
     by_key = runs_by_key(client, parent, sweep_id)
     rows = [TrialRow(trial_key=key, overrides=overrides, status=Status.PENDING.value, attempts=0, latest_attempt=0,
