@@ -62,6 +62,7 @@ def _single_trial(cfg) -> None:
     from orchestrator import plan, sensitivity, sweep
 
     try:
+        plan.forget_checks()
         cells, overrides = sensitivity.expand([plan.plain_config(cfg)], [HydraConfig.get().overrides.task])
         sweep.execute(plan.sweep_settings([cfg]), [plan.planned_trial(c, o) for c, o in zip(cells, overrides)])
     except Exception as error:
@@ -140,11 +141,14 @@ def status(args: list[str]) -> int:
     if state.live is not None:  # a running sweep read from its index: is its driver still there?
         from orchestrator import lease, store
 
-        parent = store.client(uri).get_run(state.parent_run_id)
+        mlflow_client = store.client(uri)
+        parent = mlflow_client.get_run(state.parent_run_id)
         try:
             holder = lease.latest(parent)
             state.live.driver = holder and lease.where_alive(holder, parent, opts.sweep_id, opts.address)
-        except ConfigError as e:  # a lease or heartbeat tag this project does not write
+            if state.live.driver is None and mlflow_client.get_run(state.parent_run_id).info.status != "RUNNING":
+                state = sweep_state.load(uri, opts.sweep_id)  # it ended as we looked: its final index
+        except ConfigError as e:  # a stored lease, heartbeat or index this project does not write
             return _error(str(e))
     # The dashboard is the one this command line (or $RAY_ADDRESS) names, never an address read from the store.
     job = remote.job_info(opts.address, remote.submission_id(opts.sweep_id)) \

@@ -69,6 +69,7 @@ class RayTrialsLauncher(Launcher):
         from orchestrator import plan, sensitivity, sweep
 
         assert self.hydra_context is not None and self.config is not None
+        plan.forget_checks()  # conf files and the working directory may have changed since the last plan
         cells = self._compose(job_overrides)
         settings = plan.sweep_settings(cells)
         expanded = sensitivity.expand(cells, job_overrides)  # a sensitivity sweep's probes: cells of their own
@@ -108,13 +109,14 @@ class _Combination:
         self.pickled = pickle.dumps(base)  # unpickling copies a config in a third of deepcopy's time
         self.plain = OmegaConf.to_container(base, resolve=True)
         self.interpolates = "${" in OmegaConf.to_yaml(base)
-        self.scratch: Optional[DictConfig] = None
+        # One scratch copy per key: an override is checked against the composition with no other key changed.
+        self.scratch: dict[str, DictConfig] = {}
         self.values: dict[str, tuple[list[str], Any]] = {}  # override text -> (its key's path, its value)
 
     def cell(self, overrides: list, apply: Callable[[list, DictConfig], None]) -> dict[str, Any]:
         if not overrides:
             return self.plain  # shared: cells are only read from here on
-        if not self.interpolates and all(self._is_plain_value(o) for o in overrides):
+        if not self.interpolates and all(self._is_plain_value(o) for o in overrides) and _apart(overrides):
             cell = dict(self.plain)
             if all(_set_path(cell, *self._value(o, apply)) for o in overrides):
                 return cell
@@ -125,20 +127,22 @@ class _Combination:
     def _value(self, override, apply: Callable[[list, DictConfig], None]) -> tuple[list[str], Any]:
         """(the path of its key, the value it sets there), converted and checked by Hydra once per override."""
         if override.input_line not in self.values:
-            if self.scratch is None:
-                self.scratch = pickle.loads(self.pickled)
-            apply([override], self.scratch)
-            value = OmegaConf.select(self.scratch, override.key_or_group)
+            key = override.key_or_group
+            if key not in self.scratch:
+                self.scratch[key] = pickle.loads(self.pickled)
+            apply([override], self.scratch[key])
+            value = OmegaConf.select(self.scratch[key], key)
             plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
             self.values[override.input_line] = override.key_or_group.split("."), plain
         return self.values[override.input_line]
 
     @staticmethod
     def _is_plain_value(override) -> bool:
-        """A change of an existing key to a value that neither merges into a dict nor interpolates."""
+        """A change of an existing key to a value that neither merges into a dict, interpolates nor is missing."""
         if override.is_delete() or override.is_add() or override.is_force_add() or "$" in (override.input_line or "$"):
             return False
-        return not isinstance(override.value(), dict)
+        value = override.value()
+        return not isinstance(value, dict) and value != "???"
 
 
 # ``key=<number>`` in the canonical form Hydra's grammar reads as an int or a float (``seed=17``,
@@ -158,6 +162,12 @@ def _number_override(text: str):
     value = float(found["value"]) if found["fraction"] else int(found["value"])
     return Override(type=OverrideType.CHANGE, key_or_group=found["key"], value_type=ValueType.ELEMENT, _value=value,
                     input_line=text)
+
+
+def _apart(overrides: list) -> bool:
+    """No override's key is another's or lies under it: each then sets its own value, whatever the order."""
+    keys = sorted(o.key_or_group + "." for o in overrides)
+    return all(not b.startswith(a) for a, b in zip(keys, keys[1:]))
 
 
 def _set_path(cell: dict[str, Any], path: list[str], value: Any) -> bool:

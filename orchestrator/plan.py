@@ -40,11 +40,22 @@ def trial_config(cfg: DictConfig | dict, rules: Optional[list[dict[str, Any]]] =
     if config["quant"]["activation_scales"] == "dynamic":  # the observer chooses static scales only
         config["quant"] = {k: v for k, v in config["quant"].items() if k not in STATIC_SCALE_KEYS}
     config["resources"] = dict(plain["resources"])
-    calibrated = (checks or _Checks(plain)).once("calibrates", lambda: uses_calibration(TrialConfig.from_dict(config)),
+    calibrated = (checks or _Checks(plain)).once("calibrates", lambda: _uses_calibration(config),
                                                  ("dtype", "quant", "method"))
     if not calibrated:
         del config["calib"]
     return config
+
+
+def _uses_calibration(config: dict[str, Any]) -> bool:
+    """:func:`jobs.config.uses_calibration` of a trial's config, from the only sections it reads."""
+    from types import SimpleNamespace
+
+    from jobs.config import DtypeConfig, MethodConfig, QuantConfig
+
+    return uses_calibration(SimpleNamespace(dtype=build_schema(DtypeConfig, config["dtype"]),
+                                            quant=build_schema(QuantConfig, config["quant"]),
+                                            method=build_schema(MethodConfig, config["method"])))
 
 
 def _method_config(method: dict[str, Any], dtype: dict[str, Any], quant: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +138,7 @@ class _Checks:
 
     done: dict[tuple, Any] = {}
     texts: dict[int, tuple[Any, str]] = {}
-    MAX_KEPT = 200_000  # then start again: a long-lived process plans many sweeps
+    MAX_KEPT = 200_000  # then start again
 
     def __init__(self, plain: dict[str, Any]) -> None:
         self.plain = plain
@@ -147,6 +158,13 @@ class _Checks:
                 self.texts.clear()
             kept = self.texts[id(section)] = section, json.dumps(section, sort_keys=True, default=str)
         return kept[1]
+
+
+def forget_checks() -> None:
+    """Start a plan afresh: what a check read besides the config (conf/dtype files, the working directory
+    for calib.text) may have changed since the last one in this process."""
+    _Checks.done.clear()
+    _Checks.texts.clear()
 
 
 def _check_model(model: dict[str, Any]) -> None:

@@ -129,6 +129,11 @@ def validate(cfg: DictConfig | dict, schema: type = RootConfig, prefix: str = ""
         key, value = prefix + f.name, cfg[f.name]
         nested = nested_schema(hints[f.name])
         if nested is not None and isinstance(value, dict):
+            names = [g.name for g in dataclasses.fields(nested)]
+            unknown = next((k for k in value if k not in names), None)
+            if unknown is not None:  # ++key=... adds keys no schema has
+                raise ConfigError(f"{key}.{unknown}", value[unknown], f"allowed keys under {key}: {', '.join(names)}",
+                                  problem="unknown key")
             validate(value, nested, key + ".")
             continue
         if isinstance(value, list):

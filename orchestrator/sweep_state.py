@@ -149,7 +149,8 @@ def _indexed_rows(client, parent) -> Optional[tuple[list[TrialRow], float]]:
             return None
     if not isinstance(index, dict) or index.get("token") != token:
         return None
-    rows, written_at = index.get("trials"), index.get("written_at", 0.0)
+    # An index from before live indexes has no written_at: it is a finished sweep's, or not one to follow.
+    rows, written_at = index.get("trials"), index.get("written_at", 0.0 if parent.info.status != "RUNNING" else None)
     fields = {f.name: f.type for f in dataclasses.fields(TrialRow)}
     # A cache of the runs: anything unlike what the driver writes, and the runs are read instead.
     if not isinstance(rows, list) or not all(
@@ -250,9 +251,14 @@ def load(uri: str, sweep_id: str, refresh: bool = False, live: bool = False) -> 
     ``refresh``; a running sweep's only with ``live`` (for `status`, which then asks whether its driver
     still runs); else from its runs."""
     client, parent = open_sweep(uri, sweep_id)
-    indexed = None if refresh else _indexed_rows(client, parent)
     running = parent.info.status == "RUNNING"
-    if indexed is not None and (live or not running):
+    indexed = None if refresh or (running and not live) else _indexed_rows(client, parent)
+    if indexed is None and running and live and not refresh:
+        # The driver uploads a new index before it moves the tag: read between the two, try once more.
+        parent = client.get_run(parent.info.run_id)
+        indexed = _indexed_rows(client, parent)
+        running = parent.info.status == "RUNNING"
+    if indexed is not None:
         rows, written_at = indexed
         state = SweepState(sweep_id, uri, parent.info.experiment_id, parent.info.run_id, parent.info.status,
                            dict(parent.data.tags), sorted(rows, key=lambda r: r.overrides))

@@ -42,3 +42,24 @@ def test_a_number_override_is_read_as_hydras_parser_reads_it():
     for text in ["seed=007", "seed=+3", "seed=1_000", "x=1e-3", "x=.5", "x=5.", "x=nan", "seed=1,2", "+seed=1",
                  "~seed", "dtype=int4", "seed=range(0,3)", "x.-y=1", "séed=1"]:
         assert _number_override(text) is None, text
+
+
+def test_each_cell_comes_out_as_hydra_composes_it_whatever_cells_came_before():
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import open_dict
+
+    from orchestrator.launcher import _Combination
+
+    base = compose()
+    with open_dict(base):
+        base.pop("hydra", None)
+    combination, parser = _Combination(base), OverridesParser.create()
+    cells = [["model.build.num_layers=2", "model.build=null"], ["model.build.num_layers=4", "model.build=null"],
+             ["model.path=???"], ["++bench.extra=1"],
+             ["seed=5", "seed=6"], ["seed=7", "bench.batch_size=3"], []]
+    for cell in cells:
+        hydras = plan.plain_config(compose(*cell))
+        hydras.pop("hydra", None)
+        mine = combination.cell(parser.parse_overrides(cell), ConfigLoaderImpl._apply_overrides_to_config)
+        assert mine == hydras, cell

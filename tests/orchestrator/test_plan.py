@@ -245,3 +245,9 @@ def test_the_plan_prints_each_cells_device_time_and_the_sweeps_gpu_hours(tmp_pat
     for s in seconds:
         assert f"~{s:.3g} s on H200-SXM" in out
     assert f"predicted device time: {sum(seconds) / 3600:.3g} GPU-hours for 2 cells" in out
+
+
+def test_a_key_no_schema_has_is_refused_however_many_cells_were_planned_before():
+    trial_spec(compose("dtype=int4"), [])  # a plain cell's checks are kept for the next
+    with pytest.raises(ConfigError, match=r"bench.extra=1: unknown key; allowed keys under bench: "):
+        trial_spec(compose("dtype=int4", "++bench.extra=1"), [])
