@@ -56,7 +56,9 @@ def test_resubmit_failed_with_a_fixing_override(mlflow_server, run_cli):
 
 def test_resume_after_the_driver_was_killed(mlflow_server, cli_env, tmp_path, run_cli):
     store = f"tracking.uri={mlflow_server.uri}"
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", "-m", "backend=noop", "backend.noop.sleep_s=4",
+    # 8 s trials: a run seen RUNNING is still open when the kill lands (its start is a deferred write, made
+    # late when the writer is busy, e.g. with the sweep's live index).
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", "-m", "backend=noop", "backend.noop.sleep_s=8",
                                "seed=1,2,3,4,5", "cluster.max_concurrent_trials=2", store],
                               cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
