@@ -105,7 +105,6 @@ class _Combination:
     an interpolation) take the general path: a copy of the composed config, resolved."""
 
     def __init__(self, base: DictConfig) -> None:
-        self.base = base
         self.pickled = pickle.dumps(base)  # unpickling copies a config in a third of deepcopy's time
         self.plain = OmegaConf.to_container(base, resolve=True)
         self.interpolates = "${" in OmegaConf.to_yaml(base)
@@ -133,7 +132,7 @@ class _Combination:
             apply([override], self.scratch[key])
             value = OmegaConf.select(self.scratch[key], key)
             plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
-            self.values[override.input_line] = override.key_or_group.split("."), plain
+            self.values[override.input_line] = key.split("."), plain
         return self.values[override.input_line]
 
     @staticmethod
