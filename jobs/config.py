@@ -231,6 +231,11 @@ class NoopOptions:
     exercising scheduling and faults."""
     sleep_s: float = rule(0.0, ge=0)      # how long the trial sleeps
     allocate_gb: float = rule(0.0, ge=0)  # host memory the trial allocates (out-of-memory tests)
+    # A synthetic objective with a known optimum, for adaptive sweeps (orchestrator/study.py): the trial logs
+    # synthetic_loss = (x - 0.3)^2 + (y + 0.2)^2, least (0) at (0.3, -0.2), and synthetic_cost = x^2 + y^2,
+    # least at the origin. The two conflict; their Pareto set is the segment between those two points.
+    x: float = 0.0
+    y: float = 0.0
 
 
 @dataclass

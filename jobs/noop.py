@@ -25,7 +25,9 @@ def run(spec: TrialSpec) -> TrialResult:
     try:
         held = bytearray(int(noop.allocate_gb * 2 ** 30))  # zero-filled: the pages are really touched
         time.sleep(noop.sleep_s)
-        result.metrics = {"allocated_gb": len(held) / 2 ** 30, "slept_s": noop.sleep_s}
+        result.metrics = {"allocated_gb": len(held) / 2 ** 30, "slept_s": noop.sleep_s,
+                          "synthetic_loss": (noop.x - 0.3) ** 2 + (noop.y + 0.2) ** 2,
+                          "synthetic_cost": noop.x ** 2 + noop.y ** 2}
         result.status = Status.FINISHED
     except Exception as e:  # MemoryError included: the trial fails, the worker lives on
         result.status, result.reason = Status.FAILED, failure_reason(e)

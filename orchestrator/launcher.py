@@ -22,12 +22,21 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import Container, DictConfig, OmegaConf, open_dict
 
+from orchestrator.errors import ConfigError
+
 
 class RayTrialsLauncher(Launcher):
+    """Each launch runs its cells as one sweep and returns, per cell, its trial's outcome (:func:`outcome`).
+    After :meth:`begin_study` every launch is one step (batch) of a single sweep that stays open until
+    :meth:`end_study`: how Optuna's ask-and-tell drives it (orchestrator.study)."""
+
     def __init__(self, plan_only: bool = False, plan_file: Optional[str] = None) -> None:
         self.plan_only, self.plan_file = plan_only, plan_file
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
+        self.study: Optional[dict[str, Any]] = None  # begin_study's arguments for the sweep, once it is called
+        self.sweep = None  # the study's open orchestrator.sweep.Sweep, from its first launch
+        self.before_step: Optional[Callable[[list], None]] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         # task_function is not used: a cell runs as jobs.trial.run on a worker, not in here.
@@ -72,6 +81,8 @@ class RayTrialsLauncher(Launcher):
         plan.forget_checks()  # conf files and the working directory may have changed since the last plan
         cells = self._compose(job_overrides)
         settings = plan.sweep_settings(cells)
+        if self.study is not None:
+            return self._launch_step(settings, cells, job_overrides)
         expanded = sensitivity.expand(cells, job_overrides)  # a sensitivity sweep's probes: cells of their own
         trials = [plan.planned_trial(cell, overrides) for cell, overrides in zip(*expanded)]
         if self.plan_only:
@@ -84,14 +95,71 @@ class RayTrialsLauncher(Launcher):
                 Path(self.plan_file).write_text(tracking.plan_json([t.spec for t in trials],
                                                                    OmegaConf.to_container(settings, resolve=True)))
             return []
-        summary = sweep.execute(settings, trials)
-        returns = []
-        for overrides in job_overrides:
-            ret = JobReturn(overrides=list(overrides), hydra_cfg=self.config,
-                            task_name=self.config.hydra.job.name, status=JobStatus.COMPLETED)
-            ret.return_value = summary
-            returns.append(ret)
-        return returns
+        results = sweep.execute(settings, trials).results
+        # Each cell's own trial: a sensitivity sweep's probes follow the cell they were made from.
+        given = iter(enumerate(map(tuple, job_overrides)))
+        position, own = next(given, (None, None)), {}
+        for trial, overrides in zip(trials, expanded[1]):
+            if overrides == position[1]:
+                own[position[0]] = trial.spec.trial_key
+                position = next(given, (None, None))
+        return [self._job_return(overrides, outcome(results[own[i]])) for i, overrides in enumerate(job_overrides)]
+
+    def _launch_step(self, settings: DictConfig, cells: list, job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+        """A study's batch. A cell the plan refuses (a sampled value out of range, a combination a method
+        cannot take) is a failed point of the search, not bad input, once the study runs: it is returned
+        REFUSED with the reason and not run. A first batch with no cell to run raises the first refusal."""
+        from orchestrator import plan, sweep
+
+        if settings.sweep.sensitivity.groups != "none":
+            raise ConfigError("sweep.sensitivity.groups", settings.sweep.sensitivity.groups,
+                              "allowed with hydra/sweeper=optuna: none", problem="a sensitivity sweep is a grid")
+        planned: list[Any] = []
+        for cell, overrides in zip(cells, job_overrides):
+            try:
+                planned.append(plan.planned_trial(cell, overrides))
+            except ConfigError as error:
+                planned.append(error)
+        trials = [t for t in planned if not isinstance(t, ConfigError)]
+        if self.plan_only:
+            plan.print_plan(trials)
+            return []
+        if self.sweep is None:
+            if not trials:
+                raise planned[0]
+            self.sweep = sweep.Sweep(settings, study=True, **self.study)
+        keys = [None if isinstance(t, ConfigError) else t.spec.trial_key for t in planned]
+        if self.before_step is not None:
+            self.before_step(keys)
+        results = self.sweep.run(trials) if trials else {}
+        return [self._job_return(overrides, outcome(results[key]) if key else
+                                 {"trial_key": "", "status": "REFUSED", "reason": str(t), "metrics": {}})
+                for overrides, key, t in zip(job_overrides, keys, planned)]
+
+    def _job_return(self, overrides: Sequence[str], value: dict[str, Any]) -> JobReturn:
+        ret = JobReturn(overrides=list(overrides), hydra_cfg=self.config, task_name=self.config.hydra.job.name,
+                        status=JobStatus.COMPLETED)
+        ret.return_value = value
+        return ret
+
+    def begin_study(self, before_step: Optional[Callable[[list], None]] = None, **sweep_arguments: Any) -> None:
+        """From now on every launch is a step of one sweep, opened by the first with ``sweep_arguments``
+        (orchestrator.sweep.Sweep's: an earlier sweep to reopen, its rows, plan and lease). ``before_step``
+        is called with each cell's trial key (None where refused) once the step is planned and its sweep
+        open, before any of its trials runs."""
+        self.study, self.before_step = sweep_arguments, before_step
+
+    def end_study(self):
+        """End the study's sweep (its report and summary line); its SweepSummary, or None if no step ran."""
+        return None if self.sweep is None else self.sweep.end()
+
+
+def outcome(result) -> dict[str, Any]:
+    """A cell's JobReturn value: how its trial ended and its metrics, as plain data. The Hydra job (the
+    cell's launch) completed even where the trial failed: the failure is a recorded result, not a crash
+    (Hydra's basic sweeper raises a failed job's error once the whole sweep has run)."""
+    return {"trial_key": result.trial_key, "status": result.status.value, "reason": result.reason,
+            "metrics": dict(result.metrics)}
 
 
 class _Combination:

@@ -91,7 +91,8 @@ def plain_config(cfg: DictConfig | dict) -> dict[str, Any]:
 # A section left empty is left out too (method=rtn: the key of a trial from before methods existed).
 KEY_NEUTRAL_DEFAULTS = {"eval": {"tasks": [], "task_limit": None, "num_fewshot": None},
                         "method": {"name": "rtn"},
-                        "model": {"outliers": None}, "quant": {"activation_scales": "dynamic", "rules": []}}
+                        "model": {"outliers": None}, "quant": {"activation_scales": "dynamic", "rules": []},
+                        "backend": {"noop": {"x": 0.0, "y": 0.0}}}
 STATIC_SCALE_KEYS = ("activation_observer", "activation_percentile")
 
 
@@ -100,13 +101,28 @@ def trial_key(config: dict[str, Any]) -> str:
     Of the resources only the GPU model counts: more CPUs or a longer timeout is the same trial."""
     keyed = {**{k: config[k] for k in TRIAL_SECTIONS if k in config},
              "resources": {k: config["resources"][k] for k in KEYED_RESOURCES}}
-    for section, defaults in KEY_NEUTRAL_DEFAULTS.items():
-        if section in keyed:
-            keyed[section] = {k: v for k, v in keyed[section].items() if k not in defaults or v != defaults[k]}
-            if not keyed[section]:
-                del keyed[section]
+    keyed = _without_neutral(keyed, KEY_NEUTRAL_DEFAULTS)
     canonical = json.dumps(keyed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _without_neutral(node: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``node`` less the keys at their key-neutral default (a dict of defaults: the same one level down);
+    a section left empty goes too."""
+    out = {}
+    for key, value in node.items():
+        neutral = defaults.get(key, _NO_DEFAULT)
+        if isinstance(neutral, dict) and neutral and isinstance(value, dict):
+            value = _without_neutral(value, neutral)
+            if not value:
+                continue
+        elif key in defaults and value == neutral:
+            continue
+        out[key] = value
+    return out
+
+
+_NO_DEFAULT = object()
 
 
 def trial_spec(cfg: DictConfig | dict, overrides: Sequence[str]) -> TrialSpec:

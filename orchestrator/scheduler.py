@@ -147,15 +147,16 @@ def restore_interrupt(flag: Interrupt) -> None:
 class SweepLoop:
     """The state of one sweep while it runs: what is queued, in flight, running, done."""
 
-    def __init__(self, settings: DictConfig, trials: list[PlannedTrial], tracker: tracking.SweepTracker,
-                 counts: Counter):
+    def __init__(self, settings: DictConfig, tracker: tracking.SweepTracker, counts: Counter):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.settings, self.tracker, self.counts = settings, tracker, counts
-        self.trials = {t.spec.trial_key: t for t in trials}
-        self.queue = deque(t.spec.trial_key for t in trials)
-        self.open: set[str] = set(self.trials)      # keys whose run is not terminated yet
+        self.trials: dict[str, PlannedTrial] = {}
+        self.queue: deque[str] = deque()
+        self.open: set[str] = set()                 # keys whose run is not terminated yet
+        # key -> how it ended (status, reason, metrics: no artifacts, which can be large), for the launcher's returns
+        self.results: dict[str, TrialResult] = {}
         self.in_flight: dict[Any, str] = {}         # object ref -> key
         self.started_at: dict[str, float] = {}      # key -> when its current execution started
         self.executions: Counter = Counter()        # key -> executions seen (Ray re-runs a lost one)
@@ -171,6 +172,13 @@ class SweepLoop:
         self.remote_trial = ray.remote(max_calls=1 if cluster.fresh_worker_per_trial else 0,
                                        max_retries=cluster.max_retries, retry_exceptions=False)(run_trial)
 
+    def add(self, trials: list[PlannedTrial]) -> None:
+        """Queue a batch: a grid sweep's only one, or a study's next step."""
+        for t in trials:
+            self.trials[t.spec.trial_key] = t
+            self.queue.append(t.spec.trial_key)
+            self.open.add(t.spec.trial_key)
+
     def record(self, key: str, result: TrialResult) -> None:
         nodes = self.nodes.get(key, [])
         last = result.env.pop("ray_node", None)
@@ -180,6 +188,7 @@ class SweepLoop:
         if nodes:
             tags["ray_nodes"] = ",".join(nodes)
         self.tracker.finish_trial(self.trials[key].spec, result, tags)
+        self.results[key] = TrialResult(key, result.status, metrics=dict(result.metrics), reason=result.reason)
         self.open.discard(key)
         self.started_at.pop(key, None)
         self.counts[result.status.value] += 1

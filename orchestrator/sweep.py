@@ -44,6 +44,7 @@ class SweepSummary:
     counts: Counter = field(default_factory=Counter)
     elapsed_s: float = 0.0
     unrecorded: int = 0  # MLflow writes that never landed
+    results: dict[str, TrialResult] = field(default_factory=dict)  # trial key -> how it ended (no artifacts)
 
     @property
     def total(self) -> int:
@@ -96,54 +97,124 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
     """Run ``trials`` as one sweep; prints and returns its summary. ``reopen``: the parent run
     of an earlier sweep (``settings.sweep.id``) that these trials are new attempts of, ``prior_rows``
     that sweep's trial rows before them, and ``holder`` the lease on it this process took."""
-    import ray
-    from omegaconf import OmegaConf
-
-    from orchestrator import sweep_state
-
-    # Baselines first: the comparisons need them, and a capped sweep should not end without them.
-    trials = sorted(_dedupe(trials), key=lambda t: not t.baseline)
-    started_at = time.perf_counter()
-    uri = store.resolve_uri(settings.tracking.uri)
-    mlflow_client = store.connect(uri)  # a dead or wrong store: one line, before anything is made
-    sweep_id = settings.sweep.id or new_sweep_id()
-    if reopen is None and settings.sweep.id and sweep_state.find_parent(mlflow_client, sweep_id) is not None:
-        raise ConfigError("sweep.id", sweep_id, f"a new id; more attempts of that sweep: orchestrator resubmit "
-                                                f"{sweep_id} --failed, or orchestrator resume {sweep_id}",
-                          problem="a sweep with this id exists")
-    tags = {"command": mask(" ".join(sys.argv)), **remote.job_tags(), "driver_host": socket.gethostname(),
-            "driver_pid": str(os.getpid())}
-    if reopen is None:  # a resubmission keeps the sweep's own baseline
-        tags["trials"] = str(len(trials))
-        tags["baseline"] = json.dumps(dict(settings.sweep.baseline))
-        if settings.sweep.recipe is not None:  # what `orchestrator recipe` predicted, for the report
-            tags["recipe"] = json.dumps(OmegaConf.to_container(settings.sweep.recipe, resolve=True))
-        _say_missing_baselines(trials, dict(settings.sweep.baseline))
-    measuring = any(pairing.measures(t.spec.config) for t in trials)
-    tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen,
-                                    prior_rows=prior_rows)
-    summary = SweepSummary(sweep_id, uri, settings.sweep.name, tracker.parent_id)
-    if reopen is None:
-        holder = lease.claim_new(tracker.client, tracker.parent_id)
-        tracker.write_plan([t.spec for t in trials], OmegaConf.to_container(settings, resolve=True))
-    if settings.sweep.reuse:
-        trials = _reuse_finished(tracker, trials, summary)
-
-    we_started_ray, loop, interrupted = False, None, None
+    sweep = Sweep(settings, reopen=reopen, prior_rows=prior_rows, holder=holder,
+                  cells=len({t.spec.trial_key for t in trials}))
     try:
-        we_started_ray = scheduler.init_ray(settings.cluster)
-        interrupted = scheduler.defer_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
-        loop = scheduler.SweepLoop(settings, trials, tracker, summary.counts)
-        cells = summary.total + len(trials)  # reused ones included
+        sweep.run(trials)
+    finally:
+        sweep.end()
+    return sweep.summary
+
+
+class Sweep:
+    """One sweep's life in the driver: opened (its parent run and lease), one batch of trials run per
+    :meth:`run` (a grid sweep has one; an adaptive study, orchestrator.study, one per step), then
+    :meth:`end` (the counts, the lease released, the report, the summary line).
+
+    With ``study``, a batch holds only the cells the sweep has not ended yet: a key that ended in this
+    process is not run again, and one that an earlier driver of the sweep recorded (``prior_rows``) is
+    taken from its run if it FINISHED or was UNSUPPORTED, else run as its next attempt."""
+
+    def __init__(self, settings: DictConfig, reopen: Optional[str] = None, prior_rows: Sequence[dict] = (),
+                 holder: Optional[lease.Holder] = None, prior_plan: Sequence[dict] = (), study: bool = False,
+                 cells: Optional[int] = None):
+        """``cells``: how many trials a new sweep will have (its ``trials`` tag), where known."""
+        from omegaconf import OmegaConf
+
+        from orchestrator import sweep_state
+
+        self.started_at = time.perf_counter()
+        self.settings, self.reopen, self.study, self.holder = settings, reopen, study, holder
+        uri = store.resolve_uri(settings.tracking.uri)
+        mlflow_client = store.connect(uri)  # a dead or wrong store: one line, before anything is made
+        sweep_id = settings.sweep.id or new_sweep_id()
+        if reopen is None and settings.sweep.id and sweep_state.find_parent(mlflow_client, sweep_id) is not None:
+            raise ConfigError("sweep.id", sweep_id, f"a new id; more attempts of that sweep: orchestrator resubmit "
+                                                    f"{sweep_id} --failed, or orchestrator resume {sweep_id}",
+                              problem="a sweep with this id exists")
+        tags = {"command": mask(" ".join(sys.argv)), **remote.job_tags(), "driver_host": socket.gethostname(),
+                "driver_pid": str(os.getpid())}
+        if reopen is None:  # a resubmission keeps the sweep's own baseline
+            if cells is not None:
+                tags["trials"] = str(cells)
+            tags["baseline"] = json.dumps(dict(settings.sweep.baseline))
+            if settings.sweep.recipe is not None:  # what `orchestrator recipe` predicted, for the report
+                tags["recipe"] = json.dumps(OmegaConf.to_container(settings.sweep.recipe, resolve=True))
+        self.tracker = tracking.SweepTracker(uri, settings.sweep.name, sweep_id, tags=tags, parent_id=reopen,
+                                             prior_rows=prior_rows, prior_plan=prior_plan)
+        self.summary = SweepSummary(sweep_id, uri, settings.sweep.name, self.tracker.parent_id)
+        if reopen is None:
+            self.holder = lease.claim_new(self.tracker.client, self.tracker.parent_id)
+        self.prior = {row["trial_key"]: row for row in prior_rows}
+        self.status, self.cancelled, self.measuring, self.batches = "FINISHED", False, False, 0
+        self.results: dict[str, TrialResult] = {}  # keys ended in this process, and ones taken from earlier drivers
+        self.we_started_ray, self.loop, self.interrupted = False, None, None
+
+    def run(self, trials: list[PlannedTrial]) -> dict[str, TrialResult]:
+        """Run a batch to its end; each of its keys' results (status, reason, metrics). Ctrl-C and SIGTERM
+        end its open trials CANCELLED and raise KeyboardInterrupt; `orchestrator cancel` ends them
+        CANCELLED and sets ``cancelled``; a driver error ends them FAILED and is raised."""
+        from omegaconf import OmegaConf
+
+        # Baselines first: the comparisons need them, and a capped sweep should not end without them.
+        trials = sorted(_dedupe(trials), key=lambda t: not t.baseline)
+        keys = [t.spec.trial_key for t in trials]
+        if self.study:
+            trials = self._not_ended(trials)
+        first, self.batches = self.batches == 0, self.batches + 1
+        if first and self.reopen is None:
+            _say_missing_baselines(trials, dict(self.settings.sweep.baseline))
+        self.measuring = self.measuring or any(pairing.measures(t.spec.config) for t in trials)
+        if self.reopen is None or self.study:
+            self.tracker.write_plan([t.spec for t in trials], OmegaConf.to_container(self.settings, resolve=True))
+        if self.settings.sweep.reuse:
+            trials = _reuse_finished(self.tracker, trials, self.summary, self.results)
+        if not trials:
+            return {k: self.results[k] for k in keys}
+        try:
+            if self.loop is None:
+                self.we_started_ray = scheduler.init_ray(self.settings.cluster)
+                self.interrupted = scheduler.defer_interrupt()  # after ray.init, which installs a SIGTERM handler
+                self.loop = scheduler.SweepLoop(self.settings, self.tracker, self.summary.counts)
+            self._loop(trials)
+        except _Cancelled:
+            self.status, self.cancelled = "KILLED", True
+            self.loop.close_open(Status.CANCELLED, "cancelled: orchestrator cancel")
+        except KeyboardInterrupt:
+            self.status = "KILLED"
+            self._close_batch(trials, Status.CANCELLED, "cancelled: the driver was interrupted")
+            raise
+        except BaseException as error:
+            self.status = "FAILED"
+            self._close_batch(trials, Status.FAILED, f"driver error: {type(error).__name__}: {error}")
+            raise
+        finally:
+            if self.loop is not None:
+                self.results.update(self.loop.results)
+        return {k: self.results[k] for k in keys}
+
+    def _close_batch(self, trials: list[PlannedTrial], status: Status, reason: str) -> None:
+        if self.loop is not None:
+            self.loop.close_open(status, reason)
+            return
+        for t in trials:  # Ray never came up: no trial of this batch ran
+            self.tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, status, reason=reason[:500]))
+            self.summary.counts[status.value] += 1
+
+    def _loop(self, trials: list[PlannedTrial]) -> None:
+        loop, tracker, summary = self.loop, self.tracker, self.summary
+        loop.add(trials)
         loop.reject_unfit()
         next_cancel_check = time.monotonic() + CANCEL_POLL_S
         next_heartbeat = time.monotonic() + HEARTBEAT_S
         next_starts_check = last_update = time.monotonic()
         longest_gap = 0.0  # between two updates of the progress bar, since the last heartbeat
         with _progress() as progress:
-            bar = progress.add_task(f"sweep {sweep_id}", total=cells, running=0, failed=0)
+            step = f" step {self.batches}" if self.study else ""
+            done = summary.total
+            bar = progress.add_task(f"sweep {summary.sweep_id}{step}", total=len(trials), running=0, failed=0)
             while loop.open:
-                if interrupted.is_set():
+                if self.interrupted.is_set():
                     raise KeyboardInterrupt
                 if time.monotonic() > next_heartbeat:
                     next_heartbeat = time.monotonic() + HEARTBEAT_S
@@ -161,47 +232,62 @@ def execute(settings: DictConfig, trials: list[PlannedTrial], reopen: Optional[s
                 loop.end_timed_out()
                 loop.collect(ready)
                 tracker.update_index()
-                progress.update(bar, completed=summary.total, running=loop.running(),
+                progress.update(bar, completed=summary.total - done, running=loop.running(),
                                 failed=summary.counts["FAILED"] + summary.counts["TIMEOUT"])
                 longest_gap = max(longest_gap, time.monotonic() - last_update)
                 last_update = time.monotonic()
-        status = "FINISHED"
-    except _Cancelled:
-        status = "KILLED"
-        loop.close_open(Status.CANCELLED, "cancelled: orchestrator cancel")
-    except KeyboardInterrupt:
-        status = "KILLED"
-        if loop is not None:
-            loop.close_open(Status.CANCELLED, "cancelled: the driver was interrupted")
-        raise
-    except BaseException as error:
-        status = "FAILED"
-        if loop is not None:
-            loop.close_open(Status.FAILED, f"driver error: {type(error).__name__}: {error}")
-        raise
-    finally:
-        if interrupted is not None:
-            scheduler.restore_interrupt(interrupted)
-        if loop is None:  # Ray never came up: no trial ran
-            for t in trials:
-                tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FAILED,
-                                                         reason="driver error before any trial started"))
-                summary.counts[Status.FAILED.value] += 1
-        summary.elapsed_s = time.perf_counter() - started_at
-        tracker.finish_sweep(status)
-        if holder is not None:
+
+    def _not_ended(self, trials: list[PlannedTrial]) -> list[PlannedTrial]:
+        """A study's batch less the keys the sweep has ended (their results kept); a key an earlier driver
+        left unfinished becomes its next attempt."""
+        import dataclasses
+
+        taken = {Status.FINISHED.value, Status.UNSUPPORTED.value}
+        out = []
+        for t in trials:
+            key = t.spec.trial_key
+            row = self.prior.get(key)
+            if key in self.results:
+                continue
+            if row is not None and row["status"] in taken and row["run_id"]:
+                self.results[key] = _recorded_result(self.tracker.client, row)
+            elif row is not None:
+                attempt = max(row["attempts"], row["latest_attempt"]) + 1
+                out.append(dataclasses.replace(t, spec=dataclasses.replace(t.spec, attempt=attempt)))
+            else:
+                out.append(t)
+        return out
+
+    def end(self) -> SweepSummary:
+        """End the sweep (whatever ``run`` raised): its counts, its lease, the report, the summary line."""
+        import ray
+
+        if self.interrupted is not None:
+            scheduler.restore_interrupt(self.interrupted)
+        tracker, summary = self.tracker, self.summary
+        summary.elapsed_s, summary.results = time.perf_counter() - self.started_at, self.results
+        tracker.finish_sweep(self.status)
+        if self.holder is not None:
             tracker.writer.submit("release the sweep's lease", lease.release, tracker.client, tracker.parent_id,
-                                  holder)
-        if we_started_ray:
+                                  self.holder)
+        if self.we_started_ray:
             ray.shutdown()
-        _flush(tracker, settings.tracking.flush_timeout_s, summary)
-        if status == "FINISHED" and settings.sweep.report and measuring and not summary.unrecorded:
-            _report(uri, sweep_id)
-        if url := store.ui_url(uri, tracker.experiment_id):
+        _flush(tracker, self.settings.tracking.flush_timeout_s, summary)
+        if self.status == "FINISHED" and self.settings.sweep.report and (self.measuring or self.study) \
+                and not summary.unrecorded:
+            _report(summary.tracking_uri, summary.sweep_id)
+        if url := store.ui_url(summary.tracking_uri, tracker.experiment_id):
             print(f"mlflow ui: {url}")
         print(summary.line(), flush=True)
         COMPLETED.append(summary)
-    return summary
+        return summary
+
+
+def _recorded_result(mlflow_client, row: dict) -> TrialResult:
+    """An ended trial as its run holds it (an earlier driver of the sweep recorded it)."""
+    metrics = store.retrying(lambda: mlflow_client.get_run(row["run_id"]).data.metrics, tracking.START_DEADLINE_S,
+                             "read a trial's run")
+    return TrialResult(row["trial_key"], Status(row["status"]), metrics=dict(metrics), reason=row["reason"] or None)
 
 
 def _paired_files(client, run_id: str) -> dict[str, str]:
@@ -219,7 +305,7 @@ def _paired_files(client, run_id: str) -> dict[str, str]:
 
 
 def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
-                    summary: SweepSummary) -> list[PlannedTrial]:
+                    summary: SweepSummary, results: dict[str, TrialResult]) -> list[PlannedTrial]:
     """sweep.reuse=true: cells an earlier sweep finished are recorded from it, not re-run; the rest remain."""
     done = tracker.finished_elsewhere({t.spec.trial_key for t in trials})
     for t in trials:
@@ -231,6 +317,7 @@ def _reuse_finished(tracker: tracking.SweepTracker, trials: list[PlannedTrial],
                    and k not in tracking.RUN_LAYOUT_TAGS and k not in pairing.COMPARISON_TAGS}
             metrics = {k: v for k, v in source.data.metrics.items() if not pairing.is_comparison_metric(k)}
             artifacts = _paired_files(tracker.client, source.info.run_id)
+            results[t.spec.trial_key] = TrialResult(t.spec.trial_key, Status.FINISHED, metrics=metrics)
             tracker.finish_trial(t.spec, TrialResult(t.spec.trial_key, Status.FINISHED, metrics=metrics, env=env,
                                                      artifacts=artifacts),
                                  {"reused_from": source.info.run_id,

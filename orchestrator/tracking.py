@@ -33,6 +33,7 @@ MLFLOW_STATUS = {Status.FINISHED: "FINISHED", Status.UNSUPPORTED: "FINISHED", St
 CANCEL_TAG = "cancel_requested"
 INDEX_FILE, INDEX_TAG = "trials.json", "trial_index"
 PLAN_FILE = "plan.json"  # every cell of a sweep, written before any of its trial runs
+STUDY_FILE = "study.json"  # an adaptive sweep's study (orchestrator.study), rewritten after each batch
 # The sweep's settings stored with its plan, so a resubmission runs as the sweep did. Not where
 # the cluster and the store are (an address read back from the store is never followed), nor the
 # sweep's name and id, which the store itself gives.
@@ -106,9 +107,16 @@ def invalidate_index(mlflow_client, parent_id: str) -> None:
             raise
 
 
-def plan_json(specs: Sequence[TrialSpec], settings: dict[str, dict[str, Any]]) -> str:
-    """``plan.json``: every cell's key, overrides and config, and the sweep's STORED_SETTINGS."""
-    plan = [{"trial_key": s.trial_key, "overrides": " ".join(s.overrides), "config": s.config} for s in specs]
+def plan_cell(spec: TrialSpec) -> dict[str, Any]:
+    """A cell's entry in ``plan.json``."""
+    return {"trial_key": spec.trial_key, "overrides": " ".join(spec.overrides), "config": spec.config}
+
+
+def plan_json(specs: Sequence[TrialSpec], settings: dict[str, dict[str, Any]],
+              prior: Sequence[dict[str, Any]] = ()) -> str:
+    """``plan.json``: every cell's key, overrides and config (``prior``: cells planned before, as entries),
+    and the sweep's STORED_SETTINGS."""
+    plan = [*prior, *map(plan_cell, specs)]
     stored = {section: {k: settings[section][k] for k in keys} for section, keys in STORED_SETTINGS.items()}
     return json.dumps({"trials": plan, "settings": stored})
 
@@ -124,9 +132,11 @@ class SweepTracker:
     """The sweep's parent run, created at once; child runs and results written by a :class:`Writer`."""
 
     def __init__(self, uri: str, experiment: str, sweep_id: str, tags: dict[str, str],
-                 parent_id: Optional[str] = None, prior_rows: Sequence[dict[str, Any]] = ()):
+                 parent_id: Optional[str] = None, prior_rows: Sequence[dict[str, Any]] = (),
+                 prior_plan: Sequence[dict[str, Any]] = ()):
         """A new sweep, or with ``parent_id`` an earlier one reopened (resubmission) for more attempts;
-        ``prior_rows``: its trials' rows (``orchestrator.sweep_state.TrialRow`` as dicts) before this run."""
+        ``prior_rows``: its trials' rows (``orchestrator.sweep_state.TrialRow`` as dicts) before this run, and
+        ``prior_plan`` its plan's cells (entries of ``plan.json``), which a plan written now keeps."""
         from mlflow.entities import RunTag
 
         self.uri, self.sweep_id = uri, sweep_id
@@ -155,6 +165,7 @@ class SweepTracker:
         self._finished: set[str] = set()   # trial keys whose result has been handed to the writer
         self._artifact_uris: dict[str, str] = {}
         self._config_stored: set[str] = set()  # trial keys whose config.yaml is uploaded (writer thread only)
+        self._planned: dict[str, dict[str, Any]] = {cell["trial_key"]: cell for cell in prior_plan}
         self.writer = store.Writer()
 
     def mark_running(self, spec: TrialSpec, node: str, execution: int) -> None:
@@ -216,8 +227,16 @@ class SweepTracker:
         """``plan.json`` on the parent run, ahead of any trial's run: every cell's key, overrides and
         config, so that `orchestrator resume` finds the trials a killed driver never made runs for, and
         the sweep's settings (``settings``: a composed config's sections), to run them as the sweep did;
-        then the first index, every cell pending."""
-        self.writer.submit("store the sweep's plan", self._store_plan, specs, plan_json(specs, settings))
+        then the index, the new cells pending. A study writes it again before each batch, with the cells
+        planned before it (and those of the sweep's earlier drivers)."""
+        new = [s for s in specs if s.trial_key not in self._planned]
+        text = plan_json(new, settings, list(self._planned.values()))
+        self._planned.update((s.trial_key, plan_cell(s)) for s in new)
+        self.writer.submit("store the sweep's plan", self._store_plan, specs, text)
+
+    def write_study(self, text: str) -> None:
+        """``study.json`` on the parent run (orchestrator.study): the study's definition and its trials."""
+        self.writer.submit("store the study", self._upload_to_parent, STUDY_FILE, text)
 
     def _store_plan(self, specs: Sequence[TrialSpec], text: str) -> None:
         self._upload_to_parent(PLAN_FILE, text)

@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import open_dict
 
 from orchestrator.launcher import RayTrialsLauncher as _RayTrialsLauncher
+from orchestrator.study import StudySweeper as _StudySweeper
 
 
 class RayTrialsLauncher(_RayTrialsLauncher):
@@ -57,3 +58,8 @@ class TrialsSweeperConf(BasicSweeperConf):
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="trials", node=TrialsSweeperConf, provider="quantsweep")
+
+
+class StudySweeper(_StudySweeper):
+    """``hydra/sweeper=optuna``: Optuna's ask-and-tell over our launcher (``orchestrator/study.py``, which
+    registers its config)."""
