@@ -244,6 +244,16 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
                                                      "or cluster.* for where they run")
     opts = parser.parse_intermixed_args(args)
     mode = mode or opts.mode
+    if mode == "unfinished":  # an adaptive sweep goes on asking where its driver stopped
+        from orchestrator import study
+        from orchestrator.errors import ConfigError
+
+        try:
+            stored = study.read(*sweep_state.open_sweep(uri, opts.sweep_id))
+            if stored is not None:
+                return study.resume(uri, opts.sweep_id, stored, opts.overrides, opts.address)
+        except ConfigError as e:
+            return _error(str(e))
     try:
         plan = resubmission.prepare(uri, opts.sweep_id, mode, opts.overrides, opts.force, opts.address)
     except Exception as exc:

@@ -31,6 +31,7 @@ from jobs.spec import EVAL_WINDOWS_FILE, TASK_SAMPLES_FILE
 from orchestrator import accelerators
 from orchestrator import recipe as recipes
 from orchestrator import sensitivity, store, tracking
+from orchestrator import study as studies
 from orchestrator.pairing import (MAX_FILE_BYTES, NOISE_Z, TASK_DELTA_SUFFIXES, Row, compare, describe,
                                   is_comparison_metric, notes, parse_samples, parse_windows, stored_baseline)
 
@@ -89,7 +90,8 @@ def generate(uri: str, sweep_id: str, out_dir: Optional[Path] = None) -> tuple[l
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        names = write(folder, parent, rows, baseline, lambda row: _latency_samples(client, row))
+        names = write(folder, parent, rows, baseline, lambda row: _latency_samples(client, row),
+                      studies.read(client, parent))
         client.log_artifacts(parent.info.run_id, str(folder), "report")
     note = recipes.stored_note(parent.data.tags)
     return rows, names, [] if note is None else recipes.comparison(note, rows)
@@ -128,9 +130,10 @@ def _latency_samples(client, row: Row) -> Optional[dict[str, list[float]]]:
     return samples
 
 
-def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], latency) -> list[str]:
+def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], latency, study=None) -> list[str]:
     """The report's files in ``folder``; ``latency(row)`` gives a row's latency samples or None. A sensitivity
-    sweep adds ``sensitivity.csv`` and a heatmap per baseline; a recipe's sweep, ``recipe.csv``."""
+    sweep adds ``sensitivity.csv`` and a heatmap per baseline; a recipe's sweep, ``recipe.csv``; a study
+    (``study``: its definition and trials, orchestrator.study.read), ``study.csv`` and ``study.png``."""
     names = ["comparison.csv"]
     columns = COLUMNS + task_columns(rows)
     _write_csv(folder / "comparison.csv", columns, [[r.value(c) for c in columns] for r in rows])
@@ -151,6 +154,14 @@ def write(folder: Path, parent, rows: list[Row], baseline: dict[str, str], laten
                    [[line[c] for c in accelerators.WHATIF_COLUMNS] for line in predicted])
         names.append("whatif.csv")
         sections += _whatif_html(predicted)
+    if study is not None:
+        definition, records = study
+        lines = studies.table(definition, records, {r.key: r.run_id for r in rows})
+        columns = list(lines[0]) if lines else []
+        _write_csv(folder / "study.csv", columns, [[line[c] for c in columns] for line in lines])
+        names.append("study.csv")
+        figures["study.png"] = _study_plot(definition, records)
+        sections += _study_html(definition, lines)
     note = recipes.stored_note(parent.data.tags)
     if note is not None:
         lines = recipes.comparison(note, rows)
@@ -352,6 +363,61 @@ def _pareto(model: str, rows: list[Row]):
     fig.suptitle(f"{model}: decode throughput against accuracy cost (batch {bench.get('bench.batch_size')}, "
                  f"prompt {bench.get('bench.prompt_len')} tokens; up and left is better)")
     return _png(fig)
+
+
+def _study_plot(definition, records) -> bytes:
+    """The values Optuna was told, coloured by the order they were tried, and the Pareto front found: the
+    first two objectives against each other, or one objective against the trial number."""
+    import matplotlib.pyplot as plt
+
+    names = list(definition.objectives)
+    done = [r for r in records if r.state == "COMPLETE" and r.values]
+    front = studies.pareto_front(definition, records)
+    fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
+    if len(names) == 1:
+        ax.scatter([r.number for r in done], [r.values[0] for r in done], c=[r.batch for r in done], cmap="viridis",
+                   edgecolor="black", zorder=3)
+        pick, best, line = (min if definition.objectives[names[0]] == "minimize" else max), None, []
+        for r in sorted(done, key=lambda r: r.number):
+            best = r.values[0] if best is None else pick(best, r.values[0])
+            line.append((r.number, best))
+        ax.step([p[0] for p in line], [p[1] for p in line], where="post", color="gray", linestyle="--",
+                label="best so far", zorder=2)
+        ax.set_xlabel("trial (the order Optuna asked for them); colour: batch")
+        ax.set_ylabel(f"{names[0]} ({definition.objectives[names[0]]})")
+    else:
+        points = ax.scatter([r.values[0] for r in done], [r.values[1] for r in done], c=[r.number for r in done],
+                            cmap="viridis", edgecolor="black", zorder=3)
+        fig.colorbar(points, ax=ax, label="trial (the order tried)")
+        ordered = sorted(front, key=lambda r: (r.values[0], r.values[1]))
+        ax.plot([r.values[0] for r in ordered], [r.values[1] for r in ordered], color="red", marker="o",
+                markerfacecolor="none", markersize=12, linestyle="--", label="Pareto front found", zorder=4)
+        ax.set_xlabel(f"{names[0]} ({definition.objectives[names[0]]})")
+        ax.set_ylabel(f"{names[1]} ({definition.objectives[names[1]]})")
+    failed = len(records) - len(done)
+    ax.set_title(f"study: {len(records)} trials, {len(front)} on the Pareto front" +
+                 (f", {failed} failed or not yet told" if failed else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def _study_html(definition, lines: list[dict]) -> str:
+    objectives = ", ".join(f"{html.escape(m)} ({d})" for m, d in definition.objectives.items())
+    front = [line for line in lines if line["on_pareto_front"]]
+    if not front:
+        return f"<h2>Study</h2><p>Objectives: {objectives}. No trial completed.</p>"
+    columns = [c for c in front[0] if c.startswith(("param:", "value:"))]
+    head = "".join(f"<th>{html.escape(c.split(':', 1)[1])}</th>" for c in ["number:trial", *columns])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt_any(line[c]))}</td>" for c in ["number", *columns])
+                   + "</tr>" for line in front)
+    return (f"<h2>Study</h2><p>Objectives: {objectives}; {len(lines)} trials asked by {html.escape(definition.sampler['name'])}"
+            f" in batches of {definition.n_jobs} (every trial, in the order tried: study.csv). The Pareto front found:</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _fmt_any(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _heatmap(rows: list[Row]):

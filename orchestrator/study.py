@@ -50,7 +50,8 @@ _PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[./][A-Za-z_][A-Za-z0-9_-]*)*")
 # line, as resubmit does), Hydra's own settings, the sweep's identity, and a model's source.
 _REFUSED_KEYS = ("hydra", "tracking", "cluster.address", "sweep.id", "sweep.name", "model.source", "model.path",
                  "model.trust_remote_code")
-PLACES = ("tracking.", "cluster.address")  # fixed overrides not stored: the resuming command line gives them
+UNSTORED = ("tracking.", "cluster.address", "sweep.id", "sweep.name")  # given again by the resuming command
+_EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 MAX_TRIALS = 100_000
 
 
@@ -65,7 +66,11 @@ def _optuna():
         from hydra_plugins.hydra_optuna_sweeper import _impl  # noqa: F401 (the plugin's override parsing)
     except ImportError:
         raise _install_hint() from None
+    import warnings
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep's own progress says what happens
+    # add_trial and enqueue_trial, which a resume uses, are marked experimental in Optuna 2.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
 
@@ -117,7 +122,7 @@ def _check_key(key: str, where: str) -> None:
     if not isinstance(key, str) or not _PARAM.fullmatch(key):
         raise ConfigError(where, key, "allowed: a config key (model.name) or group (dtype)",
                           problem="not a key this study can set")
-    if key == "experiment" or key.startswith(("cluster.", "tracking.", "sweep.", "hydra")) and where != "override":
+    if where != "override" and (key == "experiment" or key.startswith(("cluster.", "tracking.", "sweep.", "hydra"))):
         raise ConfigError(where, key, "allowed: a trial's keys and groups (the sweep's own settings are the same "
                           "for every cell)", problem="cannot be searched")
 
@@ -145,7 +150,7 @@ def definition_from_config(sweeper: "StudySweeper", arguments: Sequence[str]) ->
         objectives=dict(OmegaConf.to_container(sweeper.objectives, resolve=True)) if isinstance(
             sweeper.objectives, DictConfig) else dict(sweeper.objectives or {}),
         space={k: json.loads(distribution_to_json(d)) for k, d in space.items()},
-        fixed={k: str(v) for k, v in fixed.items() if not k.startswith(PLACES)},
+        fixed={k: str(v) for k, v in fixed.items()},
         sampler={"name": name, "kwargs": kwargs}, n_trials=sweeper.n_trials, n_jobs=sweeper.n_jobs,
         max_failure_rate=sweeper.max_failure_rate)
     definition.check(where)
@@ -227,7 +232,10 @@ class TrialRecord:
 
 
 def study_json(definition: Definition, trials: Sequence[TrialRecord]) -> str:
-    return json.dumps({"definition": asdict(definition), "trials": [asdict(t) for t in trials]})
+    """study.json's text: the fixed overrides less where the sweep runs and records and what it is called
+    (a resume takes those from its own command line and the store), and every trial."""
+    stored = {**asdict(definition), "fixed": {k: v for k, v in definition.fixed.items() if not k.startswith(UNSTORED)}}
+    return json.dumps({"definition": stored, "trials": [asdict(t) for t in trials]})
 
 
 def read(client, parent) -> Optional[tuple[Definition, list[TrialRecord]]]:
@@ -275,8 +283,14 @@ def read(client, parent) -> Optional[tuple[Definition, list[TrialRecord]]]:
     for item in data["trials"]:
         if not isinstance(item, dict) or set(item) != set(TrialRecord.__dataclass_fields__):
             raise bad("a trial with unexpected contents", item)
-        check_plain(item["system_attrs"] if isinstance(item["system_attrs"], dict) else None, where)
         record = TrialRecord(**item)
+        if not _plain_json(record.system_attrs) or not isinstance(record.system_attrs, dict) or \
+                not all(_ATTR.fullmatch(k) for k in record.system_attrs):
+            raise bad("sampler attributes this project does not write", record.system_attrs)
+        if record.values is not None and not (isinstance(record.values, list) and _plain_json(record.values)):
+            raise bad("values that are not numbers", record.values)
+        if not isinstance(record.params, dict) or not _plain_json(list(record.params.values())):
+            raise bad("params that are not plain values", record.params)
         if not isinstance(record.number, int) or record.number != len(trials) or not isinstance(record.batch, int):
             raise bad("trials out of order", record.number)
         if record.state not in STATES or not isinstance(record.reason, str):
@@ -290,6 +304,24 @@ def read(client, parent) -> Optional[tuple[Definition, list[TrialRecord]]]:
                 raise bad(f"a value of {name} outside its distribution", value)
         trials.append(record)
     return definition, trials
+
+
+_ATTR = re.compile(r"[A-Za-z0-9_:.-]{1,100}")
+
+
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Numbers, text without interpolation, and lists and mappings of them, a few levels deep."""
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return "${" not in value and len(value) <= 1000
+    if depth < 3 and isinstance(value, list):
+        return all(_plain_json(v, depth + 1) for v in value)
+    if depth < 3 and isinstance(value, dict):
+        return all(isinstance(k, str) and _ATTR.fullmatch(k) and _plain_json(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def _refuse_constant(name: str) -> None:
@@ -344,6 +376,71 @@ class Resume:
 
 
 RESUMING: list[Resume] = []  # set by `resume` for the Hydra run it starts; taken by the sweeper
+# On resume, the command line may change how many trials the study runs and how many at a time.
+RESUME_SETTINGS = ("hydra.sweeper.n_trials", "hydra.sweeper.n_jobs")
+
+
+def resume(uri: str, sweep_id: str, stored: tuple[Definition, list[TrialRecord]], overrides: list[str],
+           address: Optional[str]) -> int:
+    """`orchestrator resume ID` for a study: take the sweep's lease, close the runs a dead driver left open
+    (FAILED, "driver lost"), rebuild the study from the runs, and go on to ``n_trials`` in the same sweep.
+    ``overrides``: plain overrides for the cells from now on, and hydra.sweeper.n_trials / n_jobs."""
+    import dataclasses
+
+    from jobs.spec import Status
+    from orchestrator import cli, lease, store, sweep_state
+
+    definition, trials = stored
+    settings = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if o.startswith(RESUME_SETTINGS)}
+    cell_overrides = [o for o in overrides if not o.startswith(RESUME_SETTINGS)]
+    for key, value in settings.items():
+        if not value.isdigit():
+            raise ConfigError(key, value, "allowed: a positive integer")
+        setattr(definition, key.rpartition(".")[2], int(value))
+    definition.check("hydra.sweeper.")
+    refused = [o for o in cell_overrides if o.startswith(("hydra", "sweep.", "experiment="))]
+    if refused:
+        raise ConfigError(refused[0].split("=")[0], refused[0].partition("=")[2], "allowed on resume: a trial's "
+                          "plain overrides, cluster.*, tracking.uri, hydra.sweeper.n_trials and hydra.sweeper.n_jobs",
+                          problem="the study's own settings are the stored ones")
+    client = store.client(uri)
+    state = sweep_state.load(uri, sweep_id, refresh=True)
+    holder = lease.take(client, sweep_id, state.parent_run_id, address)  # one driver per sweep, before anything
+    try:
+        if state.sweep_status == "RUNNING":
+            closed = sweep_state.close_open_runs(client, state, Status.FAILED, "driver lost: the sweep's driver died")
+            print(f"sweep {sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
+            state = sweep_state.load(uri, sweep_id, refresh=True)
+        runs = {row.trial_key: row for row in state.trials}
+        metrics = {key: dict(client.get_run(row.run_id).data.metrics) for key, row in runs.items()
+                   if row.status == Status.FINISHED.value and row.run_id}
+        plan = sweep_state.stored_plan(client, state.parent_run_id)
+        experiment = client.get_experiment(state.experiment_id).name
+        if not _EXPERIMENT_NAME.fullmatch(experiment):
+            raise ConfigError("experiment name", experiment[:100], "allowed: letters, digits, '_', '.', '-' (a sweep.name "
+                              "this project's configs give)", problem="stored name is not taken from the store")
+        RESUMING.append(Resume(definition, trials, {
+            "reopen": state.parent_run_id, "holder": holder, "prior_rows": [dataclasses.asdict(t) for t in state.trials],
+            "prior_plan": [dataclasses.asdict(c) for c in plan.trials] if plan else []},
+            metrics, {key: row.status for key, row in runs.items()}))
+        # The cells are composed from the stored overrides (checked as a command line is) and this one's.
+        command = ["-m", "hydra/sweeper=optuna", f"sweep.id={sweep_id}", f"sweep.name={experiment}",
+                   f"tracking.uri={uri}", *(f"{k}={v}" for k, v in definition.fixed.items()), *cell_overrides]
+    except BaseException:
+        RESUMING.clear()
+        lease.release(client, state.parent_run_id, holder)
+        raise
+    try:
+        code = cli.run(command)
+        if code != cli.EXIT_BAD_INPUT:
+            whole = sweep_state.load(uri, sweep_id)
+            counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
+            print(f"sweep {sweep_id} now: {len(whole.trials)} trials ({counts})")
+        return code
+    finally:
+        if RESUMING:  # the run stopped before its sweeper took it: nothing ran, the lease is free again
+            RESUMING.clear()
+            lease.release(client, state.parent_run_id, holder)
 
 
 class StudySweeper(Sweeper):
@@ -374,8 +471,8 @@ class StudySweeper(Sweeper):
                 raise _install_hint()
             resume = RESUMING.pop() if RESUMING else None
             definition = resume.definition if resume else definition_from_config(self, arguments)
-            if resume:  # the resuming command line's overrides stand beside the stored ones, and win
-                definition.fixed.update(_plain_overrides(arguments))
+            if resume:  # the resuming command line's overrides (the stored ones among them), the last winning
+                definition.fixed = _plain_overrides(arguments)
             Study(definition, self.launcher, resume).run()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -585,3 +682,16 @@ def pareto_front(definition: Definition, records: Sequence[TrialRecord]) -> list
         return all(x <= y for x, y in zip(pa, pb)) and any(x < y for x, y in zip(pa, pb))
 
     return [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+
+
+def table(definition: Definition, records: Sequence[TrialRecord], run_ids: dict[str, str]) -> list[dict[str, Any]]:
+    """study.csv's lines: every Optuna trial in the order it was asked, its values, and whether it is on the front."""
+    front = {id(r) for r in pareto_front(definition, records)}
+    lines = []
+    for r in records:
+        line = {"number": r.number, "batch": r.batch, "state": r.state, "on_pareto_front": id(r) in front,
+                "trial_key": r.trial_key, "run_id": run_ids.get(r.trial_key, ""), "reason": r.reason}
+        line.update({f"param:{k}": v for k, v in r.params.items()})
+        line.update({f"value:{m}": (r.values[i] if r.values else None) for i, m in enumerate(definition.objectives)})
+        lines.append(line)
+    return lines

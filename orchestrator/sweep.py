@@ -275,7 +275,7 @@ class Sweep:
         _flush(tracker, self.settings.tracking.flush_timeout_s, summary)
         if self.status == "FINISHED" and self.settings.sweep.report and (self.measuring or self.study) \
                 and not summary.unrecorded:
-            _report(summary.tracking_uri, summary.sweep_id)
+            _report(summary.tracking_uri, summary.sweep_id, self.measuring)
         if url := store.ui_url(summary.tracking_uri, tracker.experiment_id):
             print(f"mlflow ui: {url}")
         print(summary.line(), flush=True)
@@ -342,12 +342,12 @@ def _say_missing_baselines(trials: list[PlannedTrial], baseline: dict[str, str])
               file=sys.stderr)
 
 
-def _report(uri: str, sweep_id: str) -> None:
+def _report(uri: str, sweep_id: str, measuring: bool = True) -> None:
     """The comparison report on the parent run. The results are recorded by now: a report that
     fails or is interrupted loses none of them, and `orchestrator report` makes it again."""
     try:
         rows, names, recipe_lines = report.generate(uri, sweep_id)
-        if len(rows) <= REPORT_TABLE_MAX_ROWS:
+        if measuring and len(rows) <= REPORT_TABLE_MAX_ROWS:  # no-op trials have nothing to compare
             report.print_table(rows, sweep_id, recipe_lines)
         print(f"report: {', '.join(names)} under report/ on the sweep's run", flush=True)
     except (Exception, KeyboardInterrupt) as error:
