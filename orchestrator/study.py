@@ -206,14 +206,20 @@ def _plugin_installed() -> bool:
 
 
 def register() -> None:
-    """Store ``hydra/sweeper=optuna`` as ours, in place of the plugin's node of that name (whose sweeper
-    expects each job to return its objective as a number). Hydra's plugin scan runs each plugin module
-    again, and the plugin's stores its node: so the scan is made first, and ours stored after it."""
+    """Our sweepers under Hydra's names: ``hydra/sweeper=optuna`` in place of the plugin's node (whose
+    sweeper expects each job to return its objective as a number), and ``basic``, Hydra's default, as our
+    grid sweeper (so an experiment's ``override /hydra/sweeper: optuna`` has no other override to lose to).
+    Hydra's plugin scan runs each plugin module again, and each stores its nodes: so the scan is made
+    first, and ours stored after it."""
     from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.quantsweep_launcher.launcher import TrialsSweeperConf
+
     Plugins.instance()
-    ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=StudySweeperConf, provider="quantsweep")
+    store = ConfigStore.instance().store
+    store(group="hydra/sweeper", name="optuna", node=StudySweeperConf, provider="quantsweep")
+    store(group="hydra/sweeper", name="basic", node=TrialsSweeperConf, provider="quantsweep")
 
 
 # ---- the study's record on the parent run ----------------------------------------------------------
