@@ -284,6 +284,7 @@ def read(client, parent) -> Optional[tuple[Definition, list[TrialRecord]]]:
     definition.check("stored study's ")
     for key, value in definition.fixed.items():
         _check_stored_override(key, value)
+    _sampler(definition)
     distributions = _distributions(definition, where)
     trials = []
     for item in data["trials"]:
