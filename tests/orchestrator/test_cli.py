@@ -18,7 +18,7 @@ BAD_INPUT = [
     (["-m", "dtype=bf16,int4,fp7"], "dtype=fp7: no such dtype config"),
     (["-m", "dtype=int8,int4", "bench.repeats=0"], "bench.repeats=0: invalid value; allowed: >= 1"),
     (["-m", "dtype=int8", "tracking.uri=sqlite:///a.db,sqlite:///b.db"], "tracking.uri=sqlite:///b.db: varies across the sweep; one value for the whole sweep (first cell: sqlite:///a.db)"),
-    (["-m", "experiment=smok"], "experiment=smok: no such experiment config; allowed: int4-group-sizes, llama-8b-gpu, rotations, sensitivity, smoke"),
+    (["-m", "experiment=smok"], "experiment=smok: no such experiment config; allowed: int4-group-sizes, llama-8b-gpu, pareto-formats, rotations, sensitivity, smoke"),
     (["-m", "+experiment=smoke"], "+experiment=smoke: already in the defaults list; allowed: experiment=smoke (drop the +"),
     (["-m", "sweep=smoke"], "sweep=smoke: wrong type; allowed: sweep.<key>=<value>, keys: name, id, reuse"),
     (["-m", "sweep.name=résumé"], "sweep.name=résumé: cannot be parsed; allowed: key=value in Hydra's override syntax"),
