@@ -380,6 +380,7 @@ class Resume:
     sweep_arguments: dict[str, Any]  # orchestrator.sweep.Sweep's: reopen, prior_rows, prior_plan, holder
     metrics: dict[str, dict[str, float]]  # trial key -> its FINISHED run's metrics
     statuses: dict[str, str]              # trial key -> its latest run's status
+    opened: bool = False                  # whether the sweep was reopened (its end then released the lease)
 
 
 RESUMING: list[Resume] = []  # set by `resume` for the Hydra run it starts; taken by the sweeper
@@ -426,10 +427,11 @@ def resume(uri: str, sweep_id: str, stored: tuple[Definition, list[TrialRecord]]
         if not _EXPERIMENT_NAME.fullmatch(experiment):
             raise ConfigError("experiment name", experiment[:100], "allowed: letters, digits, '_', '.', '-' (a sweep.name "
                               "this project's configs give)", problem="stored name is not taken from the store")
-        RESUMING.append(Resume(definition, trials, {
+        handed = Resume(definition, trials, {
             "reopen": state.parent_run_id, "holder": holder, "prior_rows": [dataclasses.asdict(t) for t in state.trials],
             "prior_plan": [dataclasses.asdict(c) for c in plan.trials] if plan else []},
-            metrics, {key: row.status for key, row in runs.items()}))
+            metrics, {key: row.status for key, row in runs.items()})
+        RESUMING.append(handed)
         # The cells are composed from the stored overrides (checked as a command line is) and this one's.
         command = ["-m", "hydra/sweeper=optuna", f"sweep.id={sweep_id}", f"sweep.name={experiment}",
                    f"tracking.uri={uri}", *(f"{k}={v}" for k, v in definition.fixed.items()), *cell_overrides]
@@ -445,8 +447,8 @@ def resume(uri: str, sweep_id: str, stored: tuple[Definition, list[TrialRecord]]
             print(f"sweep {sweep_id} now: {len(whole.trials)} trials ({counts})")
         return code
     finally:
-        if RESUMING:  # the run stopped before its sweeper took it: nothing ran, the lease is free again
-            RESUMING.clear()
+        RESUMING.clear()
+        if not handed.opened:  # nothing ran (refused, or nothing left to ask): the lease is free again
             lease.release(client, state.parent_run_id, holder)
 
 
@@ -507,6 +509,7 @@ class Study:
         self.study = optuna.create_study(directions=list(definition.objectives.values()),
                                          sampler=_sampler(definition))
         self.records: list[TrialRecord] = []
+        self.resume = resume
         self.batch = 0
         self.warned: set[str] = set()
         self.replayed: list[TrialRecord] = []  # asked by a dead driver, not told: asked again first
@@ -542,7 +545,6 @@ class Study:
         d = self.definition
         if self.launcher.study is None:
             self.launcher.begin_study(cells=d.n_trials)
-        summary = None
         try:
             while len(self.records) < d.n_trials:
                 if not self._step(min(d.n_jobs, d.n_trials - len(self.records))):
@@ -550,9 +552,9 @@ class Study:
         finally:
             if self.launcher.sweep is not None:
                 self._say_front()
-            summary = self.launcher.end_study()
-        if summary is None and not self.launcher.plan_only:
-            print("study: no step ran", file=sys.stderr)
+            if self.resume is not None:
+                self.resume.opened = self.launcher.sweep is not None
+            self.launcher.end_study()
 
     def _step(self, size: int) -> bool:
         """One batch; False when the study should stop (cancelled, too many failures, a plan only)."""
