@@ -250,10 +250,17 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
 
         try:
             stored = study.read(*sweep_state.open_sweep(uri, opts.sweep_id))
-            if stored is not None:
-                return study.resume(uri, opts.sweep_id, stored, opts.overrides, opts.address)
+            resumed = stored and study.prepare_resume(uri, opts.sweep_id, stored, opts.overrides, opts.address)
         except ConfigError as e:
             return _error(str(e))
+        if resumed:
+            try:
+                code = run(resumed.command)
+            finally:
+                study.finish_resume(resumed)
+            if code != EXIT_BAD_INPUT:
+                _say_whole_sweep(uri, opts.sweep_id)
+            return code
     try:
         plan = resubmission.prepare(uri, opts.sweep_id, mode, opts.overrides, opts.force, opts.address)
     except Exception as exc:
@@ -272,10 +279,17 @@ def resubmit(args: list[str], mode: str | None = None) -> int:
         return 0
     summary = sweep.execute(plan.settings, plan.trials, reopen=plan.state.parent_run_id,
                             prior_rows=[dataclasses.asdict(t) for t in plan.state.trials], holder=plan.holder)
-    whole = sweep_state.load(uri, opts.sweep_id)
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
-    print(f"sweep {opts.sweep_id} now: {len(whole.trials)} trials ({counts})")
+    _say_whole_sweep(uri, opts.sweep_id)
     return summary.exit_code
+
+
+def _say_whole_sweep(uri: str, sweep_id: str) -> None:
+    """After more attempts: the whole sweep's counts, earlier attempts' included."""
+    from orchestrator import sweep_state
+
+    whole = sweep_state.load(uri, sweep_id)
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
+    print(f"sweep {sweep_id} now: {len(whole.trials)} trials ({counts})")
 
 
 def report(args: list[str]) -> int:

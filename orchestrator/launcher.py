@@ -92,7 +92,7 @@ class RayTrialsLauncher(Launcher):
 
                 from orchestrator import tracking
 
-                Path(self.plan_file).write_text(tracking.plan_json([t.spec for t in trials],
+                Path(self.plan_file).write_text(tracking.plan_json([tracking.plan_cell(t.spec) for t in trials],
                                                                    OmegaConf.to_container(settings, resolve=True)))
             return []
         results = sweep.execute(settings, trials).results

@@ -407,17 +407,14 @@ def _study_html(definition, lines: list[dict]) -> str:
     front = [line for line in lines if line["on_pareto_front"]]
     if not front:
         return f"<h2>Study</h2><p>Objectives: {objectives}. No trial completed.</p>"
-    columns = [c for c in front[0] if c.startswith(("param:", "value:"))]
-    head = "".join(f"<th>{html.escape(c.split(':', 1)[1])}</th>" for c in ["number:trial", *columns])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt_any(line[c]))}</td>" for c in ["number", *columns])
-                   + "</tr>" for line in front)
+    columns = {c: c.split(":", 1)[1] for c in front[0] if c.startswith(("param:", "value:"))}
+    head = "<th>trial</th>" + "".join(f"<th>{html.escape(name)}</th>" for name in columns.values())
+    body = "".join(f"<tr><td>{line['number']}</td>" + "".join(f"<td>{html.escape(_fmt(name, line[c]))}</td>"
+                                                              for c, name in columns.items()) + "</tr>"
+                   for line in front)
     return (f"<h2>Study</h2><p>Objectives: {objectives}; {len(lines)} trials asked by {html.escape(definition.sampler['name'])}"
             f" in batches of {definition.n_jobs} (every trial, in the order tried: study.csv). The Pareto front found:</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-
-def _fmt_any(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _heatmap(rows: list[Row]):

@@ -147,16 +147,17 @@ def restore_interrupt(flag: Interrupt) -> None:
 class SweepLoop:
     """The state of one sweep while it runs: what is queued, in flight, running, done."""
 
-    def __init__(self, settings: DictConfig, tracker: tracking.SweepTracker, counts: Counter):
+    def __init__(self, settings: DictConfig, tracker: tracking.SweepTracker, counts: Counter,
+                 results: dict[str, TrialResult]):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.settings, self.tracker, self.counts = settings, tracker, counts
+        # key -> how it ended (status, reason, metrics: no artifacts, which can be large), for the launcher's returns
+        self.results = results
         self.trials: dict[str, PlannedTrial] = {}
         self.queue: deque[str] = deque()
         self.open: set[str] = set()                 # keys whose run is not terminated yet
-        # key -> how it ended (status, reason, metrics: no artifacts, which can be large), for the launcher's returns
-        self.results: dict[str, TrialResult] = {}
         self.in_flight: dict[Any, str] = {}         # object ref -> key
         self.started_at: dict[str, float] = {}      # key -> when its current execution started
         self.executions: Counter = Counter()        # key -> executions seen (Ray re-runs a lost one)

@@ -106,14 +106,14 @@ GROUP_SCHEMAS = {"model": ModelConfig, "dtype": DtypeConfig, "quant": QuantConfi
 
 
 def register() -> None:
-    """Register the root schema, one schema per group (``base_<group>``) and the adaptive sweeper's."""
-    from orchestrator import study
+    """Register the root schema, one schema per group (``base_<group>``) and our sweepers'."""
+    from orchestrator import sweepers
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RootConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=schema)
-    study.register()
+    sweepers.register()
 
 
 def _fmt_choices(choices: tuple) -> str:

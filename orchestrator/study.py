@@ -1,6 +1,6 @@
 """Adaptive sweeps: Optuna chooses the cells, the Ray launcher runs them batch by batch, one sweep.
 
-``hydra/sweeper=optuna`` (conf/hydra/sweeper/optuna.yaml, the ``optuna`` extra) is Hydra's Optuna
+``hydra/sweeper=optuna`` (its config: orchestrator/sweepers.py; the ``optuna`` extra) is Hydra's Optuna
 sweeper's surface (its samplers, ``n_trials``, ``n_jobs``, ``params`` in Hydra's sweep syntax) with the
 objectives named as metrics: ``hydra.sweeper.objectives={kl_divergence:minimize,bits_per_element:minimize}``.
 Each step asks Optuna for ``n_jobs`` trials, launches their cells as one batch of the sweep (one MLflow
@@ -10,8 +10,8 @@ or lacks an objective's metric is told as a failed Optuna trial, never as a numb
 trial the sweep already ran (a sampler often proposes a discrete cell again) are not run again.
 
 The study lives on the parent run as ``study.json`` (its definition and every Optuna trial: number, batch,
-params, state, trial key), rewritten after each step. ``orchestrator resume ID`` continues a study whose
-driver died (:func:`resume`): the trials it had told come back from their runs' metrics, the ones it had
+params, state, trial key), written when a step is planned and when it is told. ``orchestrator resume ID``
+continues a study whose driver died (:func:`prepare_resume`): the trials it had told come back from their runs' metrics, the ones it had
 asked but not seen end are asked again first, and the study goes on to ``n_trials``. Everything read back
 is checked as strictly as a new command line: the sampler is one of a fixed list built from plain
 arguments (no ``_target_`` from the store), overrides are parsed and refused where they would name a
@@ -26,15 +26,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 from hydra.plugins.sweeper import Sweeper
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from orchestrator import sweepers
 from orchestrator.errors import ConfigError
 
 DIRECTIONS = ("minimize", "maximize")
@@ -42,7 +41,6 @@ DIRECTIONS = ("minimize", "maximize")
 # them as _target_), and whether each handles several objectives.
 SAMPLERS = {"TPESampler": True, "MOTPESampler": True, "NSGAIISampler": True, "RandomSampler": True,
             "CmaEsSampler": False}
-STUDY_FILE = "study.json"
 STATES = ("COMPLETE", "FAIL", "RUNNING")  # an Optuna trial's state as stored: RUNNING is asked, not yet told
 _METRIC = re.compile(r"[A-Za-z0-9_.:/-]{1,250}")
 _PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[./][A-Za-z_][A-Za-z0-9_-]*)*")
@@ -180,48 +178,6 @@ def _sampler(definition: Definition):
                           problem=str(error)[:200]) from None
 
 
-@dataclass
-class StudySweeperConf:
-    """``hydra/sweeper=optuna``: Hydra's Optuna sweeper's options (its ``hydra/sweeper/sampler`` group,
-    ``n_trials``, ``n_jobs``, ``params``, ``max_failure_rate``), with the objectives named as metrics
-    instead of ``direction``. The study's name is the sweep id and its storage the sweep's MLflow runs, so
-    ``storage`` and ``study_name`` are not options."""
-    _target_: str = "hydra_plugins.quantsweep_launcher.launcher.StudySweeper"
-    _recursive_: bool = False  # the sampler is built here, from a list of known ones (_sampler)
-    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}] if _plugin_installed() else [])
-    sampler: Any = field(default_factory=lambda: MISSING if _plugin_installed() else None)  # the group's choice
-    # Metric name -> minimize or maximize, in order (e.g. {kl_divergence: minimize, bits_per_element: minimize}).
-    objectives: Any = None
-    n_trials: int = 20   # the study's trials in all, a resumed study's included
-    n_jobs: int = 2      # trials per batch: one launch of the Ray launcher, run in parallel
-    # Stop asking once more than this fraction of a batch's trials did not finish (1.0: never stop).
-    max_failure_rate: float = 1.0
-    params: Optional[dict[str, str]] = None  # the search space in Hydra's sweep syntax: dtype: choice(int4,int8)
-
-
-def _plugin_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
-
-
-def register() -> None:
-    """Our sweepers under Hydra's names: ``hydra/sweeper=optuna`` in place of the plugin's node (whose
-    sweeper expects each job to return its objective as a number), and ``basic``, Hydra's default, as our
-    grid sweeper (so an experiment's ``override /hydra/sweeper: optuna`` has no other override to lose to).
-    Hydra's plugin scan runs each plugin module again, and each stores its nodes: so the scan is made
-    first, and ours stored after it."""
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.plugins import Plugins
-
-    from hydra_plugins.quantsweep_launcher.launcher import TrialsSweeperConf
-
-    Plugins.instance()
-    store = ConfigStore.instance().store
-    store(group="hydra/sweeper", name="optuna", node=StudySweeperConf, provider="quantsweep")
-    store(group="hydra/sweeper", name="basic", node=TrialsSweeperConf, provider="quantsweep")
-
-
 # ---- the study's record on the parent run ----------------------------------------------------------
 
 @dataclass
@@ -246,13 +202,14 @@ def study_json(definition: Definition, trials: Sequence[TrialRecord]) -> str:
 
 def read(client, parent) -> Optional[tuple[Definition, list[TrialRecord]]]:
     """The sweep's stored study, checked as untrusted input (ConfigError); None for a sweep that is no study."""
-    from orchestrator import store
+    from orchestrator import store, tracking
     from orchestrator.pairing import MAX_FILE_BYTES
     from orchestrator.resubmit import TRIAL_KEY, check_plain
+    from orchestrator.sweep_state import refuse_json_constant
 
-    where = f"study.json of run {parent.info.run_id}"
+    where = f"{tracking.STUDY_FILE} of run {parent.info.run_id}"
     try:
-        text = store.download_text(client, parent.info.run_id, STUDY_FILE, MAX_FILE_BYTES)
+        text = store.download_text(client, parent.info.run_id, tracking.STUDY_FILE, MAX_FILE_BYTES)
     except ValueError as error:
         raise ConfigError(where, "?", "the study this project writes", problem=str(error)[:200]) from None
     if text is None:
@@ -262,7 +219,7 @@ def read(client, parent) -> Optional[tuple[Definition, list[TrialRecord]]]:
         return ConfigError(where, str(value)[:80], "the study this project writes", problem=f"stored study has {what}")
 
     try:
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=refuse_json_constant)
     except ValueError:
         raise bad("text that is not JSON", text[:40]) from None
     if not isinstance(data, dict) or set(data) != {"definition", "trials"} or not isinstance(data["trials"], list):
@@ -294,18 +251,19 @@ def read(client, parent) -> Optional[tuple[Definition, list[TrialRecord]]]:
         if not _plain_json(record.system_attrs) or not isinstance(record.system_attrs, dict) or \
                 not all(_ATTR.fullmatch(k) for k in record.system_attrs):
             raise bad("sampler attributes this project does not write", record.system_attrs)
-        if record.values is not None and not (isinstance(record.values, list) and _plain_json(record.values)):
+        if record.values is not None and not (isinstance(record.values, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in record.values)):
             raise bad("values that are not numbers", record.values)
         if not isinstance(record.params, dict) or not _plain_json(list(record.params.values())):
             raise bad("params that are not plain values", record.params)
+        if set(record.params) != set(distributions):
+            raise bad("a trial whose params are not the study's", record.params)
         if not isinstance(record.number, int) or record.number != len(trials) or not isinstance(record.batch, int):
             raise bad("trials out of order", record.number)
         if record.state not in STATES or not isinstance(record.reason, str):
             raise bad("a trial state this project does not write", record.state)
         if record.trial_key and not TRIAL_KEY.fullmatch(str(record.trial_key)):
             raise bad("a bad trial key", record.trial_key)
-        if not isinstance(record.params, dict) or set(record.params) != set(distributions):
-            raise bad("a trial whose params are not the study's", record.params)
         for name, value in record.params.items():
             if not distributions[name]._contains(distributions[name].to_internal_repr(value)):
                 raise bad(f"a value of {name} outside its distribution", value)
@@ -331,10 +289,6 @@ def _plain_json(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def _distributions(definition: Definition, where: str) -> dict[str, Any]:
     from optuna.distributions import json_to_distribution
 
@@ -355,8 +309,7 @@ def _distributions(definition: Definition, where: str) -> dict[str, Any]:
 def _check_stored_override(key: str, value: str) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if key == _REFUSED_KEYS[0] or key.startswith(tuple(f"{k}." for k in _REFUSED_KEYS)) or key in _REFUSED_KEYS \
-            or key.startswith("hydra"):
+    if key.startswith("hydra") or key in _REFUSED_KEYS or key.startswith(tuple(f"{k}." for k in _REFUSED_KEYS)):
         raise ConfigError(f"stored override {key}", value, "allowed: a trial's keys and groups; give where the sweep "
                           "runs and records, and a model's source, on this command line",
                           problem="not taken from the store")
@@ -380,23 +333,27 @@ class Resume:
     sweep_arguments: dict[str, Any]  # orchestrator.sweep.Sweep's: reopen, prior_rows, prior_plan, holder
     metrics: dict[str, dict[str, float]]  # trial key -> its FINISHED run's metrics
     statuses: dict[str, str]              # trial key -> its latest run's status
+    command: list[str]                    # the `orchestrator run` arguments that resume it
+    client: Any                           # the store's MlflowClient
     opened: bool = False                  # whether the sweep was reopened (its end then released the lease)
 
 
-RESUMING: list[Resume] = []  # set by `resume` for the Hydra run it starts; taken by the sweeper
+RESUMING: list[Resume] = []  # set by prepare_resume for the Hydra run that follows; taken by the sweeper
 # On resume, the command line may change how many trials the study runs and how many at a time.
 RESUME_SETTINGS = ("hydra.sweeper.n_trials", "hydra.sweeper.n_jobs")
 
 
-def resume(uri: str, sweep_id: str, stored: tuple[Definition, list[TrialRecord]], overrides: list[str],
-           address: Optional[str]) -> int:
+def prepare_resume(uri: str, sweep_id: str, stored: tuple[Definition, list[TrialRecord]], overrides: list[str],
+                   address: Optional[str]) -> Resume:
     """`orchestrator resume ID` for a study: take the sweep's lease, close the runs a dead driver left open
-    (FAILED, "driver lost"), rebuild the study from the runs, and go on to ``n_trials`` in the same sweep.
-    ``overrides``: plain overrides for the cells from now on, and hydra.sweeper.n_trials / n_jobs."""
+    (FAILED, "driver lost"), and hand the sweeper (through RESUMING) what it needs to rebuild the study from
+    the runs and go on to ``n_trials`` in the same sweep; ``command`` is the `run` to start, and
+    :func:`finish_resume` comes after it. ``overrides``: plain overrides for the cells from now on, and
+    hydra.sweeper.n_trials / n_jobs."""
     import dataclasses
 
     from jobs.spec import Status
-    from orchestrator import cli, lease, store, sweep_state
+    from orchestrator import lease, store, sweep_state
 
     definition, trials = stored
     settings = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if o.startswith(RESUME_SETTINGS)}
@@ -420,36 +377,36 @@ def resume(uri: str, sweep_id: str, stored: tuple[Definition, list[TrialRecord]]
             print(f"sweep {sweep_id}: its driver is gone; closed {closed} open runs FAILED (driver lost)")
             state = sweep_state.load(uri, sweep_id, refresh=True)
         runs = {row.trial_key: row for row in state.trials}
+        told = {r.trial_key for r in trials if r.state != "RUNNING"}  # the sweep reads a re-asked one's run itself
         metrics = {key: dict(client.get_run(row.run_id).data.metrics) for key, row in runs.items()
-                   if row.status == Status.FINISHED.value and row.run_id}
+                   if key in told and row.status == Status.FINISHED.value and row.run_id}
         plan = sweep_state.stored_plan(client, state.parent_run_id)
         experiment = client.get_experiment(state.experiment_id).name
         if not _EXPERIMENT_NAME.fullmatch(experiment):
             raise ConfigError("experiment name", experiment[:100], "allowed: letters, digits, '_', '.', '-' (a sweep.name "
                               "this project's configs give)", problem="stored name is not taken from the store")
-        handed = Resume(definition, trials, {
-            "reopen": state.parent_run_id, "holder": holder, "prior_rows": [dataclasses.asdict(t) for t in state.trials],
-            "prior_plan": [dataclasses.asdict(c) for c in plan.trials] if plan else []},
-            metrics, {key: row.status for key, row in runs.items()})
-        RESUMING.append(handed)
-        # The cells are composed from the stored overrides (checked as a command line is) and this one's.
-        command = ["-m", "hydra/sweeper=optuna", f"sweep.id={sweep_id}", f"sweep.name={experiment}",
-                   f"tracking.uri={uri}", *(f"{k}={v}" for k, v in definition.fixed.items()), *cell_overrides]
     except BaseException:
-        RESUMING.clear()
         lease.release(client, state.parent_run_id, holder)
         raise
-    try:
-        code = cli.run(command)
-        if code != cli.EXIT_BAD_INPUT:
-            whole = sweep_state.load(uri, sweep_id)
-            counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(whole.counts.items()))
-            print(f"sweep {sweep_id} now: {len(whole.trials)} trials ({counts})")
-        return code
-    finally:
-        RESUMING.clear()
-        if not handed.opened:  # nothing ran (refused, or nothing left to ask): the lease is free again
-            lease.release(client, state.parent_run_id, holder)
+    # The cells are composed from the stored overrides (checked as a command line is) and this one's.
+    command = ["-m", "hydra/sweeper=optuna", f"sweep.id={sweep_id}", f"sweep.name={experiment}",
+               f"tracking.uri={uri}", *(f"{k}={v}" for k, v in definition.fixed.items()), *cell_overrides]
+    handed = Resume(definition, trials, {
+        "reopen": state.parent_run_id, "holder": holder, "prior_rows": [dataclasses.asdict(t) for t in state.trials],
+        "prior_plan": [dataclasses.asdict(c) for c in plan.trials] if plan else []},
+        metrics, {key: row.status for key, row in runs.items()}, command, client)
+    RESUMING.append(handed)
+    return handed
+
+
+def finish_resume(resume: Resume) -> None:
+    """After the resumed study's `run`: release the lease where no step reopened the sweep (refused, or
+    nothing left to ask); a reopened sweep's end has released it."""
+    from orchestrator import lease
+
+    RESUMING.clear()
+    if not resume.opened:
+        lease.release(resume.client, resume.sweep_arguments["reopen"], resume.sweep_arguments["holder"])
 
 
 class StudySweeper(Sweeper):
@@ -470,21 +427,14 @@ class StudySweeper(Sweeper):
                                                                 task_function=task_function)
 
     def sweep(self, arguments: list[str]) -> None:
-        # Hydra saves the sweep's config (every override, a password too) in hydra.sweep.dir: a private
-        # temporary folder, as the grid sweeper's.
-        folder = tempfile.mkdtemp(prefix="quantsweep-hydra-")
-        with open_dict(self.config):
-            self.config.hydra.sweep.dir = folder
-        try:
-            if self.sampler is None and not _plugin_installed():
+        with sweepers.private_sweep_dir(self.config):
+            if self.sampler is None and not sweepers.optuna_plugin_installed():
                 raise _install_hint()
             resume = RESUMING.pop() if RESUMING else None
             definition = resume.definition if resume else definition_from_config(self, arguments)
             if resume:  # the resuming command line's overrides (the stored ones among them), the last winning
                 definition.fixed = _plain_overrides(arguments)
             Study(definition, self.launcher, resume).run()
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _plain_overrides(arguments: Sequence[str]) -> dict[str, str]:
@@ -632,7 +582,7 @@ class Study:
         complete = [r for r in self.records if r.state == "COMPLETE"]
         now, step = tracking.now_ms(), len(self.records)
         metrics = [Metric("study_trials", len(self.records), now, step),
-                   Metric("study_pareto_size", len(self.study.best_trials) if complete else 0, now, step)]
+                   Metric("study_pareto_size", len(pareto_front(self.definition, self.records)), now, step)]
         for i, (metric, direction) in enumerate(self.definition.objectives.items()):
             if complete:
                 pick = min if direction == "minimize" else max

@@ -175,7 +175,7 @@ class Sweep:
             if self.loop is None:
                 self.we_started_ray = scheduler.init_ray(self.settings.cluster)
                 self.interrupted = scheduler.defer_interrupt()  # after ray.init, which installs a SIGTERM handler
-                self.loop = scheduler.SweepLoop(self.settings, self.tracker, self.summary.counts)
+                self.loop = scheduler.SweepLoop(self.settings, self.tracker, self.summary.counts, self.results)
             self._loop(trials)
         except _Cancelled:
             self.status, self.cancelled = "KILLED", True
@@ -188,9 +188,6 @@ class Sweep:
             self.status = "FAILED"
             self._close_batch(trials, Status.FAILED, f"driver error: {type(error).__name__}: {error}")
             raise
-        finally:
-            if self.loop is not None:
-                self.results.update(self.loop.results)
         return {k: self.results[k] for k in keys}
 
     def _close_batch(self, trials: list[PlannedTrial], status: Status, reason: str) -> None:

@@ -144,7 +144,7 @@ def _indexed_rows(client, parent) -> Optional[tuple[list[TrialRow], float]]:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             index = json.loads(Path(client.download_artifacts(parent.info.run_id, tracking.INDEX_FILE, tmp)).read_text(),
-                               parse_constant=_refuse_constant)
+                               parse_constant=refuse_json_constant)
         except Exception:  # missing or unreadable: read the runs instead
             return None
     if not isinstance(index, dict) or index.get("token") != token:
@@ -188,7 +188,7 @@ def stored_plan(client, parent_run_id: str) -> Optional[StoredPlan]:
         except Exception:  # a sweep from before plans were stored: its runs are all there is
             return None
         try:
-            data = json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
+            data = json.loads(Path(path).read_text(), parse_constant=refuse_json_constant)
         except (ValueError, UnicodeDecodeError) as error:
             raise ConfigError(f"plan.json of run {parent_run_id}", type(error).__name__, "the JSON this project "
                               "writes", problem="stored plan is not JSON") from None
@@ -216,7 +216,8 @@ def stored_plan(client, parent_run_id: str) -> Optional[StoredPlan]:
     return StoredPlan(cells, settings)
 
 
-def _refuse_constant(name: str) -> None:
+def refuse_json_constant(name: str) -> None:
+    """json.loads's parse_constant for stored files: NaN and Infinity are refused, as JSON does."""
     raise ValueError(f"{name} is not a number JSON allows")
 
 

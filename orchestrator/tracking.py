@@ -112,13 +112,11 @@ def plan_cell(spec: TrialSpec) -> dict[str, Any]:
     return {"trial_key": spec.trial_key, "overrides": " ".join(spec.overrides), "config": spec.config}
 
 
-def plan_json(specs: Sequence[TrialSpec], settings: dict[str, dict[str, Any]],
-              prior: Sequence[dict[str, Any]] = ()) -> str:
-    """``plan.json``: every cell's key, overrides and config (``prior``: cells planned before, as entries),
-    and the sweep's STORED_SETTINGS."""
-    plan = [*prior, *map(plan_cell, specs)]
+def plan_json(cells: Sequence[dict[str, Any]], settings: dict[str, dict[str, Any]]) -> str:
+    """``plan.json``: every cell's key, overrides and config (:func:`plan_cell`), and the sweep's
+    STORED_SETTINGS."""
     stored = {section: {k: settings[section][k] for k in keys} for section, keys in STORED_SETTINGS.items()}
-    return json.dumps({"trials": plan, "settings": stored})
+    return json.dumps({"trials": list(cells), "settings": stored})
 
 
 def run_name(spec: TrialSpec) -> str:
@@ -229,10 +227,11 @@ class SweepTracker:
         the sweep's settings (``settings``: a composed config's sections), to run them as the sweep did;
         then the index, the new cells pending. A study writes it again before each batch, with the cells
         planned before it (and those of the sweep's earlier drivers)."""
-        new = [s for s in specs if s.trial_key not in self._planned]
-        text = plan_json(new, settings, list(self._planned.values()))
-        self._planned.update((s.trial_key, plan_cell(s)) for s in new)
-        self.writer.submit("store the sweep's plan", self._store_plan, specs, text)
+        for spec in specs:
+            if spec.trial_key not in self._planned:
+                self._planned[spec.trial_key] = plan_cell(spec)
+        self.writer.submit("store the sweep's plan", self._store_plan, specs,
+                           plan_json(list(self._planned.values()), settings))
 
     def write_study(self, text: str) -> None:
         """``study.json`` on the parent run (orchestrator.study): the study's definition and its trials."""
