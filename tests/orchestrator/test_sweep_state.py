@@ -73,6 +73,10 @@ def test_a_killed_drivers_index_is_shown_stale_and_resume_brings_it_up_to_date(r
     driver = _driver(tmp_path, cli_env)
     try:
         state = _running_state(run_cli, tmp_path, lambda s: s["counts"].get("FINISHED") and s["counts"].get("RUNNING"))
+        # The index is up to 5 s old and `status` takes seconds: its RUNNING trials may have ended since. Kill when
+        # the store itself holds an open run, so that the driver leaves one for resume to close (on a busy machine
+        # the kill once landed between two pairs of trials, and no run was left open).
+        wait_for(lambda: "RUNNING" in tag_values(tmp_path / "mlflow.db", "status"), 60, "a run open in the store")
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
